@@ -1,0 +1,15 @@
+"""qatsparse: 2:4 sparsity, INT8/FP16 quantization-aware training, Q/DQ ONNX, TensorRT, validation.
+
+Example:
+    >>> from qatsparse import TwoFourSparsity, QuantizationAwareTraining, TensorRTExport
+    >>> callbacks = [TwoFourSparsity(start_step=0, exclude=["fc"]),
+    ...              QuantizationAwareTraining(precision="int8", calib_batches=16, start_step=200),
+    ...              TensorRTExport(dirpath="export/", max_metric_drop=0.01)]
+"""
+
+from qatsparse.callbacks import QuantizationAwareTraining, TensorRTExport, TwoFourSparsity
+from qatsparse.checkpointing import restore_structure
+
+__version__ = "0.1.0"
+
+__all__ = ["QuantizationAwareTraining", "TensorRTExport", "TwoFourSparsity", "__version__", "restore_structure"]

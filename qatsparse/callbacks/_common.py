@@ -1,0 +1,61 @@
+"""Glue shared by the callbacks: telling others that compression starts, calibration batches."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+
+from qatsparse.batches import batch_inputs
+
+
+def notify_before_compression(trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    """Call ``on_before_compression`` of every callback that has it (the export callback snapshots the
+    dense FP32 reference there) -- before the first pruning or quantization changes the model."""
+    for cb in trainer.callbacks:  # type: ignore[attr-defined]
+        hook = getattr(cb, "on_before_compression", None)
+        if hook is not None:
+            hook(trainer, pl_module)
+
+
+def find_callback(trainer: pl.Trainer, cls: type) -> Any | None:
+    return next((cb for cb in trainer.callbacks if isinstance(cb, cls)), None)  # type: ignore[attr-defined]
+
+
+def train_batches(trainer: pl.Trainer, n: int) -> Iterator[Any]:
+    """The first ``n`` batches of a fresh pass over the training dataloader, on the module's device."""
+    loader = trainer.train_dataloader
+    if loader is None:
+        trainer.fit_loop.setup_data()
+        loader = trainer.train_dataloader
+    if isinstance(loader, (list, tuple)):
+        loader = loader[0]
+    if isinstance(loader, dict):
+        loader = next(iter(loader.values()))
+    for batch in itertools.islice(iter(loader), n):
+        yield trainer.strategy.batch_to_device(batch)
+
+
+def forward_batch(pl_module: pl.LightningModule, batch: Any) -> Any:
+    """Run the module's forward on the input part of ``batch`` (see :mod:`qatsparse.batches`)."""
+    return pl_module(*batch_inputs(pl_module, batch))
+
+
+def rng_isolated(device: torch.device):
+    """A context in which random draws (e.g. shuffling for calibration) leave the training RNG as it was."""
+    devices = [device] if device.type == "cuda" else []
+    return torch.random.fork_rng(devices=devices)
+
+
+def load_checkpoint_for_setup(trainer: pl.Trainer) -> dict[str, Any] | None:
+    """The checkpoint ``trainer.fit(ckpt_path=...)`` is about to restore, read early (at ``setup``) so
+    the model's structure can be made to match it before Lightning loads the state_dict."""
+    path = getattr(trainer, "ckpt_path", None)
+    if not path:
+        return None
+    from lightning_fabric.utilities.cloud_io import _load
+
+    return _load(path, map_location="cpu", weights_only=False)

@@ -1,0 +1,96 @@
+"""Backends that run a model on a batch of inputs: PyTorch, ONNX Runtime (TensorRT: tensorrt.py).
+
+Every runner is called with a tuple of CPU tensors and returns a tuple of CPU float32 tensors, so
+validation and benchmarking treat all backends alike.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import torch
+from torch import nn
+
+from qatsparse.batches import as_outputs
+
+
+class Runner(Protocol):
+    """A backend: ``runner(inputs) -> outputs`` on CPU tensors; ``name`` and ``precision`` label it."""
+
+    name: str
+    precision: str
+
+    def __call__(self, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]: ...
+
+
+class TorchRunner:
+    """Runs an ``nn.Module`` in eval mode under ``torch.no_grad`` on ``device``.
+
+    Example:
+        >>> r = TorchRunner(nn.Linear(3, 2), "pytorch_fp32"); r((torch.zeros(4, 3),))[0].shape
+        torch.Size([4, 2])
+    """
+
+    def __init__(
+        self, module: nn.Module, name: str, precision: str = "fp32", device: str | torch.device = "cpu"
+    ) -> None:
+        self.module = module.to(device).eval()
+        self.name, self.precision, self.device = name, precision, torch.device(device)
+
+    @torch.no_grad()
+    def __call__(self, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        out = self.module(*(t.to(self.device) for t in inputs))
+        return tuple(o.detach().float().cpu() for o in as_outputs(out))
+
+
+class OnnxRuntimeRunner:
+    """Runs an ONNX file with ONNX Runtime (CUDA provider first where available, else CPU).
+
+    Inputs are fed by position in the graph's input order and cast to each input's declared type.
+
+    Example:
+        >>> from qatsparse.export.onnx import export_onnx
+        >>> import tempfile; p = export_onnx(nn.Linear(3, 2), [torch.zeros(1, 3)], tempfile.mkdtemp() + "/m.onnx")
+        >>> OnnxRuntimeRunner(p)((torch.zeros(5, 3),))[0].shape
+        torch.Size([5, 2])
+    """
+
+    _DTYPES = {
+        "tensor(float)": np.float32,
+        "tensor(float16)": np.float16,
+        "tensor(int64)": np.int64,
+        "tensor(int32)": np.int32,
+        "tensor(double)": np.float64,
+        "tensor(bool)": np.bool_,
+    }
+
+    def __init__(
+        self,
+        path: str | Path,
+        name: str = "onnxruntime",
+        precision: str = "onnx",
+        providers: list[str] | None = None,
+        threads: int | None = None,
+    ) -> None:
+        import onnxruntime as ort
+
+        self.path, self.name, self.precision = Path(path), name, precision
+        opts = ort.SessionOptions()
+        if threads:
+            opts.intra_op_num_threads = threads
+        available = ort.get_available_providers()
+        if providers is None:
+            providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
+        self.session = ort.InferenceSession(str(self.path), sess_options=opts, providers=providers)
+        self.inputs = self.session.get_inputs()
+
+    def __call__(self, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        if len(inputs) != len(self.inputs):
+            raise ValueError(f"{self.path.name} takes {len(self.inputs)} inputs, got {len(inputs)}")
+        feed = {
+            spec.name: t.detach().cpu().numpy().astype(self._DTYPES.get(spec.type, np.float32), copy=False)
+            for spec, t in zip(self.inputs, inputs)
+        }
+        return tuple(torch.from_numpy(np.asarray(o)).float() for o in self.session.run(None, feed))

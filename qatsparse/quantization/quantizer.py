@@ -1,0 +1,124 @@
+"""TensorQuantizer: TensorRT-style fake quantization of one tensor (INT8 or FP16)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import nn
+
+from qatsparse.quantization.calibrators import make_calibrator
+
+INT8_MAX = 127
+
+
+def fake_quantize_int8(x: torch.Tensor, amax: torch.Tensor, axis: int | None, narrow_range: bool) -> torch.Tensor:
+    """Symmetric INT8 fake quantization, scale = amax / 127, zero-point 0, round half to even.
+
+    Uses PyTorch's own ``fake_quantize_per_{tensor,channel}_affine`` (straight-through gradient
+    inside the range; exported by the TorchScript ONNX exporter as QuantizeLinear/DequantizeLinear).
+    ``narrow_range`` clamps to [-127, 127] (TensorRT's weight range) instead of [-128, 127].
+
+    Example:
+        >>> fake_quantize_int8(torch.tensor([0.26, 2.0]), torch.tensor(1.27), None, False).tolist()
+        [0.25999999046325684, 1.2699999809265137]
+    """
+    scale = (amax.float() / INT8_MAX).clamp_min(torch.finfo(torch.float32).tiny)
+    qmin = -INT8_MAX if narrow_range else -INT8_MAX - 1
+    if axis is None:
+        zp = torch.zeros((), dtype=torch.int32, device=x.device)
+        return torch.fake_quantize_per_tensor_affine(x, scale, zp, qmin, INT8_MAX)
+    zp = torch.zeros(scale.shape, dtype=torch.int32, device=x.device)
+    return torch.fake_quantize_per_channel_affine(x, scale, zp, axis, qmin, INT8_MAX)
+
+
+class TensorQuantizer(nn.Module):
+    """Fake-quantizes the tensor it is called on, after calibration.
+
+    States: *disabled* (identity), *calibrating* (collects statistics, identity), *quantizing*
+    (fake INT8 with the calibrated ``amax``, or FP16 rounding). An INT8 quantizer whose ``amax`` is
+    still NaN (never calibrated) is the identity.
+
+    Args:
+        precision: ``"int8"`` or ``"fp16"`` (round to half precision and back; no calibration).
+        axis: None for per-tensor (activations); the channel axis for per-channel (weights).
+        num_channels: size of ``amax`` for per-channel quantizers (so checkpoints load before
+            calibration has run).
+        narrow_range: clamp to [-127, 127] (TensorRT's weight range).
+        calibrator: calibrator name (see :mod:`qatsparse.quantization.calibrators`).
+        calibrator_kwargs: extra arguments of the calibrator (e.g. ``percentile``).
+
+    Example:
+        >>> q = TensorQuantizer(); q.start_calibration(); _ = q(torch.tensor([0.5, -2.0])); q.finish_calibration()
+        >>> float(q.amax), q(torch.tensor([0.01])).item()
+        (2.0, 0.0)
+    """
+
+    def __init__(
+        self,
+        precision: Literal["int8", "fp16"] = "int8",
+        axis: int | None = None,
+        num_channels: int | None = None,
+        narrow_range: bool = False,
+        calibrator: str = "max",
+        calibrator_kwargs: dict | None = None,
+    ) -> None:
+        super().__init__()
+        if precision not in ("int8", "fp16"):
+            raise ValueError(f"precision must be 'int8' or 'fp16', got {precision!r}")
+        if axis is not None and num_channels is None:
+            raise ValueError("a per-channel quantizer needs num_channels")
+        self.precision = precision
+        self.axis = axis
+        self.narrow_range = narrow_range
+        self.calibrator_name = "max" if axis is not None else calibrator
+        self.calibrator_kwargs = dict(calibrator_kwargs or {}) if axis is None else {}
+        self.enabled = True
+        self._calibrator = None
+        shape = () if axis is None else (num_channels,)
+        self.register_buffer("amax", torch.full(shape, float("nan")))
+        # A Python flag, not a check of `amax`, so that the forward never syncs with the GPU.
+        self._has_amax = False
+
+    @property
+    def calibrated(self) -> bool:
+        return self.precision == "fp16" or self._has_amax
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:  # type: ignore[override]
+        super()._load_from_state_dict(*args, **kwargs)
+        self._has_amax = bool(torch.isfinite(self.amax).all())
+
+    @property
+    def calibrating(self) -> bool:
+        return self._calibrator is not None
+
+    def start_calibration(self) -> None:
+        if self.precision == "int8":
+            self._calibrator = make_calibrator(self.calibrator_name, self.axis, **self.calibrator_kwargs)
+
+    def finish_calibration(self, reduce: bool = True) -> None:
+        """Compute ``amax`` from what was collected (reduced across DDP ranks first)."""
+        if self._calibrator is None:
+            return
+        if reduce:
+            self._calibrator.reduce()
+        amax = self._calibrator.compute_amax().to(self.amax.device)
+        self.amax.copy_(amax.reshape(self.amax.shape))
+        self._has_amax = bool(torch.isfinite(self.amax).all())
+        self._calibrator = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._calibrator is not None:
+            self._calibrator.collect(x)
+            return x
+        if not self.enabled:
+            return x
+        if self.precision == "fp16":
+            return x.to(torch.float16).to(x.dtype)
+        if not self.calibrated:
+            return x
+        return fake_quantize_int8(x, self.amax, self.axis, self.narrow_range)
+
+    def extra_repr(self) -> str:
+        kind = "per-tensor" if self.axis is None else f"per-channel(axis={self.axis})"
+        return f"{self.precision}, {kind}, calibrator={self.calibrator_name}, enabled={self.enabled}"

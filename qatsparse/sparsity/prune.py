@@ -1,0 +1,87 @@
+"""Magnitude 2:4 pruning of a model and the masks that keep it pruned."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from qatsparse.sparsity.eligibility import find_prunable
+from qatsparse.sparsity.masks import apply_masks, compute_2to4_mask
+
+
+@dataclass
+class MaskSet:
+    """The 2:4 masks of a model, keyed by module name, and the layers skipped with reasons.
+
+    Masks are kept as bool tensors; :meth:`apply` zeroes the pruned weights in place with one fused
+    ``_foreach_mul_`` (after every optimizer step the callback calls it). Hand-written because
+    PyTorch's ``torch.nn.utils.prune`` re-materialises ``weight_orig * mask`` on every forward and
+    changes the parameter names, which breaks optimizers, checkpoints and export.
+
+    Example:
+        >>> model = nn.Sequential(nn.Linear(16, 8))
+        >>> masks = prune_2to4(model); masks.apply(model); list(masks.masks)
+        ['0']
+    """
+
+    masks: dict[str, torch.Tensor] = field(default_factory=dict)
+    skipped: dict[str, str] = field(default_factory=dict)
+
+    def bind(self, model: nn.Module) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """The pruned weights of ``model`` and their masks (moved to the weights' device and dtype),
+        as two lists for :func:`~qatsparse.sparsity.apply_masks`; rebind after the model moves."""
+        modules = dict(model.named_modules())
+        weights, masks = [], []
+        for name, mask in self.masks.items():
+            if name not in modules:
+                raise KeyError(f"pruned layer {name!r} is not in the model")
+            w = modules[name].weight
+            if mask.device != w.device or mask.dtype != w.dtype:
+                mask = self.masks[name] = mask.to(device=w.device, dtype=w.dtype)
+            weights.append(w.data)
+            masks.append(mask)
+        return weights, masks
+
+    def apply(self, model: nn.Module) -> None:
+        """Zero every pruned weight of ``model`` in place."""
+        apply_masks(*self.bind(model))
+
+    def state_dict(self) -> dict:
+        return {"masks": {k: v.detach().bool().cpu() for k, v in self.masks.items()}, "skipped": dict(self.skipped)}
+
+    @classmethod
+    def from_state_dict(cls, state: dict) -> MaskSet:
+        return cls(masks={k: v.bool() for k, v in state["masks"].items()}, skipped=dict(state["skipped"]))
+
+    def density(self, model: nn.Module) -> dict[str, float]:
+        """Nonzero share of each pruned layer's weight (0.5 right after pruning)."""
+        modules = dict(model.named_modules())
+        return {n: float((modules[n].weight != 0).float().mean()) for n in self.masks}
+
+
+@torch.no_grad()
+def prune_2to4(
+    model: nn.Module,
+    include: Iterable[str] | str | None = None,
+    exclude: Iterable[str] | str | None = None,
+) -> MaskSet:
+    """Compute magnitude 2:4 masks for every eligible layer and zero the pruned weights.
+
+    Works with any memory format (the mask is computed on the logical weight layout) and leaves the
+    parameters' identity unchanged, so optimizers and their state stay valid.
+
+    Example:
+        >>> m = nn.Linear(16, 8); masks = prune_2to4(m); float((m.weight == 0).float().mean())
+        0.5
+    """
+    inc = list(include) if include is not None and not isinstance(include, str) else include
+    exc = list(exclude) if exclude is not None and not isinstance(exclude, str) else exclude
+    elig = find_prunable(model, inc, exc)
+    masks = MaskSet(skipped=elig.skipped)
+    for name, m in elig.eligible.items():
+        masks.masks[name] = compute_2to4_mask(m.weight)
+    masks.apply(model)
+    return masks
