@@ -1,0 +1,5 @@
+"""``python -m qatsparse`` runs the ``qatsparse`` command."""
+
+from qatsparse.cli import main
+
+main()
