@@ -58,6 +58,16 @@ class _FP16Graph(nn.Module):
         return tuple(o.float() for o in out)
 
 
+def plain_copy(module: nn.Module) -> nn.Module:
+    """A deep copy on the CPU in FP32 eval mode, without ``LightningModule.compile()``'s wrapper (the
+    copied wrapper would still call the original module)."""
+    module = copy.deepcopy(module).cpu().float().eval()
+    for m in module.modules():
+        if getattr(m, "_compiled_call_impl", None) is not None:
+            m._compiled_call_impl = None
+    return module
+
+
 def _precision(model: nn.Module) -> str:
     qs = list(quantizers(model).values())
     return qs[0].precision if qs else "fp32"
@@ -92,10 +102,10 @@ def export_and_validate(
     d = Path(settings.dirpath)
     d.mkdir(parents=True, exist_ok=True)
     inputs = example_inputs(final, val_loader)
-    final = copy.deepcopy(final).cpu().float().eval()
+    final = plain_copy(final)
     precision = _precision(final)
     fp32 = remove_quantizers(copy.deepcopy(final))
-    reference = copy.deepcopy(reference).cpu().float().eval() if reference is not None else fp32
+    reference = plain_copy(reference) if reference is not None else fp32
     names = {"input_names": settings.input_names, "output_names": settings.output_names, "opset": settings.opset}
     notes: list[str] = []
 

@@ -20,9 +20,17 @@ from qatsparse.sparsity import check_2to4, sparsity_summary
 
 def _trainer(callbacks: list, max_steps: int) -> pl.Trainer:
     return pl.Trainer(
-        max_steps=max_steps, callbacks=callbacks, accelerator="cpu", devices=1, logger=False,
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-        num_sanity_val_steps=0, limit_val_batches=0, deterministic=True,
+        max_steps=max_steps,
+        callbacks=callbacks,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        deterministic=True,
     )
 
 
@@ -37,8 +45,10 @@ def _fit(callbacks: list, max_steps: int) -> tuple[ResidualCNN, DigitsDataModule
 def _qdq_fed(graph: onnx.GraphProto, node: onnx.NodeProto) -> bool:
     producers = {o: n for n in graph.node for o in n.output}
     return all(
-        (p := producers.get(name)) is not None and p.op_type == "DequantizeLinear"
-        and (q := producers.get(p.input[0])) is not None and q.op_type == "QuantizeLinear"
+        (p := producers.get(name)) is not None
+        and p.op_type == "DequantizeLinear"
+        and (q := producers.get(p.input[0])) is not None
+        and q.op_type == "QuantizeLinear"
         for name in node.input[:2]
     )
 
@@ -84,9 +94,11 @@ def test_export_alone_writes_artifacts_and_report(tmp_path: Path):
 def staged_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("staged")
     model, dm, trainer = _fit(
-        [TwoFourSparsity(start_step=150, exclude=["fc"]),
-         QuantizationAwareTraining(precision="int8", calib_batches=4, start_step=260),
-         TensorRTExport(dirpath=out, max_metric_drop=0.02)],
+        [
+            TwoFourSparsity(start_step=150, exclude=["fc"]),
+            QuantizationAwareTraining(precision="int8", calib_batches=4, start_step=260),
+            TensorRTExport(dirpath=out, max_metric_drop=0.02),
+        ],
         max_steps=330,
     )
     return model, dm, out
