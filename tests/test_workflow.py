@@ -93,7 +93,7 @@ def test_export_alone_writes_artifacts_and_report(tmp_path: Path):
 @pytest.fixture(scope="module")
 def staged_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("staged")
-    model, dm, trainer = _fit(
+    model, dm, _ = _fit(
         [
             TwoFourSparsity(start_step=150, exclude=["fc"]),
             QuantizationAwareTraining(precision="int8", calib_batches=4, start_step=260),
