@@ -308,7 +308,7 @@ def test_onnx_default_checks_only_recorded_layers(tmp_path):
         ("nope", -1),
     ]
     assert [v.layer for v in check_2to4(build("lie.onnx", {"fc": "dense_mm"}))] == ["dense_mm"]
-    with pytest.raises(ValueError, match="no 'qatsparse.pruned_layers' metadata"):
+    with pytest.raises(ValueError, match=r"no 'qatsparse\.pruned_layers' metadata"):
         check_2to4(build("none.onnx", None))
     with pytest.raises(FileNotFoundError):
         check_2to4(tmp_path / "missing.onnx")

@@ -50,7 +50,7 @@ def format_summary(masks: MaskSet, model: nn.Module) -> str:
         >>> from qatsparse.sparsity import prune_2to4
         >>> m = nn.Sequential(nn.Linear(16, 8), nn.Linear(8, 3)); ms = prune_2to4(m)
         >>> print(format_summary(ms, m).splitlines()[0])
-        2:4 sparsity: pruned 1 of 2 Conv2d/Linear layers, 128 of 152 weights (84.2%); 42.1% of them are now zero
+        2:4 sparsity: pruned 1 of 2 Conv2d/Linear layers (128 of 152 weights, 84.2%)
     """
     modules = {n: m for n, m in model.named_modules() if isinstance(m, PRUNABLE_TYPES)}
     total = sum(m.weight.numel() for m in modules.values())
@@ -58,9 +58,9 @@ def format_summary(masks: MaskSet, model: nn.Module) -> str:
     n_pruned = sum(modules[n].weight.numel() for n in pruned)
     zeros = sum(int((m.weight == 0).sum()) for m in modules.values())
     lines = [
-        f"2:4 sparsity: pruned {len(pruned)} of {len(modules)} Conv2d/Linear layers, "
-        f"{n_pruned:,} of {total:,} weights ({n_pruned / max(total, 1):.1%}); "
-        f"{zeros / max(total, 1):.1%} of them are now zero",
+        f"2:4 sparsity: pruned {len(pruned)} of {len(modules)} Conv2d/Linear layers "
+        f"({n_pruned:,} of {total:,} weights, {n_pruned / max(total, 1):.1%})",
+        f"  zeros: {zeros / max(total, 1):.1%} of all Conv2d/Linear weights",
         f"  pruned: {_names(pruned)}" if pruned else "  pruned: none",
     ]
     by_reason: dict[str, list[str]] = defaultdict(list)
