@@ -86,8 +86,12 @@ class TensorRTExport(pl.Callback):
         if metrics is not None:  # bad metric configurations fail here, before training
             from qatsparse.validation import metric_specs
 
-            by_output = isinstance(metrics, Mapping) and "class_path" not in metrics
-            metric_specs(metrics, output_names or (list(metrics) if by_output else ["output"]))
+            named: list[str] = []
+            if isinstance(metrics, Mapping) and "class_path" not in metrics:
+                named = [str(k) for k in metrics]
+            elif isinstance(metrics, (list, tuple)):
+                named = [str(m["output"]) for m in metrics if isinstance(m, Mapping) and "output" in m]
+            metric_specs(metrics, output_names or list(dict.fromkeys(named)) or ["output"])
         self.on_fail = on_fail
         self.reference_state: dict[str, torch.Tensor] | None = None
         self.report: dict[str, Any] | None = None
