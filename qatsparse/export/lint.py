@@ -249,8 +249,8 @@ def _check_qdq_form(g: _Graph) -> list[Finding]:
                             name,
                             "error",
                             f"zero-point type is {zp.dtype} (asymmetric {zp.dtype} quantization): TensorRT supports "
-                            "only symmetric INT8 (zero-point 0, type int8); the parser rejects the graph or runs the "
-                            "layer unquantized",
+                            "only symmetric INT8 (zero-point 0, type int8): the build fails, or the layer runs "
+                            "unquantized and loses the INT8 speed-up",
                         )
                     )
                 elif np.any(zp != 0):
@@ -260,7 +260,8 @@ def _check_qdq_form(g: _Graph) -> list[Finding]:
                             name,
                             "error",
                             f"zero-point is not 0 (values {np.unique(zp)[:4].tolist()}): TensorRT supports only "
-                            "symmetric quantization; the parser rejects non-zero zero-points",
+                            "symmetric quantization, so the build fails; treating it as 0 would shift every value "
+                            "and cost accuracy",
                         )
                     )
             else:
@@ -269,7 +270,7 @@ def _check_qdq_form(g: _Graph) -> list[Finding]:
                         "qdq-asymmetric",
                         name,
                         "error",
-                        "zero-point is computed at run time: TensorRT needs a constant zero-point of 0",
+                        "zero-point is computed at run time: TensorRT needs a constant zero-point of 0 (build fails)",
                     )
                 )
         out += _check_axis(g, n, scale)
