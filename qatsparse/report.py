@@ -292,7 +292,7 @@ def plot(report: dict[str, Any], path: Path) -> None:
     panels = [*metric_names, "latency"]
     ncols = min(len(panels), 3)
     nrows = -(-len(panels) // ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(4.6 * ncols, 3.8 * nrows), squeeze=False)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4.6 * ncols, 4.3 * nrows), squeeze=False)
     ref = report["reference"]
     bound = report["gate"]["max_metric_drop"]
     extra = iter(_OTHER)
@@ -315,19 +315,21 @@ def plot(report: dict[str, Any], path: Path) -> None:
                 for n, c, d in zip(names, colors, drops)
             ]
             bars = ax.bar(names, vals, color=cols)
-            finite = [v for v in vals if v == v]
+            ref_val = report["backends"].get(ref, {}).get("metrics", {}).get(panel)
+            limit = None
+            if b is not None and ref_val is not None and float(b) >= 0:
+                limit = ref_val - float(b) if hib else ref_val + float(b)
+            finite = [v for v in [*vals, *([limit] if limit is not None else [])] if v == v]
             if finite:
                 lo, hi = min(finite), max(finite)
                 pad = max((hi - lo) * 0.5, 0.02 * max(abs(hi), 1e-6))
                 ax.set_ylim(max(0.0, lo - pad) if lo >= 0 else lo - pad, hi + pad)
-            ref_val = report["backends"].get(ref, {}).get("metrics", {}).get(panel)
-            if b is not None and ref_val is not None:
-                limit = ref_val - float(b) if hib else ref_val + float(b)
+            if limit is not None:
                 ax.axhline(limit, color="#C44E52", ls="--", lw=1)
                 ax.annotate("allowed", (0.99, limit), xycoords=("axes fraction", "data"), ha="right", va="bottom",
                             fontsize=7, color="#C44E52")  # fmt: skip
         ax.bar_label(bars, fmt="%.4g", fontsize=8)
-        ax.tick_params(axis="x", rotation=20, labelsize=8)
+        ax.tick_params(axis="x", rotation=15, labelsize=8)
         ax.grid(axis="y", alpha=0.3)
     for k in range(len(panels), nrows * ncols):
         axes[k // ncols][k % ncols].axis("off")

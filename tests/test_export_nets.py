@@ -40,6 +40,9 @@ class BoardNet(pl.LightningModule):
         p, v = self(planes, side)
         return F.cross_entropy(p, move) + F.mse_loss(v.squeeze(1), value)
 
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        self.log("val_loss", self.training_step(batch, batch_idx))
+
     def configure_optimizers(self) -> Any:
         return torch.optim.SGD(self.parameters(), lr=0.01)
 

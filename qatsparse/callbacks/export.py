@@ -155,7 +155,10 @@ class TensorRTExport(pl.Callback):
             return dm.val_dataloader()  # fresh, unsharded: rank 0 validates the whole set
         loaders = trainer.val_dataloaders
         if loaders is None:
-            raise RuntimeError("TensorRTExport needs validation data: give the Trainer a val dataloader")
+            raise RuntimeError(
+                "TensorRTExport needs validation data: give the Trainer a val dataloader (the LightningModule needs "
+                "a validation_step and limit_val_batches > 0) or a LightningDataModule with val_dataloader()"
+            )
         return loaders[0] if isinstance(loaders, (list, tuple)) else loaders
 
     # ------------------------------------------------------------------ state
