@@ -173,7 +173,7 @@ def report_rows(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
                 *(_fmt(b["drop_vs_reference"].get(m, "-")) if name != ref else "ref" for m in metric_names),
                 "ref" if name == ref else (", ".join(top1) or "-"),
                 _fmt(lat.get("median_per_batch", "-")),
-                _fmt(lat.get("throughput_per_s", "-")),
+                f"{lat['throughput_per_s']:.1f}" if "throughput_per_s" in lat else "-",
                 _fmt(share) if share is not None and name != ref else "-",
             ]
         )
