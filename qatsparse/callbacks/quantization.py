@@ -37,7 +37,9 @@ class QuantizationAwareTraining(pl.Callback):
         exclude: regexes of module names kept in higher precision.
         compile: after calibration, compile the LightningModule (``LightningModule.compile()``, i.e.
             ``torch.compile`` in place) so fake quantization fuses into the surrounding kernels; the
-            fast path on GPUs (see docs/BENCHMARKS.md). The export always runs the plain module.
+            fast path on GPUs (see docs/BENCHMARKS.md). True uses torch.compile's default mode, a
+            string names the mode (e.g. ``"reduce-overhead"`` for CUDA graphs). The export always
+            runs the plain module.
         verbose: print the summary of what was quantized.
 
     Example:
@@ -53,7 +55,7 @@ class QuantizationAwareTraining(pl.Callback):
         start_step: int = 0,
         percentile: float = 99.99,
         exclude: list[str] | None = None,
-        compile: bool = False,
+        compile: bool | str = False,
         verbose: bool = True,
     ) -> None:
         self.config = QuantConfig(
@@ -65,7 +67,7 @@ class QuantizationAwareTraining(pl.Callback):
             raise ValueError(f"start_step must be >= 0, got {start_step}")
         self.calib_batches = int(calib_batches)
         self.start_step = int(start_step)
-        self.compile = bool(compile)
+        self.compile = compile
         self.verbose = verbose
         self.applied = False
         self.summary: QuantSummary | None = None
@@ -83,7 +85,10 @@ class QuantizationAwareTraining(pl.Callback):
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.applied and self.compile:  # resumed after QAT started
-            pl_module.compile()
+            self._compile(pl_module)
+
+    def _compile(self, pl_module: pl.LightningModule) -> None:
+        pl_module.compile(**({"mode": self.compile} if isinstance(self.compile, str) else {}))
 
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
@@ -108,7 +113,7 @@ class QuantizationAwareTraining(pl.Callback):
                 rank_zero_info(f"calibration used {n} batches: the training dataloader has no more")
         self.applied = True
         if self.compile:
-            pl_module.compile()
+            self._compile(pl_module)
         if self.verbose:
             rank_zero_info(self.describe(pl_module))
 
