@@ -5,8 +5,8 @@ fixed synthetic batch that is already on the GPU (no data loading in the timing)
 synchronises CUDA at the start and end of every training batch and records the step time and the
 peak memory. Configurations: fp32, amp (16-mixed), amp_24 (+ TwoFourSparsity), amp_qat
 (+ QuantizationAwareTraining int8), amp_24_qat (both). ``--compile`` compiles the model for every
-configuration (``LightningModule.compile()``; for QAT the callback compiles after calibration), so
-compiled is compared with compiled and eager with eager.
+configuration with the same settings (``qatsparse.compiling.compile_module``; for QAT the callback
+compiles after calibration), so compiled is compared with compiled and eager with eager.
 
 Usage (GPU):  python benchmarks/train_overhead.py --models resnet18 resnet50 vit_b_16 --out o.json
               python benchmarks/train_overhead.py --compile --models resnet50 --out c.json
@@ -30,6 +30,7 @@ import torchvision
 from torch.utils.data import DataLoader, IterableDataset
 
 from qatsparse import QuantizationAwareTraining, TwoFourSparsity
+from qatsparse.compiling import compile_module
 
 CONFIGS = ("fp32", "amp", "amp_24", "amp_qat", "amp_24_qat")
 DEFAULT_BATCH = {"resnet18": 128, "resnet50": 128, "vit_b_16": 64}
@@ -140,7 +141,7 @@ def run_one(
     if convnet:  # sparsify first, then change memory format (masks are layout-independent anyway)
         model = model.to(memory_format=torch.channels_last)
     if compile_ and "qat" not in config:
-        model.compile(**({"mode": compile_} if isinstance(compile_, str) else {}))
+        compile_module(model, compile_)  # the same compile settings as the QAT callback's
     trainer = pl.Trainer(
         accelerator="gpu" if device == "cuda" else "cpu",
         devices=1,

@@ -392,11 +392,7 @@ def validate_artifacts(
     d.mkdir(parents=True, exist_ok=True)
     final = plain_copy(final)
     precision = _precision(final)
-    reference = (
-        plain_copy(reference)
-        if reference is not None
-        else remove_quantizers(copy.deepcopy(final))
-    )
+    reference = plain_copy(reference) if reference is not None else remove_quantizers(copy.deepcopy(final))
     notes: list[str] = []
     artifacts: dict[str, str] = {}
     extra: dict[str, Any] = {}

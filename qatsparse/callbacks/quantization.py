@@ -37,9 +37,9 @@ class QuantizationAwareTraining(pl.Callback):
         exclude: regexes of module names kept in higher precision.
         compile: after calibration, compile the LightningModule (``LightningModule.compile()``, i.e.
             ``torch.compile`` in place) so fake quantization fuses into the surrounding kernels; the
-            fast path on GPUs (see docs/BENCHMARKS.md). True uses torch.compile's default mode, a
-            string names the mode (e.g. ``"reduce-overhead"`` for CUDA graphs). The export always
-            runs the plain module.
+            fast path on GPUs (see docs/BENCHMARKS.md). True uses :data:`qatsparse.compiling.DEFAULT_COMPILE_OPTIONS`,
+            a string names a torch.compile mode (e.g. ``"reduce-overhead"``). The export always runs the
+            plain module.
         verbose: print the summary of what was quantized.
 
     Example:
@@ -88,7 +88,9 @@ class QuantizationAwareTraining(pl.Callback):
             self._compile(pl_module)
 
     def _compile(self, pl_module: pl.LightningModule) -> None:
-        pl_module.compile(**({"mode": self.compile} if isinstance(self.compile, str) else {}))
+        from qatsparse.compiling import compile_module
+
+        compile_module(pl_module, self.compile)
 
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int

@@ -90,7 +90,8 @@ class TwoFourSparsity(pl.Callback):
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         metrics = sparsity_metrics(pl_module, self.pruned_layers)
-        pl_module.log_dict(metrics, on_step=False, on_epoch=True, sync_dist=False)
+        # Identical on every rank (masks are broadcast); sync_dist only keeps Lightning's DDP warning quiet.
+        pl_module.log_dict(metrics, on_step=False, on_epoch=True, sync_dist=True)
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.masks is not None and self.make_permanent:
