@@ -28,8 +28,12 @@ def test_demo_recipe_meets_the_acceptance(tmp_path, monkeypatch):
     assert report["sparsity"]["weights_2to4_share"] > 0.5
     graph = onnx.load(str(out / "model.onnx")).graph
     producers = {o: n for n in graph.node for o in n.output}
+    int8_weights = {i.name for i in graph.initializer if i.data_type == onnx.TensorProto.INT8}
     for node in (n for n in graph.node if n.op_type in ("Conv", "Gemm")):
-        for name in node.input[:2]:
-            dq = producers[name]
-            assert dq.op_type == "DequantizeLinear", (node.name, name)
-            assert producers[dq.input[0]].op_type == "QuantizeLinear", (node.name, name)
+        activation, weight = node.input[:2]
+        dq = producers[activation]
+        assert dq.op_type == "DequantizeLinear", (node.name, activation)
+        assert producers[dq.input[0]].op_type == "QuantizeLinear", (node.name, activation)
+        dq = producers[weight]  # weights are stored quantized: DequantizeLinear(INT8 initializer)
+        assert dq.op_type == "DequantizeLinear", (node.name, weight)
+        assert dq.input[0] in int8_weights or producers[dq.input[0]].op_type == "QuantizeLinear", node.name
