@@ -7,7 +7,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from qatsparse.quantization.calibrators import make_calibrator
+from qatsparse.quantization.calibrators import CALIBRATORS, make_calibrator
 
 INT8_MAX = 127
 
@@ -30,6 +30,18 @@ def fake_quantize_int8(x: torch.Tensor, amax: torch.Tensor, axis: int | None, na
         return torch.fake_quantize_per_tensor_affine(x, scale, zp, qmin, INT8_MAX)
     zp = torch.zeros(scale.shape, dtype=torch.int32, device=x.device)
     return torch.fake_quantize_per_channel_affine(x, scale, zp, axis, qmin, INT8_MAX)
+
+
+def fake_cast_fp16(x: torch.Tensor) -> torch.Tensor:
+    """Round to half precision and back (what an FP16 engine sees; values beyond 65504 become inf).
+
+    The gradient passes straight through (``Tensor.to`` is differentiable).
+
+    Example:
+        >>> fake_cast_fp16(torch.tensor([1.0 + 2**-12, 7e4])).tolist()
+        [1.0, inf]
+    """
+    return x.to(torch.float16).to(x.dtype)
 
 
 class TensorQuantizer(nn.Module):
@@ -66,6 +78,8 @@ class TensorQuantizer(nn.Module):
         super().__init__()
         if precision not in ("int8", "fp16"):
             raise ValueError(f"precision must be 'int8' or 'fp16', got {precision!r}")
+        if calibrator not in CALIBRATORS:
+            raise ValueError(f"calibrator must be one of {sorted(CALIBRATORS)}, got {calibrator!r}")
         if axis is not None and num_channels is None:
             raise ValueError("a per-channel quantizer needs num_channels")
         self.precision = precision
@@ -88,6 +102,12 @@ class TensorQuantizer(nn.Module):
         super()._load_from_state_dict(*args, **kwargs)
         self._has_amax = bool(torch.isfinite(self.amax).all())
 
+    @torch.no_grad()
+    def load_amax(self, amax: torch.Tensor) -> None:
+        """Set ``amax`` (e.g. computed elsewhere); NaN entries mean "not calibrated"."""
+        self.amax.copy_(amax.reshape(self.amax.shape).to(self.amax))
+        self._has_amax = bool(torch.isfinite(self.amax).all())
+
     @property
     def calibrating(self) -> bool:
         return self._calibrator is not None
@@ -102,9 +122,7 @@ class TensorQuantizer(nn.Module):
             return
         if reduce:
             self._calibrator.reduce()
-        amax = self._calibrator.compute_amax().to(self.amax.device)
-        self.amax.copy_(amax.reshape(self.amax.shape))
-        self._has_amax = bool(torch.isfinite(self.amax).all())
+        self.load_amax(self._calibrator.compute_amax())
         self._calibrator = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -114,8 +132,8 @@ class TensorQuantizer(nn.Module):
         if not self.enabled:
             return x
         if self.precision == "fp16":
-            return x.to(torch.float16).to(x.dtype)
-        if not self.calibrated:
+            return fake_cast_fp16(x)
+        if not self._has_amax:
             return x
         return fake_quantize_int8(x, self.amax, self.axis, self.narrow_range)
 

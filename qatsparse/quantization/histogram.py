@@ -1,0 +1,157 @@
+"""Histograms of ``|x|`` and the three histogram rules that turn one into an ``amax``.
+
+Pure functions over NumPy arrays, written to match NVIDIA pytorch-quantization's calibrators
+(``_compute_amax_entropy``/``_percentile``/``_mse``; see docs/quantization.md): ``hist[i]`` counts the
+values in ``[edges[i], edges[i + 1])``, ``edges`` are equally spaced from 0. They are written here
+(not imported) because pytorch-quantization is not maintained any more and ModelOpt's copies of them
+crash when driven through ``mtq.quantize``; ``tests/test_quant_calibrators.py`` checks them against
+a literal transcription of the reference definitions.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+#: Number of bins of a new histogram (pytorch-quantization's default).
+NUM_BINS = 2048
+#: First candidate clip bin of the entropy and mse searches (pytorch-quantization's default).
+START_BIN = 128
+#: Elements binned at once (bounds the memory of the int64 bin indices to 128 MiB).
+_CHUNK = 1 << 24
+
+
+def bin_edges(width: float, num_bins: int) -> np.ndarray:
+    """Edges ``0, width, 2 * width, ...`` of a histogram of ``num_bins`` bins.
+
+    Example:
+        >>> bin_edges(0.5, 4).tolist()
+        [0.0, 0.5, 1.0, 1.5, 2.0]
+    """
+    return width * np.arange(num_bins + 1, dtype=np.float64)
+
+
+@torch.no_grad()
+def bin_counts(a: torch.Tensor, width: float, num_bins: int) -> torch.Tensor:
+    """Exact counts (float64, on ``a``'s device) of the non-negative values ``a`` in bins of ``width``.
+
+    Bin ``i`` holds ``[i * width, (i + 1) * width)``; the last bin also holds everything beyond.
+    Written with ``bincount`` instead of ``torch.histc`` because ``histc`` counts in float32, which
+    stops counting at 2**24 per bin (post-ReLU activations put more zeros than that into bin 0).
+
+    Example:
+        >>> bin_counts(torch.tensor([0.0, 0.4, 0.5, 9.0]), 0.5, 3).tolist()
+        [2.0, 1.0, 1.0]
+    """
+    flat = a.reshape(-1)
+    out = torch.zeros(num_bins, dtype=torch.float64, device=a.device)
+    for start in range(0, flat.numel(), _CHUNK):
+        idx = torch.div(flat[start : start + _CHUNK].float(), width).floor_().clamp_(0, num_bins - 1).long()
+        out += torch.bincount(idx, minlength=num_bins).to(torch.float64)
+    return out
+
+
+def entropy_amax(
+    hist: np.ndarray, edges: np.ndarray, num_bits: int = 8, unsigned: bool = False, start_bin: int = START_BIN
+) -> float:
+    """KL-divergence (entropy) calibration: the clip edge whose 128-level quantized histogram is closest.
+
+    For every candidate ``i`` from ``start_bin`` to ``len(hist)``: P is ``hist[:i]`` with the mass of
+    ``hist[i:]`` added to its last bin; Q merges ``hist[:i]`` into ``2 ** (num_bits - 1)`` equal-width
+    buckets and spreads each bucket's total evenly over its non-zero bins. The last ``i`` with the
+    smallest KL(P || Q) wins; ``bins[0]`` is replaced by ``bins[1]`` first (zeros from ReLU would
+    dominate otherwise). Returns ``edges[i]``.
+
+    Example:
+        >>> h = np.ones(2048); h[-1] = 0; h[-2] = 1e-3
+        >>> 1500 < entropy_amax(h, bin_edges(1.0, 2048)) <= 2048
+        True
+    """
+    bins = np.array(hist, dtype=np.float64)
+    if len(bins) < start_bin:
+        raise ValueError(f"entropy calibration needs at least {start_bin} bins, got {len(bins)}")
+    bins[0] = bins[1]
+    nbins = 1 << (num_bits - 1 + int(unsigned))
+    tail = np.concatenate([np.cumsum(bins[::-1])[::-1], [0.0]])  # tail[i] = bins[i:].sum()
+    best_i, best_kl = start_bin, math.inf
+    for i in range(start_bin, len(bins) + 1):
+        src = bins[:i]
+        bucket = np.digitize(np.arange(i), np.linspace(0, i, num=nbins + 1)) - 1
+        nz = src != 0
+        totals = np.bincount(bucket[nz], weights=src[nz], minlength=nbins)
+        nonzero = np.bincount(bucket[nz], minlength=nbins)
+        q = np.zeros(i)
+        q[nz] = totals[bucket[nz]] / nonzero[bucket[nz]]
+        p = src.copy()
+        p[-1] += tail[i]
+        kl = kl_divergence(p, q)
+        if kl <= best_kl:  # `<=`: the last index of the minimum, as the reference
+            best_i, best_kl = i, kl
+    return float(edges[best_i])
+
+
+def kl_divergence(p: np.ndarray, q: np.ndarray) -> float:
+    """KL(P || Q) of two unnormalised histograms, as ``scipy.stats.entropy(p, q)`` computes it.
+
+    ``inf`` where Q is 0 and P is not; scipy is only a test dependency, hence this copy.
+
+    Example:
+        >>> round(kl_divergence(np.array([1.0, 1.0]), np.array([1.0, 3.0])), 4)
+        0.1438
+    """
+    p = p / p.sum()
+    q = q / q.sum()
+    mask = p > 0
+    if np.any(q[mask] <= 0):
+        return math.inf
+    return float(np.sum(p[mask] * np.log(p[mask] / q[mask])))
+
+
+def percentile_amax(hist: np.ndarray, edges: np.ndarray, percentile: float) -> float:
+    """Percentile calibration: the left edge of the bin where the CDF reaches ``percentile`` %.
+
+    Example:
+        >>> h = np.histogram(np.arange(100.0), bins=2048, range=(0, 99))[0]
+        >>> round(percentile_amax(h, np.linspace(0, 99, 2049), 90), 1)
+        89.0
+    """
+    if not 0.0 < percentile <= 100.0:
+        raise ValueError(f"percentile must be in (0, 100], got {percentile}")
+    hist = np.asarray(hist, dtype=np.float64)
+    cdf = np.cumsum(hist) / hist.sum()
+    idx = int(np.searchsorted(cdf, percentile / 100.0))
+    return float(edges[min(idx, len(edges) - 1)])
+
+
+def mse_amax(
+    hist: np.ndarray, edges: np.ndarray, num_bits: int = 8, unsigned: bool = False, start_bin: int = START_BIN
+) -> float:
+    """MSE calibration: the bin centre that, used as amax, minimises the quantization error of the data.
+
+    Every bin centre ``c[i]`` (``i >= start_bin``) is tried as amax: the centres are fake-quantized
+    (symmetric, narrow range, round half to even) and scored with ``mean(hist * (q - c) ** 2)``; the
+    first minimum wins.
+
+    Example:
+        >>> h = np.zeros(2048); h[2040] = 1000; h[2047] = 1
+        >>> e = bin_edges(256 / 2048, 2048); abs(mse_amax(h, e) - 255) < abs(mse_amax(h, e) - 256)
+        True
+    """
+    counts = np.asarray(hist, dtype=np.float64)
+    centres = (edges[1:] + edges[:-1]) / 2
+    if len(centres) <= start_bin:
+        raise ValueError(f"mse calibration needs more than {start_bin} bins, got {len(centres)}")
+    max_bound = (1 << (num_bits - 1 + int(unsigned))) - 1
+    min_bound = 0 if unsigned else -max_bound
+    best_i, best = start_bin, math.inf
+    for lo in range(start_bin, len(centres), 256):  # 256 candidates at a time bounds the memory
+        amax = centres[lo : lo + 256, None]
+        scale = max_bound / amax
+        q = np.clip(np.round(centres[None, :] * scale), min_bound, max_bound) / scale
+        mse = np.mean(counts[None, :] * (q - centres[None, :]) ** 2, axis=1)
+        j = int(np.argmin(mse))
+        if mse[j] < best:
+            best_i, best = lo + j, float(mse[j])
+    return float(centres[best_i])
