@@ -83,14 +83,15 @@ def ref_percentile(hist: np.ndarray, edges: np.ndarray, p: float) -> float:
 
 
 def ref_mse(hist: np.ndarray, edges: np.ndarray, start_bin: int = 128) -> float:
-    counts = torch.from_numpy(hist).float()
-    e = torch.from_numpy(edges).float()
-    centres = (e[1:] + e[:-1]) / 2
+    # float32 as the reference (torch there, NumPy here: same IEEE arithmetic, round half to even)
+    counts = hist.astype(np.float32)
+    e = edges.astype(np.float32)
+    centres = (e[1:] + e[:-1]) / np.float32(2)
     mses = []
     for i in range(start_bin, len(centres)):
         amax = centres[i]
-        scale = 127.0 / amax
-        q = torch.clamp((centres * scale).round(), -127, 127) / scale
+        scale = np.float32(127.0) / amax
+        q = np.clip(np.round(centres * scale), -127, 127) / scale
         mses.append(float(((q - centres) ** 2 * counts).mean()))
     return float(centres[start_bin + int(np.argmin(mses))])
 
@@ -109,8 +110,9 @@ def _data(seed: int) -> list[torch.Tensor]:
 
 @pytest.fixture(scope="module")
 def histograms() -> list[tuple[np.ndarray, np.ndarray]]:
-    # the default 2048 bins, and 512 bins (the reference loops are slow)
-    return [ref_histogram(_data(0)), ref_histogram(_data(1), num_bins=512)]
+    # the default 2048 bins; 512 bins (the reference loops are slow); a sparse one with many empty bins
+    sparse = [torch.randn(300, generator=torch.Generator().manual_seed(4)) ** 3]
+    return [ref_histogram(_data(0)), ref_histogram(_data(1), num_bins=512), ref_histogram(sparse, num_bins=512)]
 
 
 # ----------------------------------------------------------------------------- the pure rules

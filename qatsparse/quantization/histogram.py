@@ -60,36 +60,56 @@ def entropy_amax(
 
     For every candidate ``i`` from ``start_bin`` to ``len(hist)``: P is ``hist[:i]`` with the mass of
     ``hist[i:]`` added to its last bin; Q merges ``hist[:i]`` into ``2 ** (num_bits - 1)`` equal-width
-    buckets and spreads each bucket's total evenly over its non-zero bins. The last ``i`` with the
-    smallest KL(P || Q) wins; ``bins[0]`` is replaced by ``bins[1]`` first (zeros from ReLU would
-    dominate otherwise). Returns ``edges[i]``.
+    buckets (``np.digitize`` over ``np.linspace(0, i, 129)``) and spreads each bucket's total evenly
+    over its non-zero bins. The last ``i`` with the smallest KL(P || Q) wins; ``bins[0]`` is replaced
+    by ``bins[1]`` first (zeros from ReLU would dominate otherwise). Returns ``edges[i]``.
+
+    All candidates are scored at once from prefix sums (the reference loops over candidates, ~100x
+    slower), using KL = (sum p log p - sum p log q) / sum(P) + log(sum(Q) / sum(P)), where within
+    a bucket ``sum p log q = bucket total * log(bucket mean)``.
 
     Example:
         >>> h = np.ones(2048); h[-1] = 0; h[-2] = 1e-3
         >>> 1500 < entropy_amax(h, bin_edges(1.0, 2048)) <= 2048
         True
     """
-    bins = np.array(hist, dtype=np.float64)
-    if len(bins) < start_bin:
-        raise ValueError(f"entropy calibration needs at least {start_bin} bins, got {len(bins)}")
-    bins[0] = bins[1]
-    nbins = 1 << (num_bits - 1 + int(unsigned))
-    tail = np.concatenate([np.cumsum(bins[::-1])[::-1], [0.0]])  # tail[i] = bins[i:].sum()
-    best_i, best_kl = start_bin, math.inf
-    for i in range(start_bin, len(bins) + 1):
-        src = bins[:i]
-        bucket = np.digitize(np.arange(i), np.linspace(0, i, num=nbins + 1)) - 1
-        nz = src != 0
-        totals = np.bincount(bucket[nz], weights=src[nz], minlength=nbins)
-        nonzero = np.bincount(bucket[nz], minlength=nbins)
-        q = np.zeros(i)
-        q[nz] = totals[bucket[nz]] / nonzero[bucket[nz]]
-        p = src.copy()
-        p[-1] += tail[i]
-        kl = kl_divergence(p, q)
-        if kl <= best_kl:  # `<=`: the last index of the minimum, as the reference
-            best_i, best_kl = i, kl
-    return float(edges[best_i])
+    b = np.array(hist, dtype=np.float64)
+    n = len(b)
+    if n < start_bin:
+        raise ValueError(f"entropy calibration needs at least {start_bin} bins, got {n}")
+    b[0] = b[1]
+    levels = 1 << (num_bits - 1 + int(unsigned))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        blogb = np.where(b > 0, b * np.log(np.where(b > 0, b, 1.0)), 0.0)
+    c = np.concatenate([[0.0], np.cumsum(b)])  # c[j] = b[:j].sum()
+    nz = np.concatenate([[0], np.cumsum(b != 0)])  # non-zero bins among b[:j]
+    lg = np.concatenate([[0.0], np.cumsum(blogb)])
+    total = c[-1]
+    cand = np.arange(start_bin, n + 1)
+    # Bucket k of candidate i holds the bins j with k * i / levels <= j < (k + 1) * i / levels
+    # (i / levels is exact in binary floating point for levels a power of two, as np.linspace computes it).
+    starts = -((-np.arange(levels + 1)[None, :] * cand[:, None]) // levels)  # ceil(k * i / levels)
+    tot = c[starts[:, 1:]] - c[starts[:, :-1]]
+    cnt = nz[starts[:, 1:]] - nz[starts[:, :-1]]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        mean = np.where(cnt > 0, tot / np.maximum(cnt, 1), 0.0)
+        sum_p_log_q = np.sum(np.where(cnt > 0, tot * np.log(np.where(mean > 0, mean, 1.0)), 0.0), axis=1)
+    tail = total - c[cand]  # mass beyond the clip, added to the last bin of P
+    last = b[cand - 1]
+    p_last = last + tail
+    with np.errstate(divide="ignore", invalid="ignore"):
+        sum_p_log_p = lg[cand - 1] + np.where(p_last > 0, p_last * np.log(np.where(p_last > 0, p_last, 1.0)), 0.0)
+        q_last = mean[:, -1]  # bin i - 1 is always in the last bucket
+        sum_p_log_q = sum_p_log_q + np.where(tail > 0, tail * np.log(np.where(q_last > 0, q_last, 1.0)), 0.0)
+        kl = (sum_p_log_p - sum_p_log_q) / total + np.log(c[cand] / total)
+    kl[(tail > 0) & (last == 0)] = np.inf  # P > 0 where Q = 0
+    kl[c[cand] == 0] = np.nan
+    finite = ~np.isnan(kl)
+    if not finite.any():
+        return float(edges[n])
+    best = np.nanmin(kl)
+    i = int(cand[np.nonzero(kl == best)[0][-1]])  # the last index of the minimum, as the reference
+    return float(edges[i])
 
 
 def kl_divergence(p: np.ndarray, q: np.ndarray) -> float:
