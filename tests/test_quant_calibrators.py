@@ -223,7 +223,9 @@ def test_rebin_keeps_mass_and_spreads_uniformly():
 # ----------------------------------------------------------------------------- batch-size independence
 def _model() -> nn.Module:
     torch.manual_seed(0)
-    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.Flatten(), nn.Linear(8 * 4 * 4, 4))
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.Flatten(), nn.Linear(8 * 4 * 4, 4)
+    )
 
 
 @pytest.mark.parametrize("calibrator", ["max", "entropy", "percentile", "mse"])

@@ -23,7 +23,9 @@ def fake_quantize_int8(x: torch.Tensor, amax: torch.Tensor, axis: int | None, na
         >>> fake_quantize_int8(torch.tensor([0.26, 2.0]), torch.tensor(1.27), None, False).tolist()
         [0.25999999046325684, 1.2699999809265137]
     """
-    scale = (amax.float() / INT8_MAX).clamp_min(torch.finfo(torch.float32).tiny)
+    # amax must be > 0 (TensorQuantizer.load_amax makes it so). No clamp here: the scale must stay a
+    # constant that the exporter folds, TensorRT needs Q/DQ scales as initializers.
+    scale = amax.float() / INT8_MAX
     qmin = -INT8_MAX if narrow_range else -INT8_MAX - 1
     if axis is None:
         zp = torch.zeros((), dtype=torch.int32, device=x.device)
@@ -100,12 +102,17 @@ class TensorQuantizer(nn.Module):
 
     def _load_from_state_dict(self, *args, **kwargs) -> None:  # type: ignore[override]
         super()._load_from_state_dict(*args, **kwargs)
-        self._has_amax = bool(torch.isfinite(self.amax).all())
+        self.load_amax(self.amax.detach().clone())
 
     @torch.no_grad()
     def load_amax(self, amax: torch.Tensor) -> None:
-        """Set ``amax`` (e.g. computed elsewhere); NaN entries mean "not calibrated"."""
-        self.amax.copy_(amax.reshape(self.amax.shape).to(self.amax))
+        """Set ``amax`` (e.g. computed elsewhere); NaN entries mean "not calibrated".
+
+        An amax of 0 (a tensor or channel that was all zeros) becomes 1, as in pytorch-quantization:
+        the scale must be positive, and zeros stay zeros.
+        """
+        amax = amax.reshape(self.amax.shape).to(self.amax)
+        self.amax.copy_(torch.where(amax > 0, amax, torch.where(amax.isnan(), amax, torch.ones_like(amax))))
         self._has_amax = bool(torch.isfinite(self.amax).all())
 
     @property
