@@ -25,6 +25,7 @@ from qatsparse.quantization import (
     QuantSummary,
     calibrate,
     format_sensitivity,
+    is_quantized,
     overflowing_layers,
     quantize_model,
     quantizers,
@@ -82,7 +83,10 @@ class QuantizationAwareTraining(pl.Callback):
         verbose: bool = True,
     ) -> None:
         self.config = QuantConfig(
-            precision=precision, calibrator=calibrator, percentile=percentile, exclude=list(exclude or [])
+            precision=precision,
+            calibrator=calibrator,
+            percentile=percentile,
+            exclude=exclude if isinstance(exclude, str) else list(exclude or []),  # a str fails in QuantConfig
         )
         if isinstance(calib_batches, bool) or int(calib_batches) != calib_batches or calib_batches < 1:
             raise ValueError(f"calib_batches must be an integer >= 1, got {calib_batches!r}")
@@ -106,10 +110,21 @@ class QuantizationAwareTraining(pl.Callback):
 
     # ------------------------------------------------------------------ hooks
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        # Resuming from a checkpoint taken after QAT started: insert the (uncalibrated) quantizers now,
-        # exactly as they were (config incl. the layers kept in higher precision), so that Lightning's
-        # strict state_dict load restores their calibrated amax. Calibration is not repeated.
-        ckpt = load_checkpoint_for_setup(trainer)
+        # Resuming from a checkpoint taken after QAT started: the quantizers must exist, exactly as they
+        # were (config incl. the layers kept in higher precision), before Lightning's strict
+        # state_dict load restores their calibrated amax; calibration is then not repeated.
+        # `trainer.ckpt_path` is known here only when the user set it; with `fit(ckpt_path=...)` it is
+        # known once the checkpoint is read, which is before the state_dict load: a load_state_dict
+        # pre-hook on the module inserts the quantizers then.
+        self._restore_from(load_checkpoint_for_setup(trainer), pl_module)
+        self._load_hook = pl_module.register_load_state_dict_pre_hook(partial(self._before_state_dict_load, trainer))
+
+    def _before_state_dict_load(self, trainer: pl.Trainer, module: Any, state_dict: dict, prefix: str, *_: Any) -> None:
+        if prefix or is_quantized(module) or not any(k.endswith("_quantizer.amax") for k in state_dict):
+            return
+        self._restore_from(load_checkpoint_for_setup(trainer), module)
+
+    def _restore_from(self, ckpt: dict[str, Any] | None, pl_module: pl.LightningModule) -> None:
         if ckpt is None:
             return
         state = (ckpt.get("callbacks") or {}).get(self.state_key) or {}
@@ -118,6 +133,12 @@ class QuantizationAwareTraining(pl.Callback):
             self.summary = quantize_model(pl_module, self.config)
             if self.config.precision == "fp16":
                 track_overflow(pl_module)
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        hook = getattr(self, "_load_hook", None)
+        if hook is not None:
+            hook.remove()
+            self._load_hook = None
 
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int

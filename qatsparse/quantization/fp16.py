@@ -1,7 +1,9 @@
 """FP16 overflow detection: which layers see or produce values an FP16 engine cannot hold.
 
 In ``precision="fp16"`` every quantized Conv/Linear records, on the device and without a GPU sync,
-the largest ``|x|`` of its input and output (NaN if either holds a NaN). :func:`overflowing_layers`
+the largest ``|x|`` of its input (before rounding) and output, inf/NaN counting as infinite -- when
+its input is finite: a layer fed inf/NaN did not cause it (the layer upstream that did is flagged,
+and once it is kept in FP32 the values downstream are finite again). :func:`overflowing_layers`
 reads these peaks (one sync), reduces them across DDP ranks and names every layer whose peak is
 beyond :data:`FP16_MAX` or not finite, or whose weights are. The QAT callback keeps those layers in
 FP32 (no FP16 rounding from then on, and ``keep_fp32`` in its report for the FP16 ONNX export).
@@ -19,8 +21,12 @@ FP16_MAX = float(torch.finfo(torch.float16).max)
 
 @torch.no_grad()
 def record_peak(layer: nn.Module, x: torch.Tensor, out: torch.Tensor) -> None:
-    """Fold ``max(|x|, |out|)`` (NaN-propagating) into ``layer._overflow_peak`` (a device tensor)."""
-    peak = torch.maximum(x.detach().abs().amax().float(), out.detach().abs().amax().float())
+    """Fold ``max(|x|, |out|)`` (inf for inf/NaN; 0 when ``x`` is not finite) into ``layer._overflow_peak``."""
+    x_peak = x.detach().abs().amax().float()
+    both = torch.nan_to_num(
+        torch.maximum(x_peak, out.detach().abs().amax().float()), nan=float("inf"), posinf=float("inf")
+    )
+    peak = torch.where(torch.isfinite(x_peak), both, torch.zeros_like(both))
     prev = getattr(layer, "_overflow_peak", None)
     layer._overflow_peak = peak if prev is None else torch.maximum(prev, peak)
 
@@ -75,7 +81,7 @@ def overflowing_layers(model: nn.Module, reduce: bool = True) -> dict[str, float
         if act is not None:
             p = torch.maximum(p, act.to(p.device))
         peaks.append(p)
-    t = torch.nan_to_num(torch.stack(peaks), nan=float("inf"))
+    t = torch.nan_to_num(torch.stack(peaks), nan=float("inf"), posinf=float("inf"))
     if reduce and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         t = t.to("cuda" if dist.get_backend() == "nccl" else "cpu")
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
