@@ -264,7 +264,7 @@ def test_sensitivity_ranks_the_damaged_layer_first():
     m = _sensitive_mlp()
     data = [(torch.randn(32, 16), torch.randint(0, 4, (32,))) for _ in range(3)]
     rows = sensitivity(m, data, "mse")
-    assert [r.name for r in rows][0] == "2"
+    assert rows[0].name == "2"
     assert {r.name for r in rows} == {"0", "2", "4"}
     assert rows[0].drop > 3 * rows[1].drop > 0
     assert type(m[0]) is nn.Linear  # the model itself was not touched

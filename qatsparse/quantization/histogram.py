@@ -19,7 +19,7 @@ import torch
 NUM_BINS = 2048
 #: First candidate clip bin of the entropy and mse searches (pytorch-quantization's default).
 START_BIN = 128
-#: Elements binned at once (bounds the memory of the int64 bin indices to 128 MiB).
+#: Elements binned at once: float32 counts are exact up to 2**24.
 _CHUNK = 1 << 24
 
 
@@ -38,18 +38,26 @@ def bin_counts(a: torch.Tensor, width: float, num_bins: int) -> torch.Tensor:
     """Exact counts (float64, on ``a``'s device) of the non-negative values ``a`` in bins of ``width``.
 
     Bin ``i`` holds ``[i * width, (i + 1) * width)``; the last bin also holds everything beyond.
-    Written with ``bincount`` instead of ``torch.histc`` because ``histc`` counts in float32, which
-    stops counting at 2**24 per bin (post-ReLU activations put more zeros than that into bin 0).
+    ``torch.histc`` counts in float32, exact only up to 2**24 per bin, so the values are binned in
+    chunks of at most 2**24 elements and the counts summed in float64 (post-ReLU activations put more
+    zeros than that into bin 0). Where deterministic algorithms are required on CUDA (histc has no
+    deterministic CUDA kernel) the bins come from ``bincount`` instead (slower, same counts).
 
     Example:
         >>> bin_counts(torch.tensor([0.0, 0.4, 0.5, 9.0]), 0.5, 3).tolist()
         [2.0, 1.0, 1.0]
     """
-    flat = a.reshape(-1)
+    flat = a.reshape(-1).float()
+    top = width * num_bins
     out = torch.zeros(num_bins, dtype=torch.float64, device=a.device)
+    use_bincount = flat.is_cuda and torch.are_deterministic_algorithms_enabled()
     for start in range(0, flat.numel(), _CHUNK):
-        idx = torch.div(flat[start : start + _CHUNK].float(), width).floor_().clamp_(0, num_bins - 1).long()
-        out += torch.bincount(idx, minlength=num_bins).to(torch.float64)
+        chunk = flat[start : start + _CHUNK].clamp(max=top)  # histc drops values beyond its range
+        if use_bincount:
+            idx = torch.div(chunk, width).floor_().clamp_(0, num_bins - 1).long()
+            out += torch.bincount(idx, minlength=num_bins).to(torch.float64)
+        else:
+            out += torch.histc(chunk, bins=num_bins, min=0.0, max=top).to(torch.float64)
     return out
 
 
