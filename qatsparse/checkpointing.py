@@ -14,8 +14,11 @@ def restore_structure(module: nn.Module, checkpoint: dict[str, Any]) -> bool:
     """Insert the quantizers a checkpoint's state_dict expects; returns True when it did.
 
     Call it from ``LightningModule.on_load_checkpoint`` so that ``load_from_checkpoint`` of a QAT
-    checkpoint gives the quantized model with its calibrated ``amax`` (the example models do).
-    Sparse checkpoints need nothing: the zeros are in the weights.
+    checkpoint gives the quantized model with its calibrated ``amax`` (the example models do). The
+    recorded :class:`~qatsparse.quantization.QuantConfig` (with the layers kept in higher precision)
+    determines the whole structure, residual quantizers included, so the strict load matches.
+    Sparse checkpoints need nothing: the zeros are in the weights. (Resuming ``trainer.fit`` does not
+    need this hook: the QAT callback restores the structure itself.)
 
     Example:
         >>> from torch import nn

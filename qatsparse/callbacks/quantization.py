@@ -134,7 +134,13 @@ class QuantizationAwareTraining(pl.Callback):
             if self.config.precision == "fp16":
                 track_overflow(pl_module)
 
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._remove_load_hook()  # checkpoints are restored by now; don't let deepcopies carry the hook
+
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._remove_load_hook()
+
+    def _remove_load_hook(self) -> None:
         hook = getattr(self, "_load_hook", None)
         if hook is not None:
             hook.remove()
