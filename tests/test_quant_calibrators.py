@@ -283,3 +283,28 @@ def test_pytorch_quantization_streaming_range_depends_on_first_batch():
         widths.append(c.width)
     assert widths[0] != widths[1]
     assert out[0] != out[1]
+
+
+def test_calibrate_accepts_generators_and_factories_and_replays_shuffled_loaders():
+    import itertools
+
+    from torch.utils.data import DataLoader, TensorDataset
+
+    data = torch.randn(64, 3, 6, 6, generator=torch.Generator().manual_seed(9))
+    loader = DataLoader(TensorDataset(data), batch_size=16, shuffle=True)
+    torch.manual_seed(5)
+    first_two = [b[0] for b in itertools.islice(loader, 2)]  # what a shuffled loader yields first
+    results = []
+    for make in (
+        lambda: first_two,
+        lambda: iter(first_two),  # one-shot iterator: kept in memory for the second pass
+        lambda: (lambda: (b[0] for b in itertools.islice(loader, 2))),  # factory: the RNG is replayed
+    ):
+        m = _model()
+        quantize_model(m, QuantConfig(calibrator="entropy"))
+        torch.manual_seed(5)
+        assert calibrate(m, make(), m) == 2
+        results.append({k: q.amax.clone() for k, q in quantizers(m).items()})
+    for r in results[1:]:
+        for k in r:
+            assert torch.equal(r[k], results[0][k]), k

@@ -62,8 +62,8 @@ def calibrate(model: nn.Module, batches: Batches, forward: Callable[[Any], Any])
         q.start_calibration()
     cals = [q._calibrator for q in qs if q._calibrator is not None]
     two_pass = any(c.needs_range_pass for c in cals)
-    if two_pass and not callable(batches) and iter(batches) is batches:  # type: ignore[arg-type]
-        batches = list(batches)  # type: ignore[arg-type]
+    if two_pass and isinstance(batches, Iterator):  # one-shot: keep it for the second pass
+        batches = list(batches)
     cuda = sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
     was_training = model.training
     model.eval()
