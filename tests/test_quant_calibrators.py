@@ -298,7 +298,7 @@ def test_calibrate_accepts_generators_and_factories_and_replays_shuffled_loaders
     for make in (
         lambda: first_two,
         lambda: iter(first_two),  # one-shot iterator: kept in memory for the second pass
-        lambda: (lambda: (b[0] for b in itertools.islice(loader, 2))),  # factory: the RNG is replayed
+        lambda: lambda: (b[0] for b in itertools.islice(loader, 2)),  # factory: the RNG is replayed
     ):
         m = _model()
         quantize_model(m, QuantConfig(calibrator="entropy"))

@@ -174,13 +174,15 @@ class QuantizationAwareTraining(pl.Callback):
                 if n < self.calib_batches:
                     rank_zero_info(f"calibration used {n} batches: the training dataloader has no more")
             else:
-                track_overflow(pl_module)
+                track_overflow(pl_module)  # the calibration batches look for FP16 overflow
                 was = pl_module.training
                 pl_module.eval()
-                with torch.no_grad():
-                    for b in batches():
-                        forward(b)
-                pl_module.train(was)
+                try:
+                    with torch.no_grad():
+                        for b in batches():
+                            forward(b)
+                finally:
+                    pl_module.train(was)
             if self.auto_exclude:
                 self._auto_exclude(trainer, pl_module, list(batches()))
         self.applied = True
