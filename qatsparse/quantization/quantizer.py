@@ -64,7 +64,7 @@ class TensorQuantizer(nn.Module):
 
     Example:
         >>> q = TensorQuantizer(); q.start_calibration(); _ = q(torch.tensor([0.5, -2.0])); q.finish_calibration()
-        >>> float(q.amax), q(torch.tensor([0.01])).item()
+        >>> float(q.amax), q(torch.tensor([0.005])).item()
         (2.0, 0.0)
     """
 
