@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from qatsparse.quantization.calibrators import CALIBRATORS, make_calibrator
-from qatsparse.quantization.fakequant import INT8_MAX, fake_quantize_int8
+from qatsparse.quantization.fakequant import fake_quantize_int8
 
 
 def fake_cast_fp16(x: torch.Tensor) -> torch.Tensor:
