@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qatsparse.checkpointing import restore_structure
+from qatsparse.examples.pretrained import setup_init_ckpt
 
 
 class BasicBlock(nn.Module):
@@ -47,6 +48,8 @@ class ResidualCNN(pl.LightningModule):
         lr: peak learning rate.
         weight_decay: SGD weight decay.
         image_size: side of the input images (sets ``example_input_array``).
+        init_ckpt: start from these weights (a Lightning checkpoint or a plain state_dict), loaded at
+            ``setup`` unless the Trainer restores a checkpoint (see :mod:`qatsparse.examples.pretrained`).
 
     Example:
         >>> m = ResidualCNN(); m(m.example_input_array).shape
@@ -61,6 +64,7 @@ class ResidualCNN(pl.LightningModule):
         lr: float = 0.1,
         weight_decay: float = 5e-4,
         image_size: int = 8,
+        init_ckpt: str | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -79,6 +83,9 @@ class ResidualCNN(pl.LightningModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.stages(self.stem(x))
         return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+    def setup(self, stage: str) -> None:
+        setup_init_ckpt(self, self.hparams.init_ckpt)
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         x, y = batch
