@@ -431,13 +431,14 @@ def print_recipes() -> None:
     print(f"\nRun one with `qatsparse fit --config NAME`; the files are in {RECIPES_DIR}")
 
 
-def main(args: list[str] | None = None) -> None:
-    """Entry point of the ``qatsparse`` console script."""
+def run_cli(args: list[str] | None = None) -> QatsparseCLI | None:
+    """Run the ``qatsparse`` command on ``args`` (default ``sys.argv[1:]``) and return the CLI object
+    (its ``trainer``, ``model``, ``datamodule``); None for ``qatsparse recipes``."""
     argv = list(sys.argv[1:] if args is None else args)
     if argv[:1] == ["recipes"]:
         print_recipes()
-        return
-    QatsparseCLI(
+        return None
+    return QatsparseCLI(
         pl.LightningModule,
         pl.LightningDataModule,
         subclass_mode_model=True,
@@ -451,6 +452,11 @@ def main(args: list[str] | None = None) -> None:
             "`qatsparse recipes` lists the shipped recipes."
         },
     )
+
+
+def main(args: list[str] | None = None) -> None:
+    """Entry point of the ``qatsparse`` console script (see :func:`run_cli`)."""
+    run_cli(args)
 
 
 if __name__ == "__main__":  # pragma: no cover
