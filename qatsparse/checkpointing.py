@@ -15,7 +15,8 @@ def restore_structure(module: nn.Module, checkpoint: dict[str, Any]) -> bool:
 
     Call it from ``LightningModule.on_load_checkpoint`` so that ``load_from_checkpoint`` of a QAT
     checkpoint gives the quantized model with its calibrated ``amax`` (the example models do).
-    Sparse checkpoints need nothing: the zeros are in the weights.
+    Sparse checkpoints need no structure (the zeros are in the weights); their list of 2:4 layers is
+    recorded on the module for ``check_2to4(module)``.
 
     Example:
         >>> from torch import nn
@@ -24,7 +25,9 @@ def restore_structure(module: nn.Module, checkpoint: dict[str, Any]) -> bool:
         True
     """
     from qatsparse.quantization import QuantConfig, is_quantized, quantize_model
+    from qatsparse.sparsity.record import restore_pruned_record
 
+    restore_pruned_record(module, checkpoint)
     cfg = (checkpoint.get(CHECKPOINT_KEY) or {}).get("quantization")
     if not cfg or is_quantized(module):
         return False

@@ -1,12 +1,13 @@
-"""Export -> (build) -> validate -> report, as one pure function over modules and a dataloader.
+"""Export -> lint -> (build) -> validate -> report, as pure functions over modules and a dataloader.
 
-The export callback and the ``qatsparse export``/``validate`` commands both call
-:func:`export_and_validate`.
+The export callback and the ``qatsparse export``/``validate`` commands call :func:`export_and_validate`
+(new artifacts) and :func:`validate_artifacts` (artifacts already on disk).
 """
 
 from __future__ import annotations
 
 import copy
+import shutil
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,7 +17,14 @@ import torch
 from torch import nn
 
 from qatsparse.batches import example_inputs
-from qatsparse.export.onnx import export_onnx, record_pruned_layers
+from qatsparse.export.onnx import (
+    FP16_QDQ_OPSET,
+    atomic_path,
+    default_input_names,
+    export_onnx,
+    record_pruned_layers,
+    save_model,
+)
 from qatsparse.export.runners import OnnxRuntimeRunner, Runner, TorchRunner
 from qatsparse.quantization import prepare_for_onnx_export, quantizers, remove_quantizers
 from qatsparse.report import build_report, print_console, write_report
@@ -42,25 +50,243 @@ class ExportSettings:
     output_names: list[str] | None = None
     opset: int = 17
     device: str = field(default_factory=lambda: "cuda" if torch.cuda.is_available() else "cpu")
+    #: the user's metrics (see :func:`qatsparse.validation.metric_specs`); None = top-1 / MSE per output
+    metrics: Any = None
+    #: INT8 graphs: convert the non-quantized remainder to FP16 (strongly typed TensorRT runs it as typed)
+    fp16_remainder: bool = True
+    #: module names kept in FP32 in FP16 graphs, on top of the QAT report's ``keep_fp32``
+    keep_fp32: list[str] = field(default_factory=list)
+    #: run :func:`qatsparse.export.lint` on model.onnx before any build and put the findings in the report
+    lint: bool = True
+    #: persistent TensorRT timing cache (default: ``dirpath/timing.cache``)
+    timing_cache: Path | None = None
+    #: limit validation to this many batches (None: the whole dataloader)
+    max_batches: int | None = None
 
 
-class _FP16Graph(nn.Module):
-    """Runs ``model`` in FP16 with FP32 inputs and outputs (casts at the I/O), for the FP16 ONNX."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model.half()
-
-    def forward(self, *inputs: torch.Tensor) -> Any:
-        out = self.model(*(t.half() if t.is_floating_point() else t for t in inputs))
-        if isinstance(out, torch.Tensor):
-            return out.float()
-        return tuple(o.float() for o in out)
+def plain_copy(module: nn.Module) -> nn.Module:
+    """A deep copy on the CPU in FP32 eval mode, without ``LightningModule.compile()``'s wrapper (the
+    copied wrapper would still call the original module)."""
+    module = copy.deepcopy(module).cpu().float().eval()
+    for m in module.modules():
+        if getattr(m, "_compiled_call_impl", None) is not None:
+            m._compiled_call_impl = None
+    return module
 
 
 def _precision(model: nn.Module) -> str:
     qs = list(quantizers(model).values())
     return qs[0].precision if qs else "fp32"
+
+
+def _torch_precision(precision: str) -> str:
+    return {"int8": "int8 (fake-quant)", "fp16": "fp16 (fake-cast)"}.get(precision, precision)
+
+
+def _example(final: nn.Module, val_loader: Any) -> tuple[tuple[torch.Tensor, ...], list[str] | None]:
+    """Example inputs (``example_input_array`` -- a dict's values in order -- else the first batch) and the
+    input names a dict gives."""
+    ex = getattr(final, "example_input_array", None)
+    if isinstance(ex, Mapping):
+        return tuple(ex.values()), [str(k) for k in ex]
+    return example_inputs(final, val_loader), None
+
+
+def onnx_io_names(path: str | Path) -> tuple[list[str], list[str]]:
+    """Input and output names of an ONNX graph (initializers excluded)."""
+    import onnx
+
+    g = onnx.load(str(path), load_external_data=False).graph
+    inits = {i.name for i in g.initializer}
+    return [i.name for i in g.input if i.name not in inits], [o.name for o in g.output]
+
+
+def onnx_precision(path: str | Path) -> str:
+    """``"int8+fp16"``, ``"int8"``, ``"fp16"`` or ``"fp32"``: what the graph computes in.
+
+    Example:
+        >>> import tempfile
+        >>> onnx_precision(export_onnx(nn.Linear(2, 2), [torch.zeros(1, 2)], tempfile.mkdtemp() + "/m.onnx"))
+        'fp32'
+    """
+    import onnx
+
+    m = onnx.load(str(path), load_external_data=False)
+    qdq = any(n.op_type == "QuantizeLinear" for n in m.graph.node)
+    fp16 = any(i.data_type == onnx.TensorProto.FLOAT16 for i in m.graph.initializer) or any(
+        n.op_type == "Cast" and any(a.name == "to" and a.i == onnx.TensorProto.FLOAT16 for a in n.attribute)
+        for n in m.graph.node
+    )
+    if qdq:
+        return "int8+fp16" if fp16 else "int8"
+    return "fp16" if fp16 else "fp32"
+
+
+def _write_fp16(src: Path, dst: Path, keep_fp32: Sequence[str], notes: list[str]) -> None:
+    import onnx
+
+    from qatsparse.export.fp16 import convert_to_fp16
+
+    proto, info = convert_to_fp16(onnx.load(str(src)), keep_fp32=keep_fp32)
+    save_model(proto, dst)
+    if info.kept_fp32_nodes:
+        notes.append(f"{len(info.kept_fp32_nodes)} node(s) of {list(keep_fp32)} kept in FP32 in {dst.name}")
+    if info.missing_modules:
+        notes.append(f"keep_fp32 modules with no node in {dst.name}: {info.missing_modules}")
+    notes += [f"{dst.name}: {n}" for n in info.notes]
+
+
+def export_artifacts(
+    final: nn.Module,
+    inputs: Sequence[torch.Tensor],
+    settings: ExportSettings,
+    pruned_layers: Sequence[str] = (),
+    keep_fp32: Sequence[str] = (),
+    notes: list[str] | None = None,
+    input_names: Sequence[str] | None = None,
+) -> dict[str, Path]:
+    """Write ``model_fp32.onnx`` and the deployable ``model.onnx`` for ``final``'s precision.
+
+    INT8 (fake-quantized) models give a Q/DQ graph -- exported at opset >= 19 and with the rest of the
+    graph in FP16 when ``settings.fp16_remainder`` (Q/DQ in FP16 need opset 19); FP16 models give the
+    FP32 graph converted to FP16 with casts at the I/O and ``keep_fp32`` modules left in FP32; FP32
+    models give a copy of the FP32 graph. Every file is written atomically; the pruned layers are
+    recorded in both graphs' metadata.
+    """
+    notes = notes if notes is not None else []
+    d = Path(settings.dirpath)
+    d.mkdir(parents=True, exist_ok=True)
+    final = plain_copy(final)
+    precision = _precision(final)
+    fp32 = remove_quantizers(copy.deepcopy(final))
+    in_names = settings.input_names or list(input_names or []) or default_input_names(final, len(inputs))
+    names = {"input_names": in_names, "output_names": settings.output_names}
+    fp32_path = export_onnx(fp32, inputs, d / "model_fp32.onnx", opset=settings.opset, **names)
+    deploy = d / "model.onnx"
+    if precision == "int8":
+        qdq = copy.deepcopy(final)
+        prepare_for_onnx_export(qdq)
+        opset = max(settings.opset, FP16_QDQ_OPSET) if settings.fp16_remainder else settings.opset
+        if opset != settings.opset:
+            notes.append(f"model.onnx uses opset {opset}: FP16 Q/DQ needs opset >= {FP16_QDQ_OPSET}")
+        if settings.fp16_remainder:
+            tmp_qdq = d / ".model_qdq_fp32.onnx"
+            try:
+                export_onnx(qdq, inputs, tmp_qdq, opset=opset, **names)
+                _write_fp16(tmp_qdq, deploy, keep_fp32, notes)
+            finally:
+                tmp_qdq.unlink(missing_ok=True)
+        else:
+            export_onnx(qdq, inputs, deploy, opset=opset, **names)
+    elif precision == "fp16":
+        _write_fp16(fp32_path, deploy, keep_fp32, notes)
+    else:
+        with atomic_path(deploy) as tmp:
+            shutil.copyfile(fp32_path, tmp)
+        notes.append("no quantization callback ran: model.onnx is the FP32 graph")
+    if pruned_layers:
+        for p in (fp32_path, deploy):
+            record_pruned_layers(p, list(pruned_layers))
+    return {"model_fp32.onnx": fp32_path, "model.onnx": deploy}
+
+
+def _engine_precision(facts: Mapping[str, Any]) -> str:
+    counts = (facts.get("inspector") or {}).get("precision_counts") or {}
+    main = sorted(((v, k) for k, v in counts.items() if k not in ("unknown",)), reverse=True)
+    return "engine: " + ", ".join(f"{k} x{v}" for v, k in main[:3]) if main else "engine"
+
+
+def _maybe_build_engine(
+    onnx_path: Path,
+    d: Path,
+    settings: ExportSettings,
+    precision: str,
+    sparse: bool,
+    notes: list[str],
+    artifacts: dict[str, str],
+) -> tuple[Runner | None, dict[str, Any] | None]:
+    from qatsparse.export.tensorrt import TensorRTRunner, build_engine, tensorrt_available
+
+    if settings.build_engine is False:
+        notes.append("TensorRT engine build disabled (build_engine=False)")
+        return None, None
+    if not tensorrt_available():
+        if settings.build_engine is True:
+            raise RuntimeError("build_engine=True but TensorRT (or a CUDA device) is not available")
+        notes.append("TensorRT is not importable here: no engine was built and no TensorRT result is reported")
+        return None, None
+    plan = d / "model.plan"
+    facts = build_engine(
+        onnx_path,
+        plan,
+        settings.batch_sizes,
+        settings.workspace_gb,
+        sparse_weights=sparse,
+        precision=precision,
+        timing_cache=settings.timing_cache or d / "timing.cache",
+        build_json=d / "build.json",
+    )
+    artifacts["model.plan"] = str(plan)
+    artifacts["build.json"] = str(d / "build.json")
+    return TensorRTRunner(plan, "tensorrt", _engine_precision(facts)), facts
+
+
+def _lint(path: Path, settings: ExportSettings, notes: list[str]) -> list[dict[str, str]]:
+    if not settings.lint:
+        return []
+    from qatsparse.export.lint import lint
+
+    findings = [f.to_dict() for f in lint(path)]
+    if findings:
+        errors = sum(f["severity"] == "error" for f in findings)
+        notes.append(f"ONNX lint of {path.name}: {len(findings)} finding(s), {errors} error(s) (see 'lint')")
+    return findings
+
+
+def _validate_and_report(
+    runners: list[Runner],
+    final: nn.Module,
+    val_loader: Any,
+    settings: ExportSettings,
+    output_names: list[str],
+    pruned_layers: Sequence[str],
+    skipped_layers: Mapping[str, str] | None,
+    quantization: Mapping[str, Any],
+    artifacts: dict[str, str],
+    notes: list[str],
+    extra: dict[str, Any],
+    console: bool,
+) -> dict[str, Any]:
+    precisions = {r.name: r.precision for r in runners}
+    result = validate(
+        runners,
+        val_loader,
+        module=final,
+        reference="pytorch_fp32",
+        output_names=output_names,
+        metrics=settings.metrics,
+        max_batches=settings.max_batches,
+    )
+    passed, failures = gate(result, settings.max_metric_drop)
+    sparsity = {**sparsity_summary(final), "pruned_layers": list(pruned_layers), "skipped": dict(skipped_layers or {})}
+    report = build_report(
+        result,
+        passed,
+        failures,
+        settings.max_metric_drop,
+        precisions,
+        sparsity,
+        dict(quantization),
+        artifacts,
+        notes,
+        extra,
+    )
+    d = Path(settings.dirpath)
+    report["artifacts"].update({f"report.{k}": str(d / f"report.{k}") for k in ("json", "md", "png")})
+    write_report(report, d)
+    if console:
+        print_console(report)
+    return report
 
 
 def export_and_validate(
@@ -73,112 +299,144 @@ def export_and_validate(
     quantization: Mapping[str, Any] | None = None,
     console: bool = True,
 ) -> dict[str, Any]:
-    """Write the ONNX files (and engine), validate every backend on ``val_loader``, write the report.
+    """Write the ONNX files (and engine), lint, validate every backend on ``val_loader``, write the report.
 
     Args:
         final: the trained (possibly pruned and fake-quantized) model.
         reference: the dense FP32 model before compression; ``None`` uses the final model without
             its quantizers (nothing was compressed).
         val_loader: validation dataloader.
-        settings: output folder, gate and build settings.
+        settings: output folder, gate, metrics and build settings.
         pruned_layers: module names of the 2:4 layers (recorded in the ONNX metadata).
         skipped_layers: layers not pruned, with the reason (for the report).
-        quantization: what the QAT callback reports.
+        quantization: what the QAT callback reports (its ``keep_fp32`` modules stay FP32 in FP16 graphs).
         console: print the rich table.
 
     Returns:
-        The report dictionary (also written as report.json/md/png).
+        The report dictionary (also written as report.json/md/png). The gate is not enforced here:
+        see :func:`qatsparse.validation.enforce_gate`.
     """
     d = Path(settings.dirpath)
     d.mkdir(parents=True, exist_ok=True)
-    inputs = example_inputs(final, val_loader)
-    final = copy.deepcopy(final).cpu().float().eval()
+    inputs, dict_names = _example(final, val_loader)
+    final = plain_copy(final)
     precision = _precision(final)
     fp32 = remove_quantizers(copy.deepcopy(final))
-    reference = copy.deepcopy(reference).cpu().float().eval() if reference is not None else fp32
-    names = {"input_names": settings.input_names, "output_names": settings.output_names, "opset": settings.opset}
+    reference = plain_copy(reference) if reference is not None else fp32
+    quantization = dict(quantization or {"precision": precision})
+    keep_fp32 = [*(quantization.get("keep_fp32") or []), *settings.keep_fp32]
     notes: list[str] = []
 
-    fp32_path = export_onnx(fp32, inputs, d / "model_fp32.onnx", **names)
-    deploy_path = d / "model.onnx"
-    if precision == "int8":
-        qdq = copy.deepcopy(final)
-        prepare_for_onnx_export(qdq)
-        export_onnx(qdq, inputs, deploy_path, **names)
-    elif precision == "fp16":
-        export_onnx(_FP16Graph(copy.deepcopy(fp32)), inputs, deploy_path, **names)
-    else:
-        export_onnx(fp32, inputs, deploy_path, **names)
-        notes.append("no quantization callback ran: model.onnx is the FP32 graph")
-    if pruned_layers:
-        for p in (fp32_path, deploy_path):
-            record_pruned_layers(p, list(pruned_layers))
+    paths = export_artifacts(final, inputs, settings, pruned_layers, keep_fp32, notes, input_names=dict_names)
+    deploy = paths["model.onnx"]
+    _, output_names = onnx_io_names(deploy)
+    artifacts = {k: str(v) for k, v in paths.items()}
+    extra: dict[str, Any] = {"lint": _lint(deploy, settings, notes)}
 
     runners: list[Runner] = [TorchRunner(reference, "pytorch_fp32", "fp32", settings.device)]
     final_name = "pytorch_qat" if precision != "fp32" else "pytorch_final"
-    runners.append(TorchRunner(final, final_name, precision, settings.device))
-    runners.append(OnnxRuntimeRunner(deploy_path, "onnxruntime", precision))
-    precisions = {r.name: r.precision for r in runners}
-
-    artifacts = {"model_fp32.onnx": str(fp32_path), "model.onnx": str(deploy_path)}
-    engine_runner = _maybe_build_engine(deploy_path, d, settings, precision, bool(pruned_layers), notes, artifacts)
+    runners.append(TorchRunner(final, final_name, _torch_precision(precision), settings.device))
+    runners.append(OnnxRuntimeRunner(deploy, "onnxruntime", onnx_precision(deploy)))
+    engine_runner, facts = _maybe_build_engine(deploy, d, settings, precision, bool(pruned_layers), notes, artifacts)
     if engine_runner is not None:
         runners.append(engine_runner)
-        precisions[engine_runner.name] = engine_runner.precision
+        extra["engine"] = facts
+    return _validate_and_report(
+        runners,
+        final,
+        val_loader,
+        settings,
+        output_names,
+        pruned_layers,
+        skipped_layers,
+        quantization,
+        artifacts,
+        notes,
+        extra,
+        console,
+    )
 
-    result = validate(runners, val_loader, module=final, reference="pytorch_fp32", output_names=settings.output_names)
-    passed, failures = gate(result, settings.max_metric_drop)
-    sparsity = {
-        **sparsity_summary(final),
-        "pruned_layers": list(pruned_layers),
-        "skipped": dict(skipped_layers or {}),
-    }
-    report = build_report(
-        result,
-        passed,
-        failures,
-        settings.max_metric_drop,
-        precisions,
-        sparsity,
+
+def validate_artifacts(
+    final: nn.Module,
+    reference: nn.Module | None,
+    val_loader: Any,
+    settings: ExportSettings,
+    onnx_path: str | Path | None = None,
+    engine_path: str | Path | None = None,
+    pruned_layers: Sequence[str] = (),
+    skipped_layers: Mapping[str, str] | None = None,
+    quantization: Mapping[str, Any] | None = None,
+    console: bool = True,
+) -> dict[str, Any]:
+    """Re-run validation on artifacts already on disk and rewrite ``report.{json,md,png}`` in ``settings.dirpath``.
+
+    Args:
+        final: the trained model (e.g. restored from a checkpoint with its quantizers).
+        reference: the dense FP32 reference; ``None`` uses ``final`` without quantizers.
+        val_loader: validation dataloader.
+        settings: output folder, gate and metric settings.
+        onnx_path: the ONNX to validate (default ``dirpath/model.onnx`` when it exists).
+        engine_path: the TensorRT engine (default ``dirpath/model.plan`` when it exists and TensorRT is
+            importable). Naming one explicitly where TensorRT is not importable is an error.
+        pruned_layers, skipped_layers, quantization: as in :func:`export_and_validate` (for the report).
+        console: print the rich table.
+
+    Raises:
+        FileNotFoundError: a named artifact does not exist.
+        RuntimeError: ``engine_path`` was given but TensorRT or a GPU is not available.
+    """
+    from qatsparse.export.tensorrt import TensorRTRunner, tensorrt_available
+
+    d = Path(settings.dirpath)
+    d.mkdir(parents=True, exist_ok=True)
+    final = plain_copy(final)
+    precision = _precision(final)
+    reference = plain_copy(reference) if reference is not None else remove_quantizers(copy.deepcopy(final))
+    notes: list[str] = []
+    artifacts: dict[str, str] = {}
+    extra: dict[str, Any] = {}
+    runners: list[Runner] = [TorchRunner(reference, "pytorch_fp32", "fp32", settings.device)]
+    final_name = "pytorch_qat" if precision != "fp32" else "pytorch_final"
+    runners.append(TorchRunner(final, final_name, _torch_precision(precision), settings.device))
+    onnx_file = Path(onnx_path) if onnx_path else d / "model.onnx"
+    output_names = settings.output_names
+    if onnx_path and not onnx_file.exists():
+        raise FileNotFoundError(f"no ONNX file at {onnx_file}")
+    if onnx_file.exists():
+        runners.append(OnnxRuntimeRunner(onnx_file, "onnxruntime", onnx_precision(onnx_file)))
+        artifacts["model.onnx"] = str(onnx_file)
+        output_names = onnx_io_names(onnx_file)[1]
+        extra["lint"] = _lint(onnx_file, settings, notes)
+    else:
+        notes.append(f"no ONNX file at {onnx_file}: ONNX Runtime not validated")
+    plan = Path(engine_path) if engine_path else d / "model.plan"
+    if engine_path and not plan.exists():
+        raise FileNotFoundError(f"no TensorRT engine at {plan}")
+    if plan.exists():
+        if tensorrt_available():
+            runners.append(TensorRTRunner(plan, "tensorrt", "engine"))
+            artifacts["model.plan"] = str(plan)
+        elif engine_path:
+            raise RuntimeError(f"engine {plan} given but TensorRT (or a CUDA device) is not available here")
+        else:
+            notes.append(f"{plan} exists but TensorRT is not importable here: not validated")
+    build_json = plan.with_name("build.json")
+    if build_json.exists() and "model.plan" in artifacts:
+        import json
+
+        extra["engine"] = json.loads(build_json.read_text())
+    return _validate_and_report(
+        runners,
+        final,
+        val_loader,
+        settings,
+        output_names,  # type: ignore[arg-type]
+        pruned_layers,
+        skipped_layers,
         dict(quantization or {"precision": precision}),
         artifacts,
         notes,
+        extra,
+        console,
     )
-    paths = write_report(report, d)
-    report["artifacts"].update({f"report.{k}": str(v) for k, v in paths.items()})
-    if console:
-        print_console(report)
-    return report
-
-
-def _maybe_build_engine(
-    onnx_path: Path,
-    d: Path,
-    settings: ExportSettings,
-    precision: str,
-    sparse: bool,
-    notes: list[str],
-    artifacts: dict[str, str],
-) -> Runner | None:
-    from qatsparse.export.tensorrt import TensorRTRunner, build_engine, tensorrt_available
-
-    if settings.build_engine is False:
-        notes.append("TensorRT engine build disabled (build_engine=False)")
-        return None
-    if not tensorrt_available():
-        if settings.build_engine is True:
-            raise RuntimeError("build_engine=True but TensorRT (or a CUDA device) is not available")
-        notes.append("TensorRT is not importable here: no engine was built and no TensorRT result is reported")
-        return None
-    plan = d / "model.plan"
-    build_engine(
-        onnx_path,
-        plan,
-        settings.batch_sizes,
-        settings.workspace_gb,
-        sparse_weights=sparse,
-        precision=precision,
-        timing_cache=d / "timing.cache",
-    )
-    artifacts["model.plan"] = str(plan)
-    return TensorRTRunner(plan, "tensorrt", precision)

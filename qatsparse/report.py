@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import platform
+import shutil
+import subprocess
 from pathlib import Path
 from typing import Any
 
-from qatsparse.validation import ValidationResult, metric_drops
+from qatsparse.validation import ValidationResult, is_higher_better, metric_drops
 
 
 def library_versions() -> dict[str, str]:
@@ -22,6 +24,7 @@ def library_versions() -> dict[str, str]:
         "pytorch-lightning",
         "onnx",
         "onnxruntime",
+        "onnxruntime-gpu",
         "torchmetrics",
         "tensorrt",
         "polygraphy",
@@ -30,14 +33,52 @@ def library_versions() -> dict[str, str]:
             out[pkg] = md.version(pkg)
         except md.PackageNotFoundError:
             continue
-    try:
-        import torch
+    out.update({k: v for k, v in device_info().items() if k in ("cuda", "gpu", "driver")})
+    return out
 
-        if torch.cuda.is_available():
-            out["cuda"] = str(torch.version.cuda)
-            out["gpu"] = torch.cuda.get_device_name()
-    except Exception:  # pragma: no cover - informational only
-        pass
+
+def _nvidia_driver() -> str | None:
+    exe = shutil.which("nvidia-smi")
+    if not exe:
+        return None
+    try:
+        res = subprocess.run(
+            [exe, "--query-gpu=driver_version", "--format=csv,noheader"], capture_output=True, text=True, timeout=10
+        )
+        return res.stdout.strip().splitlines()[0] if res.returncode == 0 and res.stdout.strip() else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def device_info() -> dict[str, Any]:
+    """The machine: CPU, and where CUDA is available the GPU name, compute capability, driver and CUDA version.
+
+    Example:
+        >>> "cpu" in device_info()
+        True
+    """
+    import torch
+
+    out: dict[str, Any] = {
+        "cpu": platform.processor() or platform.machine(),
+        "cpu_threads": torch.get_num_threads(),
+        "platform": platform.platform(),
+        "cuda_available": torch.cuda.is_available(),
+    }
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(torch.cuda.current_device())
+        out.update(
+            {
+                "gpu": props.name,
+                "compute_capability": f"{props.major}.{props.minor}",
+                "gpu_memory_gb": round(props.total_memory / (1 << 30), 1),
+                "cuda": str(torch.version.cuda),
+                "cudnn": str(torch.backends.cudnn.version()),
+            }
+        )
+        driver = _nvidia_driver()
+        if driver:
+            out["driver"] = driver
     return out
 
 
@@ -53,7 +94,13 @@ def build_report(
     notes: list[str] | None = None,
     extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Assemble the ``report.json`` dictionary (keys fixed by the public contract)."""
+    """Assemble the ``report.json`` dictionary (keys fixed by the public contract).
+
+    Example:
+        >>> r = ValidationResult("pytorch_fp32", metrics={"pytorch_fp32": {"top1": 0.9}})
+        >>> sorted(build_report(r, True, [], 0.01, {}, {}, {}, {})["backends"])
+        ['pytorch_fp32']
+    """
     drops = metric_drops(result)
     backends = {
         name: {
@@ -67,6 +114,11 @@ def build_report(
     report = {
         "reference": result.reference,
         "samples": result.samples,
+        "outputs": result.outputs,
+        "metrics": {
+            m: {"output": result.metric_outputs.get(m), "higher_is_better": is_higher_better(result, m)}
+            for m in sorted({m for ms in result.metrics.values() for m in ms})
+        },
         "backends": backends,
         "agreement": result.agreement,
         "sparsity": sparsity,
@@ -83,13 +135,17 @@ def build_report(
 
 def _fmt(v: Any) -> str:
     if isinstance(v, float):
-        return f"{v:.4f}"
+        return f"{v:.4g}" if abs(v) >= 1000 else f"{v:.4f}"
     return str(v)
+
+
+def _metric_names(report: dict[str, Any]) -> list[str]:
+    return sorted({m for b in report["backends"].values() for m in b["metrics"]})
 
 
 def report_rows(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     """Header and rows of the per-backend table (shared by Markdown and console output)."""
-    metric_names = sorted({m for b in report["backends"].values() for m in b["metrics"]})
+    metric_names = _metric_names(report)
     header = [
         "backend",
         "precision",
@@ -97,31 +153,43 @@ def report_rows(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
         *(f"drop {m}" for m in metric_names),
         "top-1 agreement",
         "ms/batch (median)",
+        "samples/s",
         "2:4 weight share",
     ]
     share = report.get("sparsity", {}).get("weights_2to4_share")
+    ref = report["reference"]
     rows = []
     for name, b in report["backends"].items():
         agree = report["agreement"].get(name, {})
-        top1 = [a["top1_agreement"] for a in agree.values() if "top1_agreement" in a]
+        top1 = [f"{o}: {a['top1_agreement']:.4f}" for o, a in agree.items() if "top1_agreement" in a]
+        if len(agree) == 1:
+            top1 = [t.split(": ", 1)[1] for t in top1]
+        lat = b.get("latency_ms", {})
         rows.append(
             [
                 name,
                 b.get("precision", ""),
-                *(_fmt(b["metrics"].get(m, "")) for m in metric_names),
-                *(
-                    _fmt(b["drop_vs_reference"].get(m, "")) if name != report["reference"] else "ref"
-                    for m in metric_names
-                ),
-                "ref" if name == report["reference"] else (", ".join(f"{t:.4f}" for t in top1) or "-"),
-                _fmt(b["latency_ms"].get("median_per_batch", "")),
-                _fmt(share) if share is not None and name != report["reference"] else "-",
+                *(_fmt(b["metrics"].get(m, "-")) for m in metric_names),
+                *(_fmt(b["drop_vs_reference"].get(m, "-")) if name != ref else "ref" for m in metric_names),
+                "ref" if name == ref else (", ".join(top1) or "-"),
+                _fmt(lat.get("median_per_batch", "-")),
+                f"{lat['throughput_per_s']:.1f}" if "throughput_per_s" in lat else "-",
+                _fmt(share) if share is not None and name != ref else "-",
             ]
         )
     return header, rows
 
 
+def _md_table(header: list[str], rows: list[list[str]]) -> list[str]:
+    return [
+        "| " + " | ".join(header) + " |",
+        "| " + " | ".join("---" for _ in header) + " |",
+        *("| " + " | ".join(r) + " |" for r in rows),
+    ]
+
+
 def to_markdown(report: dict[str, Any]) -> str:
+    """``report.md``: the verdict, one row per backend, agreement per output, then the details."""
     header, rows = report_rows(report)
     lines = [
         "# qatsparse report",
@@ -129,13 +197,41 @@ def to_markdown(report: dict[str, Any]) -> str:
         f"**{'PASSED' if report['passed'] else 'FAILED'}** -- reference `{report['reference']}`, "
         f"{report['samples']} validation samples, max metric drop {report['gate']['max_metric_drop']}.",
         "",
-        "| " + " | ".join(header) + " |",
-        "| " + " | ".join("---" for _ in header) + " |",
-        *("| " + " | ".join(r) + " |" for r in rows),
+        *_md_table(header, rows),
+        "",
+        "Latency and samples/s are measured during validation (per validation batch, host transfers included); "
+        "see `qatsparse bench` for device-side timings.",
         "",
     ]
+    metrics = report.get("metrics") or {}
+    if metrics:
+        lines += ["## Metrics", ""]
+        for m, info in metrics.items():
+            direction = "higher is better" if info.get("higher_is_better") else "lower is better"
+            lines.append(f"- `{m}` on output `{info.get('output')}` ({direction})")
+        lines.append("")
+    if report["agreement"]:
+        lines += ["## Agreement with the reference", ""]
+        arows = []
+        for backend, per_out in report["agreement"].items():
+            for out, a in per_out.items():
+                arows.append(
+                    [
+                        backend,
+                        out,
+                        _fmt(a["max_abs_err"]),
+                        _fmt(a["mean_abs_err"]),
+                        f"{a['cosine']:.6f}",
+                        _fmt(a.get("top1_agreement", "-")),
+                    ]
+                )
+        lines += [*_md_table(["backend", "output", "max abs err", "mean abs err", "cosine", "top-1 agr."], arows), ""]
     if report["gate"]["failures"]:
         lines += ["## Gate failures", "", *(f"- {f}" for f in report["gate"]["failures"]), ""]
+    if report.get("lint"):
+        lines += ["## ONNX lint", ""]
+        lines += [f"- **{f['severity']}** `{f['check']}` `{f['node']}`: {f['message']}" for f in report["lint"]]
+        lines.append("")
     sp = report.get("sparsity") or {}
     if sp:
         lines += [
@@ -157,40 +253,94 @@ def to_markdown(report: dict[str, Any]) -> str:
         ]
         for name, why in (q.get("skipped") or {}).items():
             lines.append(f"- kept in higher precision `{name}`: {why}")
+        for name in q.get("keep_fp32") or []:
+            lines.append(f"- kept in FP32 in the FP16 graph: `{name}`")
         lines.append("")
+    if report.get("engine"):
+        e = report["engine"]
+        lines += [
+            "## TensorRT engine",
+            "",
+            f"- TensorRT {e.get('tensorrt')}, strongly typed: {e.get('strongly_typed')}, "
+            f"flags: {', '.join(e.get('builder_flags', [])) or '-'}",
+            f"- build {e.get('build_seconds')} s, {e.get('engine_bytes')} bytes",
+            f"- layer precisions: {(e.get('inspector') or {}).get('precision_counts')}",
+            f"- sparse: eligible {len((e.get('sparsity_log') or {}).get('eligible', []))}, "
+            f"picked {len((e.get('sparsity_log') or {}).get('picked', []))}",
+            "",
+        ]
     if report.get("notes"):
         lines += ["## Notes", "", *(f"- {n}" for n in report["notes"]), ""]
     lines += ["## Artifacts", "", *(f"- {k}: `{v}`" for k, v in report["artifacts"].items()), ""]
     return "\n".join(lines)
 
 
+_COLORS = {"pytorch_fp32": "#7f7f7f", "pytorch_qat": "#4C72B0", "onnxruntime": "#DD8452", "tensorrt": "#55A868"}
+_OTHER = ["#8172B3", "#937860", "#DA8BC3", "#8C8C8C", "#CCB974", "#64B5CD"]
+
+
 def plot(report: dict[str, Any], path: Path) -> None:
-    """Bar charts of each metric and of the median per-batch latency, one bar per backend."""
+    """One panel per metric (bars per backend, the allowed drop drawn as a dashed line, failing bars red)
+    and one for the median latency; the verdict in the title."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     names = list(report["backends"])
-    metric_names = sorted({m for b in report["backends"].values() for m in b["metrics"]})
+    metric_names = _metric_names(report)
     panels = [*metric_names, "latency"]
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), squeeze=False)
-    colors = ["#4C72B0", "#DD8452", "#55A868", "#C44E52", "#8172B3", "#937860"]
-    for ax, panel in zip(axes[0], panels):
+    ncols = min(len(panels), 3)
+    nrows = -(-len(panels) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4.6 * ncols, 4.3 * nrows), squeeze=False)
+    ref = report["reference"]
+    bound = report["gate"]["max_metric_drop"]
+    extra = iter(_OTHER)
+    colors = [_COLORS.get(n) or next(extra, "#333333") for n in names]
+    meta = report.get("metrics") or {}
+    for k, panel in enumerate(panels):
+        ax = axes[k // ncols][k % ncols]
         if panel == "latency":
             vals = [report["backends"][n]["latency_ms"].get("median_per_batch", 0.0) for n in names]
-            ax.set_title("latency, ms per batch (median)")
+            ax.set_title("latency, ms per validation batch (median)", fontsize=10)
+            bars = ax.bar(names, vals, color=colors)
         else:
-            vals = [report["backends"][n]["metrics"].get(panel, 0.0) for n in names]
-            ax.set_title(panel)
-            lo = min(vals) if vals else 0.0
-            ax.set_ylim(max(0.0, lo - 0.05 * max(abs(lo), 1e-3)), max(vals) * 1.02 if vals else 1)
-        bars = ax.bar(names, vals, color=colors[: len(names)])
+            vals = [report["backends"][n]["metrics"].get(panel, float("nan")) for n in names]
+            hib = meta.get(panel, {}).get("higher_is_better", True)
+            ax.set_title(f"{panel} ({'higher' if hib else 'lower'} is better)", fontsize=10)
+            b = bound.get(panel) if isinstance(bound, dict) else bound
+            drops = [report["backends"][n].get("drop_vs_reference", {}).get(panel) for n in names]
+            cols = [
+                "#C44E52" if n != ref and b is not None and d is not None and d > float(b) else c
+                for n, c, d in zip(names, colors, drops)
+            ]
+            bars = ax.bar(names, vals, color=cols)
+            ref_val = report["backends"].get(ref, {}).get("metrics", {}).get(panel)
+            limit = None
+            if b is not None and ref_val is not None and float(b) >= 0:
+                limit = ref_val - float(b) if hib else ref_val + float(b)
+            finite = [v for v in [*vals, *([limit] if limit is not None else [])] if v == v]
+            if finite:
+                lo, hi = min(finite), max(finite)
+                pad = max((hi - lo) * 0.5, 0.02 * max(abs(hi), 1e-6))
+                ax.set_ylim(max(0.0, lo - pad) if lo >= 0 else lo - pad, hi + pad)
+            if limit is not None:
+                ax.axhline(limit, color="#C44E52", ls="--", lw=1)
+                ax.annotate("allowed", (0.99, limit), xycoords=("axes fraction", "data"), ha="right", va="bottom",
+                            fontsize=7, color="#C44E52")  # fmt: skip
         ax.bar_label(bars, fmt="%.4g", fontsize=8)
-        ax.tick_params(axis="x", rotation=20, labelsize=8)
-    fig.suptitle(f"qatsparse -- {'PASSED' if report['passed'] else 'FAILED'} (reference {report['reference']})")
+        ax.tick_params(axis="x", rotation=15, labelsize=8)
+        ax.grid(axis="y", alpha=0.3)
+    for k in range(len(panels), nrows * ncols):
+        axes[k // ncols][k % ncols].axis("off")
+    verdict = "PASSED" if report["passed"] else "FAILED"
+    fig.suptitle(
+        f"qatsparse: {verdict} (reference {ref}, {report['samples']} samples)",
+        color="#2E7D32" if report["passed"] else "#C62828",
+        fontweight="bold",
+    )
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, format="png")
     plt.close(fig)
 
 
@@ -201,25 +351,35 @@ def print_console(report: dict[str, Any]) -> None:
 
     header, rows = report_rows(report)
     status = "[green]PASSED[/green]" if report["passed"] else "[red]FAILED[/red]"
-    table = Table(title=f"qatsparse report: {status}")
+    table = Table(title=f"qatsparse report: {status} (reference {report['reference']}, {report['samples']} samples)")
     for h in header:
-        table.add_column(h)
+        table.add_column(h, overflow="fold")
     for r in rows:
         table.add_row(*r)
     console = Console(width=None if Console().is_terminal else 160)
     console.print(table)
     for f in report["gate"]["failures"]:
         console.print(f"[red]gate:[/red] {f}")
+    errors = [f for f in report.get("lint", []) if f.get("severity") == "error"]
+    if report.get("lint"):
+        console.print(f"[yellow]ONNX lint:[/yellow] {len(report['lint'])} finding(s), {len(errors)} error(s)")
+        for f in errors[:10]:
+            console.print(f"  [red]{f['check']}[/red] {f['node']}: {f['message']}")
     for n in report.get("notes", []):
         console.print(f"[dim]{n}[/dim]")
 
 
 def write_report(report: dict[str, Any], dirpath: str | Path) -> dict[str, Path]:
-    """Write report.json, report.md and report.png into ``dirpath``."""
+    """Write report.json, report.md and report.png into ``dirpath`` (each atomically)."""
+    from qatsparse.export.onnx import atomic_path
+
     d = Path(dirpath)
     d.mkdir(parents=True, exist_ok=True)
     paths = {"json": d / "report.json", "md": d / "report.md", "png": d / "report.png"}
-    paths["json"].write_text(json.dumps(report, indent=2, default=str) + "\n")
-    paths["md"].write_text(to_markdown(report))
-    plot(report, paths["png"])
+    with atomic_path(paths["json"]) as tmp:
+        tmp.write_text(json.dumps(report, indent=2, default=str) + "\n")
+    with atomic_path(paths["md"]) as tmp:
+        tmp.write_text(to_markdown(report))
+    with atomic_path(paths["png"]) as tmp:
+        plot(report, tmp)
     return paths

@@ -9,10 +9,11 @@ from typing import Any, Literal
 
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
+from pytorch_lightning.utilities import rank_zero_info
 
 from qatsparse.callbacks._common import find_callback
 from qatsparse.pipeline import ExportSettings, export_and_validate
+from qatsparse.validation import enforce_gate
 
 
 class TensorRTExport(pl.Callback):
@@ -31,12 +32,20 @@ class TensorRTExport(pl.Callback):
         build_engine: ``"auto"`` (build where TensorRT imports), True (required), False (never).
         batch_sizes: TensorRT optimization profile (min, opt, max).
         workspace_gb: TensorRT builder workspace.
-        input_names / output_names: ONNX tensor names (defaults ``input``/``output``, numbered when
-            there are several).
-        opset: ONNX opset (>= 17).
+        input_names / output_names: ONNX tensor names (defaults: the keys of a dict
+            ``example_input_array`` / dict output, else ``input``/``output``, numbered when there are several).
+        opset: ONNX opset (>= 17; INT8 graphs with an FP16 remainder use >= 19).
+        metrics: validation metrics -- a torchmetrics class, instance or import path
+            (``"torchmetrics.MeanSquaredError"``), ``{"class_path": ..., "init_args": ...}``, a list of them,
+            or ``{output_name: metric}`` for multi-output models. Default: top-1 accuracy for logits,
+            MSE for float targets.
+        keep_fp32: module names kept in FP32 in FP16 graphs (added to the QAT report's ``keep_fp32``).
+        fp16_remainder: INT8 graphs run everything not quantized in FP16 (cast in the graph).
+        lint: lint ``model.onnx`` before any build; findings go to the report.
 
     Example:
-        >>> cb = TensorRTExport(dirpath="export/", max_metric_drop=0.01)
+        >>> cb = TensorRTExport(dirpath="export/", max_metric_drop=0.01,
+        ...                     metrics={"value": "torchmetrics.MeanSquaredError"})
         >>> trainer = pl.Trainer(callbacks=[cb])  # doctest: +SKIP
     """
 
@@ -51,6 +60,10 @@ class TensorRTExport(pl.Callback):
         input_names: list[str] | None = None,
         output_names: list[str] | None = None,
         opset: int = 17,
+        metrics: Any = None,
+        keep_fp32: list[str] | None = None,
+        fp16_remainder: bool = True,
+        lint: bool = True,
     ) -> None:
         if on_fail not in ("raise", "warn"):
             raise ValueError(f"on_fail must be 'raise' or 'warn', got {on_fail!r}")
@@ -65,7 +78,20 @@ class TensorRTExport(pl.Callback):
             input_names=input_names,
             output_names=output_names,
             opset=opset,
+            metrics=metrics,
+            keep_fp32=list(keep_fp32 or []),
+            fp16_remainder=fp16_remainder,
+            lint=lint,
         )
+        if metrics is not None:  # bad metric configurations fail here, before training
+            from qatsparse.validation import metric_specs
+
+            named: list[str] = []
+            if isinstance(metrics, Mapping) and "class_path" not in metrics:
+                named = [str(k) for k in metrics]
+            elif isinstance(metrics, (list, tuple)):
+                named = [str(m["output"]) for m in metrics if isinstance(m, Mapping) and "output" in m]
+            metric_specs(metrics, output_names or list(dict.fromkeys(named)) or ["output"])
         self.on_fail = on_fail
         self.reference_state: dict[str, torch.Tensor] | None = None
         self.report: dict[str, Any] | None = None
@@ -87,16 +113,11 @@ class TensorRTExport(pl.Callback):
             self.reference_state = {k: v.detach().cpu().clone() for k, v in pl_module.state_dict().items()}
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        failures: list[str] = []
         if trainer.is_global_zero:
             self.report = self.export(trainer, pl_module)
-            failures = self.report["gate"]["failures"]
         trainer.strategy.barrier()
-        if failures:
-            msg = "qatsparse accuracy gate failed:\n  " + "\n  ".join(failures)
-            if self.on_fail == "raise":
-                raise RuntimeError(msg + f"\n(report in {self.settings.dirpath})")
-            rank_zero_warn(msg)
+        if self.report is not None:
+            enforce_gate(self.report, self.on_fail)
 
     # ------------------------------------------------------------------ work
     def reference_model(self, pl_module: pl.LightningModule) -> pl.LightningModule | None:
@@ -134,7 +155,10 @@ class TensorRTExport(pl.Callback):
             return dm.val_dataloader()  # fresh, unsharded: rank 0 validates the whole set
         loaders = trainer.val_dataloaders
         if loaders is None:
-            raise RuntimeError("TensorRTExport needs validation data: give the Trainer a val dataloader")
+            raise RuntimeError(
+                "TensorRTExport needs validation data: give the Trainer a val dataloader (the LightningModule needs "
+                "a validation_step and limit_val_batches > 0) or a LightningDataModule with val_dataloader()"
+            )
         return loaders[0] if isinstance(loaders, (list, tuple)) else loaders
 
     # ------------------------------------------------------------------ state

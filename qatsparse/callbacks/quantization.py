@@ -35,6 +35,11 @@ class QuantizationAwareTraining(pl.Callback):
         start_step: optimizer step at which QAT starts (0 = before the first step).
         percentile: percentile of the ``percentile`` calibrator, in (0, 100].
         exclude: regexes of module names kept in higher precision.
+        compile: after calibration, compile the LightningModule (``LightningModule.compile()``, i.e.
+            ``torch.compile`` in place) so fake quantization fuses into the surrounding kernels; the
+            fast path on GPUs (see docs/BENCHMARKS.md). True uses :data:`qatsparse.compiling.DEFAULT_COMPILE_OPTIONS`,
+            a string names a torch.compile mode (e.g. ``"reduce-overhead"``). The export always runs the
+            plain module.
         verbose: print the summary of what was quantized.
 
     Example:
@@ -50,6 +55,7 @@ class QuantizationAwareTraining(pl.Callback):
         start_step: int = 0,
         percentile: float = 99.99,
         exclude: list[str] | None = None,
+        compile: bool | str = False,
         verbose: bool = True,
     ) -> None:
         self.config = QuantConfig(
@@ -61,6 +67,7 @@ class QuantizationAwareTraining(pl.Callback):
             raise ValueError(f"start_step must be >= 0, got {start_step}")
         self.calib_batches = int(calib_batches)
         self.start_step = int(start_step)
+        self.compile = compile
         self.verbose = verbose
         self.applied = False
         self.summary: QuantSummary | None = None
@@ -75,6 +82,15 @@ class QuantizationAwareTraining(pl.Callback):
         state = (ckpt.get("callbacks") or {}).get(self.state_key) or {}
         if state.get("applied"):  # idempotent when the module already holds quantizers
             self.summary = quantize_model(pl_module, self.config)
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.applied and self.compile:  # resumed after QAT started
+            self._compile(pl_module)
+
+    def _compile(self, pl_module: pl.LightningModule) -> None:
+        from qatsparse.compiling import compile_module
+
+        compile_module(pl_module, self.compile)
 
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
@@ -98,6 +114,8 @@ class QuantizationAwareTraining(pl.Callback):
             if n < self.calib_batches:
                 rank_zero_info(f"calibration used {n} batches: the training dataloader has no more")
         self.applied = True
+        if self.compile:
+            self._compile(pl_module)
         if self.verbose:
             rank_zero_info(self.describe(pl_module))
 

@@ -6,11 +6,13 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.utilities import rank_zero_info
+from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 
 from qatsparse.callbacks._common import notify_before_compression
-from qatsparse.sparsity import MaskSet, find_prunable, prune_2to4, sparsity_summary
+from qatsparse.checkpointing import CHECKPOINT_KEY
+from qatsparse.sparsity import MaskSet, compute_masks, find_prunable, format_summary, sparsity_metrics
 from qatsparse.sparsity.masks import apply_masks
+from qatsparse.sparsity.record import set_pruned_record
 
 
 class TwoFourSparsity(pl.Callback):
@@ -18,15 +20,19 @@ class TwoFourSparsity(pl.Callback):
 
     After pruning, the pruned weights are zeroed again right after every optimizer step (a post-step
     hook on each optimizer, so gradient accumulation, several optimizers, manual optimization and
-    AMP-skipped steps are all covered). Masks are saved in the checkpoint and restored on resume.
+    AMP-skipped steps are all covered). Masks are saved in the checkpoint and restored on resume; under
+    DDP rank 0's masks are broadcast so that every rank holds the same ones. See docs/sparsity.md.
 
     Args:
         start_step: optimizer step (``trainer.global_step``) at which to prune; 0 prunes before the
             first step.
-        include: regexes of module names to consider (default: all Conv2d/Linear).
+        include: regexes (``re.search``) of module names to consider (default: all Conv2d/Linear). A
+            pattern matching no Conv2d/Linear raises ``ValueError`` at setup, before any step.
         exclude: regexes of module names never pruned (e.g. the classifier, ``["fc"]``).
-        make_permanent: at fit end, drop the hooks and leave plain modules with the zeros in place.
-        verbose: print the pruning summary.
+        make_permanent: at fit end, drop the optimizer hooks and leave plain modules with the zeros in
+            place (the default). ``False`` keeps the hooks, so steps of the same optimizers after ``fit``
+            keep the masks too.
+        verbose: print the one-screen pruning summary.
 
     Example:
         >>> cb = TwoFourSparsity(start_step=100, exclude=["fc"])
@@ -44,12 +50,14 @@ class TwoFourSparsity(pl.Callback):
         if start_step < 0:
             raise ValueError(f"start_step must be >= 0, got {start_step}")
         self.start_step = int(start_step)
-        self.include = list(include) if include else None
-        self.exclude = list(exclude) if exclude else []
+        self.include = [include] if isinstance(include, str) else (list(include) if include else None)
+        self.exclude = [exclude] if isinstance(exclude, str) else (list(exclude) if exclude else [])
         self.make_permanent = make_permanent
         self.verbose = verbose
         self.masks: MaskSet | None = None
+        self.pruned_at_step: int | None = None
         self._handles: list[Any] = []
+        self._hooked: list[int] = []
         self._bound: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None
 
     @property
@@ -62,42 +70,53 @@ class TwoFourSparsity(pl.Callback):
 
     # ------------------------------------------------------------------ hooks
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        # Fail before the first step on an `include` that matches nothing.
-        find_prunable(pl_module, self.include, self.exclude)
+        # Fail before the first step on an `include` that matches nothing (or an invalid regex).
+        elig = find_prunable(pl_module, self.include, self.exclude)
+        if not elig.eligible and self.masks is None:
+            rank_zero_warn(f"TwoFourSparsity: no layer is eligible for 2:4 pruning; skipped: {elig.skipped}")
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.masks is not None:  # resumed after pruning
+        if self.masks is not None:  # resumed after pruning, or a second fit with this callback
             self._attach(trainer, pl_module)
 
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        if self.masks is None and trainer.global_step >= self.start_step:
-            self._prune(trainer, pl_module)
+        if self.masks is None:
+            if trainer.global_step >= self.start_step:
+                self._prune(trainer, pl_module)
+        elif self._hooked != [id(o) for o in trainer.optimizers]:  # optimizers were replaced
+            self._attach(trainer, pl_module)
 
-    def on_train_batch_end(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
-    ) -> None:
-        if self.masks is not None and batch_idx == 0:
-            dens = self.masks.density(pl_module)
-            total = sum(dens.values()) / max(len(dens), 1)
-            pl_module.log("sparsity/pruned_layers_density", total, on_step=True, on_epoch=False)
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        metrics = sparsity_metrics(pl_module, self.pruned_layers)
+        # Identical on every rank (masks are broadcast); sync_dist only keeps Lightning's DDP warning quiet.
+        pl_module.log_dict(metrics, on_step=False, on_epoch=True, sync_dist=True)
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.masks is not None and self.make_permanent:
             self.masks.apply(pl_module)
             self._detach()
+            self._bound = None
+            self.masks = MaskSet.from_state_dict(self.masks.state_dict())  # bool, on the CPU
+
+    def on_save_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        # Read back by qatsparse.restore_structure, so that load_from_checkpoint knows the 2:4 layers.
+        if self.masks is not None:
+            checkpoint.setdefault(CHECKPOINT_KEY, {})["sparsity"] = {"pruned_layers": self.pruned_layers}
 
     # ------------------------------------------------------------------ work
     def _prune(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         notify_before_compression(trainer, pl_module)
-        masks = prune_2to4(pl_module, self.include, self.exclude)
-        # Every rank computed its masks from the same weights; rank 0's are made authoritative.
+        masks = compute_masks(pl_module, self.include, self.exclude)
+        # Rank 0's masks are authoritative; broadcast before any weight is zeroed, so that a rank whose
+        # weights differ (nondeterminism) still ends with exactly rank 0's zero pattern.
         masks.masks = trainer.strategy.broadcast({k: v.cpu() for k, v in masks.masks.items()}, src=0)
         self.masks = masks
-        masks.apply(pl_module)
+        self.pruned_at_step = trainer.global_step
         self._attach(trainer, pl_module)
-        pl_module._qatsparse_pruned = list(masks.masks)  # for check_2to4(module)
         if self.verbose:
             rank_zero_info(self.summary(pl_module))
 
@@ -106,34 +125,34 @@ class TwoFourSparsity(pl.Callback):
         assert self.masks is not None
         self._bound = self.masks.bind(pl_module)
         apply_masks(*self._bound)
-        pl_module._qatsparse_pruned = list(self.masks.masks)
+        set_pruned_record(pl_module, self.pruned_layers)
 
         def reapply(*_: Any) -> None:
             apply_masks(*self._bound)  # type: ignore[misc]
 
         for opt in trainer.optimizers:
             self._handles.append(opt.register_step_post_hook(reapply))
+        self._hooked = [id(o) for o in trainer.optimizers]
 
     def _detach(self) -> None:
         for h in self._handles:
             h.remove()
-        self._handles = []
+        self._handles, self._hooked = [], []
 
     def summary(self, pl_module: pl.LightningModule) -> str:
-        """One screen: pruned layers, skipped layers with reasons, share of weights that are 2:4."""
+        """One screen: pruned layers, skipped layers with reasons, share of weights pruned."""
         assert self.masks is not None
-        s = sparsity_summary(pl_module)
-        lines = [
-            f"2:4 sparsity: pruned {len(self.masks.masks)} layers; "
-            f"{s['weights_2to4_share']:.1%} of {s['weight_params']:,} Conv/Linear weights are 2:4"
-        ]
-        lines += [f"  skipped {n}: {why}" for n, why in self.masks.skipped.items()]
-        return "\n".join(lines)
+        return format_summary(self.masks, pl_module)
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
-        return {"start_step": self.start_step, "masks": self.masks.state_dict() if self.masks else None}
+        return {
+            "start_step": self.start_step,
+            "pruned_at_step": self.pruned_at_step,
+            "masks": self.masks.state_dict() if self.masks else None,
+        }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if state_dict.get("masks") is not None:
             self.masks = MaskSet.from_state_dict(state_dict["masks"])
+            self.pruned_at_step = state_dict.get("pruned_at_step")

@@ -8,13 +8,17 @@ import json
 import os
 import tempfile
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
 DEFAULT_OPSET = 17
+#: Opset at which QuantizeLinear/DequantizeLinear take FP16 inputs and scales (used for INT8 + FP16 graphs).
+FP16_QDQ_OPSET = 19
 
 
 def default_io_names(n: int, stem: str) -> list[str]:
@@ -28,24 +32,65 @@ def default_io_names(n: int, stem: str) -> list[str]:
 
 
 @contextlib.contextmanager
-def _atomic_path(path: Path):
-    """Yield a temporary path beside ``path``; move it into place only if the block succeeds."""
+def atomic_path(path: Path) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; move it into place only if the block succeeds.
+
+    A failure inside the block leaves ``path`` as it was (absent or the previous file), never half written.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         yield Path(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; the final file gets the usual permissions
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
 
 
-def _count_outputs(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> int:
+_atomic_path = atomic_path  # backwards-compatible private name
+
+
+def _output_names_of(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> tuple[int, list[str] | None]:
+    """Number of outputs, and their names when the model returns a dict (its keys)."""
     from qatsparse.batches import as_outputs
 
     with torch.no_grad():
-        return len(as_outputs(model(*inputs)))
+        y = model(*inputs)
+    names = [str(k) for k in y] if isinstance(y, Mapping) else None
+    return len(as_outputs(y)), names
+
+
+def _count_outputs(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> int:
+    return _output_names_of(model, inputs)[0]
+
+
+def default_input_names(module: Any, n: int) -> list[str]:
+    """Input names: the keys of a dict ``example_input_array`` when the module has one, else numbered.
+
+    Example:
+        >>> default_input_names(None, 2)
+        ['input_0', 'input_1']
+    """
+    ex = getattr(module, "example_input_array", None)
+    if isinstance(ex, Mapping) and len(ex) == n:
+        return [str(k) for k in ex]
+    return default_io_names(n, "input")
+
+
+def save_model(proto: Any, path: str | Path) -> Path:
+    """Check ``proto`` (checker + strict shape inference) and write it atomically to ``path``."""
+    import onnx
+
+    path = Path(path)
+    onnx.checker.check_model(proto, full_check=True)
+    proto = onnx.shape_inference.infer_shapes(proto, check_type=True, strict_mode=True)
+    with atomic_path(path) as tmp:
+        onnx.save(proto, str(tmp))
+    return path
 
 
 def export_onnx(
@@ -57,6 +102,7 @@ def export_onnx(
     opset: int = DEFAULT_OPSET,
     dynamic_batch: bool = True,
     metadata: Mapping[str, str] | None = None,
+    fold: bool = True,
 ) -> Path:
     """Export ``model`` to ONNX at ``path`` (atomically) and check the result.
 
@@ -64,7 +110,10 @@ def export_onnx(
     QuantizeLinear/DequantizeLinear, which the dynamo exporter does not do for quantized training
     graphs. The model is exported on the CPU in eval mode from a copy, so the caller's model is not
     touched. Every input and output gets a dynamic batch axis (``"batch"``) unless ``dynamic_batch``
-    is False. ``onnx.checker`` and shape inference must pass.
+    is False. Output names default to the keys of a dict output, else ``output``/``output_i``.
+    With ``fold`` the constant subgraphs the exporter leaves (Q/DQ scales computed from
+    buffers, quantization of constant weights) are folded (see :func:`fold_constants`), so every
+    Q/DQ scale is a constant as TensorRT requires. ``onnx.checker`` and shape inference must pass.
 
     Example:
         >>> p = export_onnx(nn.Linear(4, 2), [torch.zeros(1, 4)], tempfile.mkdtemp() + "/m.onnx")
@@ -78,15 +127,17 @@ def export_onnx(
     path = Path(path)
     inputs = tuple(t.detach().cpu() for t in inputs)
     model = copy.deepcopy(model).cpu().eval()
-    n_out = _count_outputs(model, inputs)
+    n_out, dict_names = _output_names_of(model, inputs)
     input_names = list(input_names) if input_names else default_io_names(len(inputs), "input")
-    output_names = list(output_names) if output_names else default_io_names(n_out, "output")
+    output_names = list(output_names) if output_names else (dict_names or default_io_names(n_out, "output"))
     if len(input_names) != len(inputs):
         raise ValueError(f"{len(input_names)} input names for {len(inputs)} inputs: {input_names}")
     if len(output_names) != n_out:
         raise ValueError(f"{len(output_names)} output names for {n_out} outputs: {output_names}")
+    if len(set(input_names) | set(output_names)) != len(input_names) + len(output_names):
+        raise ValueError(f"input and output names must be unique, got {input_names} and {output_names}")
     dynamic_axes = {n: {0: "batch"} for n in [*input_names, *output_names]} if dynamic_batch else None
-    with _atomic_path(path) as tmp, warnings.catch_warnings():
+    with atomic_path(path) as tmp, warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
         torch.onnx.export(
             model,
@@ -100,6 +151,8 @@ def export_onnx(
             do_constant_folding=True,
         )
         proto = onnx.load(str(tmp))
+        if fold:
+            proto = fold_constants(proto)
         for k, v in (metadata or {}).items():
             entry = proto.metadata_props.add()
             entry.key, entry.value = k, v
@@ -107,6 +160,92 @@ def export_onnx(
         proto = onnx.shape_inference.infer_shapes(proto, check_type=True, strict_mode=True)
         onnx.save(proto, str(tmp))
     return path
+
+
+#: Never folded: DequantizeLinear of a constant is how INT8 weights are stored (folding it would store
+#: FP32 weights and lose the quantization); random ops are not constant.
+_NO_FOLD = {"DequantizeLinear", "RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike", "Multinomial"}
+_MAX_FOLDED_ELEMENTS = 1 << 24
+
+
+def fold_constants(proto: Any) -> Any:
+    """Replace every node whose inputs are all constants by an initializer holding its output.
+
+    The TorchScript exporter leaves ``Clip(amax / 127, tiny)`` feeding each Q/DQ scale and a
+    ``QuantizeLinear`` on each constant weight; TensorRT needs the scales to be constants, and a weight
+    stored as INT8 followed by ``DequantizeLinear`` is what TensorRT (and ModelOpt's exports) expect.
+    Each node is evaluated with ONNX's reference implementation at the model's own opset. No library we
+    depend on folds ONNX constants without also rewriting the graph in backend-specific ways (ONNX
+    Runtime's optimizer) or needing extra packages (onnx-graphsurgeon), hence this small pass.
+
+    Example:
+        >>> import onnx
+        >>> from onnx import TensorProto, helper, numpy_helper
+        >>> g = helper.make_graph([helper.make_node("Relu", ["c"], ["r"]), helper.make_node("Add", ["x", "r"], ["y"])],
+        ...     "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
+        ...     [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])],
+        ...     [numpy_helper.from_array(np.array([-1.0, 2.0], np.float32), "c")])
+        >>> [n.op_type for n in fold_constants(helper.make_model(g)).graph.node]
+        ['Add']
+    """
+    import onnx
+    from onnx import helper, numpy_helper
+    from onnx.reference import ReferenceEvaluator
+
+    proto = copy.deepcopy(proto)
+    graph = proto.graph
+    values: dict[str, np.ndarray] = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    graph_outputs = {o.name for o in graph.output}
+    opsets = list(proto.opset_import)
+    kept, new_inits = [], []
+    for node in graph.node:
+        foldable = (
+            node.domain in ("", "ai.onnx")
+            and node.op_type not in _NO_FOLD
+            and not any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute)
+            and all(i == "" or i in values for i in node.input)
+            and not any(o in graph_outputs for o in node.output)
+        )
+        if foldable:
+            ins = [i for i in node.input if i]
+            g = helper.make_graph(
+                [node],
+                "fold",
+                [helper.make_tensor_value_info(i, helper.np_dtype_to_tensor_dtype(values[i].dtype), None) for i in ins],
+                [helper.make_tensor_value_info(o, onnx.TensorProto.UNDEFINED, None) for o in node.output if o],
+            )
+            try:
+                outs = ReferenceEvaluator(helper.make_model(g, opset_imports=opsets)).run(
+                    None, {i: values[i] for i in ins}
+                )
+            except Exception:  # an op the reference cannot run: keep the node as it is
+                outs = None
+            if outs is not None and all(np.asarray(o).size <= _MAX_FOLDED_ELEMENTS for o in outs):
+                for name, arr in zip([o for o in node.output if o], outs):
+                    arr = np.asarray(arr)
+                    values[name] = arr
+                    new_inits.append(numpy_helper.from_array(arr, name))
+                continue
+        kept.append(node)
+    del graph.node[:]
+    graph.node.extend(kept)
+    graph.initializer.extend(new_inits)
+    _drop_unused_initializers(graph)
+    return proto
+
+
+def _drop_unused_initializers(graph: Any) -> None:
+    used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
+    keep = [i for i in graph.initializer if i.name in used]
+    removed = {i.name for i in graph.initializer} - {i.name for i in keep}
+    del graph.initializer[:]
+    graph.initializer.extend(keep)
+    graph_inputs = [i for i in graph.input if i.name not in removed]
+    del graph.input[:]
+    graph.input.extend(graph_inputs)
+    vis = [v for v in graph.value_info if v.name in used]
+    del graph.value_info[:]
+    graph.value_info.extend(vis)
 
 
 def module_name_of_node(node_name: str) -> str:
@@ -130,6 +269,25 @@ def module_name_of_node(node_name: str) -> str:
             full = f"{full}.{part}" if full else part
             anchors[head] = full
     return full
+
+
+def nodes_of_modules(graph: Any, module_names: Sequence[str]) -> tuple[set[str], list[str]]:
+    """Names of the nodes exported from the given modules (or their children), and the modules with none.
+
+    Example:
+        >>> from onnx import helper
+        >>> g = helper.make_graph([helper.make_node("Relu", ["x"], ["y"], name="/head/fc/Relu")], "g", [], [])
+        >>> nodes_of_modules(g, ["head", "body"])
+        ({'/head/fc/Relu'}, ['body'])
+    """
+    found: set[str] = set()
+    missing = []
+    for m in module_names:
+        hits = {n.name for n in graph.node if (mod := module_name_of_node(n.name)) == m or mod.startswith(m + ".")}
+        if not hits:
+            missing.append(m)
+        found |= hits
+    return found, missing
 
 
 def weighted_node_names(path: str | Path) -> dict[str, str]:
@@ -156,8 +314,15 @@ def set_metadata(path: str | Path, metadata: Mapping[str, str]) -> None:
     for k, v in metadata.items():
         entry = proto.metadata_props.add()
         entry.key, entry.value = k, v
-    with _atomic_path(path) as tmp:
+    with atomic_path(path) as tmp:
         onnx.save(proto, str(tmp))
+
+
+def get_metadata(path: str | Path) -> dict[str, str]:
+    """The metadata entries of an ONNX file."""
+    import onnx
+
+    return {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
 
 
 def record_pruned_layers(path: str | Path, module_names: Sequence[str]) -> dict[str, str]:

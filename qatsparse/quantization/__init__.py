@@ -3,6 +3,7 @@
 from qatsparse.quantization.calibrate import calibrate
 from qatsparse.quantization.calibrators import CALIBRATORS, MaxCalibrator, make_calibrator
 from qatsparse.quantization.config import QuantConfig
+from qatsparse.quantization.fakequant import fake_quantize_int8, fake_quantize_int8_aten, fake_quantize_int8_fusable
 from qatsparse.quantization.modules import (
     QuantConv2d,
     QuantLinear,
@@ -14,7 +15,7 @@ from qatsparse.quantization.modules import (
     remove_quantizers,
     set_quantizers_enabled,
 )
-from qatsparse.quantization.quantizer import TensorQuantizer, fake_quantize_int8
+from qatsparse.quantization.quantizer import TensorQuantizer
 
 __all__ = [
     "CALIBRATORS",
@@ -26,6 +27,8 @@ __all__ = [
     "TensorQuantizer",
     "calibrate",
     "fake_quantize_int8",
+    "fake_quantize_int8_aten",
+    "fake_quantize_int8_fusable",
     "is_quantized",
     "make_calibrator",
     "prepare_for_onnx_export",

@@ -8,28 +8,7 @@ import torch
 from torch import nn
 
 from qatsparse.quantization.calibrators import make_calibrator
-
-INT8_MAX = 127
-
-
-def fake_quantize_int8(x: torch.Tensor, amax: torch.Tensor, axis: int | None, narrow_range: bool) -> torch.Tensor:
-    """Symmetric INT8 fake quantization, scale = amax / 127, zero-point 0, round half to even.
-
-    Uses PyTorch's own ``fake_quantize_per_{tensor,channel}_affine`` (straight-through gradient
-    inside the range; exported by the TorchScript ONNX exporter as QuantizeLinear/DequantizeLinear).
-    ``narrow_range`` clamps to [-127, 127] (TensorRT's weight range) instead of [-128, 127].
-
-    Example:
-        >>> fake_quantize_int8(torch.tensor([0.26, 2.0]), torch.tensor(1.27), None, False).tolist()
-        [0.25999999046325684, 1.2699999809265137]
-    """
-    scale = (amax.float() / INT8_MAX).clamp_min(torch.finfo(torch.float32).tiny)
-    qmin = -INT8_MAX if narrow_range else -INT8_MAX - 1
-    if axis is None:
-        zp = torch.zeros((), dtype=torch.int32, device=x.device)
-        return torch.fake_quantize_per_tensor_affine(x, scale, zp, qmin, INT8_MAX)
-    zp = torch.zeros(scale.shape, dtype=torch.int32, device=x.device)
-    return torch.fake_quantize_per_channel_affine(x, scale, zp, axis, qmin, INT8_MAX)
+from qatsparse.quantization.fakequant import fake_quantize_int8
 
 
 class TensorQuantizer(nn.Module):

@@ -8,8 +8,10 @@ from qatsparse.sparsity.check import (
     sparsity_summary,
 )
 from qatsparse.sparsity.eligibility import Eligibility, find_prunable, shape_reason
-from qatsparse.sparsity.masks import PRUNABLE_TYPES, apply_masks, compute_2to4_mask, is_2to4
-from qatsparse.sparsity.prune import MaskSet, prune_2to4
+from qatsparse.sparsity.masks import PRUNABLE_TYPES, apply_masks, compute_2to4_mask, is_2to4, worst_group
+from qatsparse.sparsity.prune import MaskSet, compute_masks, prune_2to4
+from qatsparse.sparsity.record import pruned_record, restore_pruned_record, set_pruned_record
+from qatsparse.sparsity.summary import format_summary, sparsity_metrics
 
 __all__ = [
     "PRUNABLE_TYPES",
@@ -20,10 +22,17 @@ __all__ = [
     "apply_masks",
     "check_2to4",
     "compute_2to4_mask",
+    "compute_masks",
     "find_prunable",
+    "format_summary",
     "is_2to4",
     "prune_2to4",
     "pruned_layers_from_metadata",
+    "pruned_record",
+    "restore_pruned_record",
+    "set_pruned_record",
     "shape_reason",
+    "sparsity_metrics",
     "sparsity_summary",
+    "worst_group",
 ]

@@ -10,7 +10,8 @@ from typing import Literal
 import numpy as np
 from torch import nn
 
-from qatsparse.sparsity.masks import PRUNABLE_TYPES, worst_group_nonzeros
+from qatsparse.sparsity.masks import PRUNABLE_TYPES, worst_group, worst_group_nonzeros
+from qatsparse.sparsity.record import pruned_record
 
 #: ONNX metadata key under which the export records the pruned layers ({module name: node name}).
 PRUNED_METADATA_KEY = "qatsparse.pruned_layers"
@@ -23,8 +24,10 @@ class Violation:
     Attributes:
         layer: module name (PyTorch) or node name (ONNX).
         worst_group: the largest count of nonzeros found in one group of 4 (3 or 4), or -1 when the
-            layer was expected but not found.
+            layer was expected but not found (or its weight could not be traced to a constant).
         detail: a human-readable explanation.
+        index: where the worst group starts in the weight tensor (its first element, in the weight's
+            own layout: ``(o, i, kh, kw)`` for a Conv); ``()`` when there is no such group.
 
     Example:
         >>> Violation("fc", 4, "4 nonzeros in a group of 4").layer
@@ -34,6 +37,7 @@ class Violation:
     layer: str
     worst_group: int
     detail: str
+    index: tuple[int, ...] = ()
 
 
 def check_2to4(x: nn.Module | str | Path, layers: Literal["pruned", "all"] | list[str] = "pruned") -> list[Violation]:
@@ -44,7 +48,17 @@ def check_2to4(x: nn.Module | str | Path, layers: Literal["pruned", "all"] | lis
         layers: ``"pruned"`` (default) checks the layers recorded as pruned -- for an ONNX file the
             export's metadata, for a module the layers a :class:`~qatsparse.TwoFourSparsity` callback
             pruned (recorded on the module as ``_qatsparse_pruned``); ``"all"`` checks every weighted
-            Conv/Gemm/MatMul (ONNX) or Conv2d/Linear (module); a list names the layers to check.
+            Conv/Gemm/MatMul (ONNX) or Conv2d/Linear (module); a list names the layers to check
+            (module names, or ONNX node names).
+
+    ONNX weights are traced back through DequantizeLinear/QuantizeLinear/Cast/Identity/Transpose to a
+    constant and checked in groups of 4 along the reduction axis: Conv ``W`` axis 1, Gemm ``B`` axis 1
+    when ``transB=1`` else 0, MatMul ``B`` axis -2 (0 for a 2-D ``B``), ConvTranspose ``W`` axis 0.
+
+    Raises:
+        ValueError: ``layers="pruned"`` but nothing is recorded (no TwoFourSparsity record on the
+            module, no ``qatsparse.pruned_layers`` metadata in the ONNX file).
+        FileNotFoundError: no ONNX file at the path.
 
     Example:
         >>> lin = nn.Linear(8, 2); check_2to4(lin, layers="all")[0].worst_group
@@ -60,7 +74,16 @@ def _check_module(model: nn.Module, layers: Literal["pruned", "all"] | list[str]
     if layers == "all":
         names = list(modules)
     elif layers == "pruned":
-        names = list(getattr(model, "_qatsparse_pruned", []))
+        recorded = pruned_record(model)
+        if recorded is None:
+            raise ValueError(
+                "check_2to4(module): no pruned layers are recorded on this module (TwoFourSparsity records "
+                "them; load_from_checkpoint restores them through qatsparse.restore_structure); "
+                "pass layers='all' or a list of layer names"
+            )
+        names = recorded
+    elif isinstance(layers, str):
+        raise ValueError(f"layers must be 'pruned', 'all' or a list of layer names, got {layers!r}")
     else:
         names = list(layers)
     out = []
@@ -68,64 +91,88 @@ def _check_module(model: nn.Module, layers: Literal["pruned", "all"] | list[str]
         if name not in modules:
             out.append(Violation(name, -1, "layer not found in the model"))
             continue
-        worst = worst_group_nonzeros(modules[name].weight)
+        w = modules[name].weight
+        worst, index = worst_group(w)
         if worst > 2:
-            out.append(Violation(name, worst, f"{worst} nonzeros in a group of 4 input channels"))
+            what = (
+                f"{worst} nonzeros in the group of 4 input channels at {index}"
+                if index
+                else f"input channels ({w.shape[1]}) not a multiple of 4"
+            )
+            out.append(Violation(name, worst, what, index))
     return out
 
 
 # ---------------------------------------------------------------- ONNX
+#: Ops between a weight constant and its consumer that keep each element where it is (and zeros zero).
 _PASS_THROUGH = {"DequantizeLinear", "QuantizeLinear", "Cast", "Identity"}
 
 
 def _onnx_weight(graph, tensor_name: str, axis: int) -> tuple[np.ndarray, int] | None:
-    """Follow Q/DQ/Cast/Transpose producers back to a constant; return it and the reduction axis on it."""
+    """Follow Q/DQ/Cast/Transpose producers back to a constant; return it and the reduction axis on it.
+
+    ``axis`` is the reduction axis on ``tensor_name`` (negative counts from the end). Each Transpose
+    on the way maps it: output axis ``a`` is input axis ``perm[a]`` (no ``perm``: reversed axes).
+    """
     import onnx.numpy_helper as nh
 
     inits = {i.name: i for i in graph.initializer}
     producers = {o: n for n in graph.node for o in n.output}
-    name = tensor_name
-    for _ in range(16):
+    perms: list[list[int] | None] = []  # consumer side first
+    name, array = tensor_name, None
+    for _ in range(32):
         if name in inits:
-            return nh.to_array(inits[name]), axis
+            array = nh.to_array(inits[name])
+            break
         node = producers.get(name)
         if node is None:
             return None
         if node.op_type == "Constant":
-            for a in node.attribute:
-                if a.name == "value":
-                    return nh.to_array(a.t), axis
-            return None
-        if node.op_type == "Transpose":
-            perm = next((list(a.ints) for a in node.attribute if a.name == "perm"), None)
-            if perm is None:  # default: reverse the axes; rank unknown here -> give up
+            value = next((a.t for a in node.attribute if a.name == "value"), None)
+            if value is None:
                 return None
-            axis = perm[axis]
+            array = nh.to_array(value)
+            break
+        if node.op_type == "Transpose":
+            perms.append(next((list(a.ints) for a in node.attribute if a.name == "perm"), None))
         elif node.op_type not in _PASS_THROUGH:
             return None
         name = node.input[0]
-    return None
+    if array is None or array.ndim == 0:
+        return None
+    axis = axis % array.ndim
+    for perm in perms:
+        axis = perm[axis] if perm is not None else array.ndim - 1 - axis
+    return array, axis
 
 
-def _worst_along(w: np.ndarray, axis: int) -> int:
+def _worst_along(w: np.ndarray, axis: int) -> tuple[int, tuple[int, ...]]:
+    """Most nonzeros in a group of 4 consecutive elements along ``axis``, and where that group starts."""
     if w.shape[axis] % 4:
-        return 4
-    moved = np.moveaxis(w, axis, -1)
-    nz = (moved != 0).reshape(-1, 4).sum(1)
-    return int(nz.max()) if nz.size else 0
+        return 4, ()
+    moved = np.moveaxis(w != 0, axis, -1)
+    nz = moved.reshape(-1, 4).sum(1)
+    if not nz.size:
+        return 0, ()
+    flat = int(nz.argmax())
+    idx = list(np.unravel_index(flat * 4, moved.shape))
+    idx.insert(axis, idx.pop())  # back to w's own layout
+    return int(nz[flat]), tuple(int(i) for i in idx)
 
 
 def _weighted_nodes(graph) -> dict[str, tuple[str, int]]:
     """node name -> (weight input name, reduction axis on that input) for Conv/Gemm/MatMul."""
     out = {}
     for n in graph.node:
-        if n.op_type in ("Conv", "ConvTranspose") and len(n.input) > 1:
-            out[n.name] = (n.input[1], 1 if n.op_type == "Conv" else 0)
+        if n.op_type == "Conv" and len(n.input) > 1:
+            out[n.name] = (n.input[1], 1)  # W: (M, C/group, kH, kW)
+        elif n.op_type == "ConvTranspose" and len(n.input) > 1:
+            out[n.name] = (n.input[1], 0)  # W: (C, M/group, kH, kW)
         elif n.op_type == "Gemm":
             trans_b = next((a.i for a in n.attribute if a.name == "transB"), 0)
-            out[n.name] = (n.input[1], 1 if trans_b else 0)
+            out[n.name] = (n.input[1], 1 if trans_b else 0)  # B: (N, K) if transB else (K, N)
         elif n.op_type == "MatMul":
-            out[n.name] = (n.input[1], 0)
+            out[n.name] = (n.input[1], -2)  # B: (..., K, N); a 1-D B is (K,)
     return out
 
 
@@ -133,11 +180,14 @@ def pruned_layers_from_metadata(path: str | Path) -> dict[str, str]:
     """The {module name: ONNX node name} map that the export stored, or {} when absent."""
     import onnx
 
-    model = onnx.load(str(path), load_external_data=False)
+    return _metadata_record(onnx.load(str(path), load_external_data=False)) or {}
+
+
+def _metadata_record(model) -> dict[str, str] | None:
     for p in model.metadata_props:
         if p.key == PRUNED_METADATA_KEY:
             return dict(json.loads(p.value))
-    return {}
+    return None
 
 
 def _check_onnx(path: Path, layers: Literal["pruned", "all"] | list[str]) -> list[Violation]:
@@ -151,7 +201,15 @@ def _check_onnx(path: Path, layers: Literal["pruned", "all"] | list[str]) -> lis
     if layers == "all":
         names = [n for n in nodes if _onnx_weight(graph, *nodes[n]) is not None]
     elif layers == "pruned":
-        names = list(pruned_layers_from_metadata(path).values())
+        recorded = _metadata_record(model)
+        if recorded is None:
+            raise ValueError(
+                f"check_2to4({str(path)!r}): the ONNX file has no {PRUNED_METADATA_KEY!r} metadata "
+                "(qatsparse.export.onnx.record_pruned_layers writes it); pass layers='all' or a list of node names"
+            )
+        names = list(recorded.values())
+    elif isinstance(layers, str):
+        raise ValueError(f"layers must be 'pruned', 'all' or a list of node names, got {layers!r}")
     else:
         names = list(layers)
     out = []
@@ -164,9 +222,14 @@ def _check_onnx(path: Path, layers: Literal["pruned", "all"] | list[str]) -> lis
             out.append(Violation(name, -1, "weight is not a constant (could not trace it back)"))
             continue
         w, axis = found
-        worst = _worst_along(w, axis)
+        worst, index = _worst_along(w, axis)
         if worst > 2:
-            out.append(Violation(name, worst, f"{worst} nonzeros in a group of 4 along axis {axis}"))
+            what = (
+                f"{worst} nonzeros in the group of 4 along axis {axis} at {index}"
+                if index
+                else f"axis {axis} of the weight {w.shape} is not a multiple of 4"
+            )
+            out.append(Violation(name, worst, what, index))
     return out
 
 

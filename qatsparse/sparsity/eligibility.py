@@ -46,8 +46,9 @@ def shape_reason(module: nn.Module) -> str | None:
     """
     if isinstance(module, nn.Conv2d):
         if module.groups != 1:
-            kind = "depthwise" if module.groups == module.in_channels else "grouped"
-            return f"{kind} conv (groups={module.groups}) not supported by sparse kernels"
+            if module.groups == module.in_channels:
+                return "depthwise conv: not supported by sparse kernels"
+            return f"grouped conv (groups={module.groups}): not supported by sparse kernels"
         c_out, c_in = module.out_channels, module.in_channels
     elif isinstance(module, nn.Linear):
         c_out, c_in = module.out_features, module.in_features

@@ -35,7 +35,9 @@ def compute_2to4_mask(weight: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"input channels ({weight.shape[1]}) must be a multiple of 4 for 2:4 sparsity")
     w = _to_groups_layout(weight.detach().abs().float())
     groups = w.reshape(-1, 4)
-    keep = torch.topk(groups, 2, dim=1, sorted=False).indices
+    # A stable descending sort (not topk) so that ties go to the lower index on every device: ranks
+    # and resumed runs then agree on the mask bit for bit.
+    keep = torch.sort(groups, dim=1, descending=True, stable=True).indices[:, :2]
     mask = torch.zeros_like(groups, dtype=torch.bool).scatter_(1, keep, True)
     return _from_groups_layout(mask.reshape(w.shape), weight).contiguous()
 
@@ -52,10 +54,31 @@ def is_2to4(weight: torch.Tensor) -> bool:
 
 def worst_group_nonzeros(weight: torch.Tensor) -> int:
     """Largest count of nonzeros in any group of 4 input-channel weights (4 when channels don't divide)."""
+    return worst_group(weight)[0]
+
+
+def worst_group(weight: torch.Tensor) -> tuple[int, tuple[int, ...]]:
+    """The largest count of nonzeros in a group of 4 input-channel weights, and where that group starts.
+
+    The index is into ``weight`` itself (``(o, i, kh, kw)`` for a Conv2d, ``(o, i)`` for a Linear), ``i``
+    being the group's first input channel. When the input channels don't divide by 4 the count is 4 and
+    the index is ``()``.
+
+    Example:
+        >>> worst_group(torch.tensor([[1.0, 0.0, 0.0, 2.0, 1.0, 1.0, 1.0, 0.0]]))
+        (3, (0, 4))
+    """
     if weight.dim() not in (2, 4) or weight.shape[1] % 4:
-        return 4
-    nz = (_to_groups_layout(weight.detach()) != 0).reshape(-1, 4).sum(1)
-    return int(nz.max()) if nz.numel() else 0
+        return 4, ()
+    w = _to_groups_layout(weight.detach())
+    nz = (w != 0).reshape(-1, 4).sum(1)
+    if not nz.numel():
+        return 0, ()
+    flat = int(nz.argmax())
+    idx = list(torch.unravel_index(torch.tensor(flat * 4), w.shape))
+    if weight.dim() == 4:  # (o, kh, kw, i) -> (o, i, kh, kw)
+        idx = [idx[0], idx[3], idx[1], idx[2]]
+    return int(nz[flat]), tuple(int(i) for i in idx)
 
 
 @torch.no_grad()

@@ -31,17 +31,27 @@ class MaskSet:
     skipped: dict[str, str] = field(default_factory=dict)
 
     def bind(self, model: nn.Module) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """The pruned weights of ``model`` and their masks (moved to the weights' device and dtype),
-        as two lists for :func:`~qatsparse.sparsity.apply_masks`; rebind after the model moves."""
+        """The pruned weight parameters of ``model`` and their masks (moved to the weights' device and
+        dtype), as two lists for :func:`~qatsparse.sparsity.apply_masks`.
+
+        The parameters themselves are returned (not ``.data``), so a later change of memory format
+        keeps the binding valid; rebind after the model moves to another device or dtype.
+
+        Raises:
+            KeyError: a masked layer is not in ``model``.
+            ValueError: a mask's shape differs from its layer's weight.
+        """
         modules = dict(model.named_modules())
         weights, masks = [], []
         for name, mask in self.masks.items():
-            if name not in modules:
-                raise KeyError(f"pruned layer {name!r} is not in the model")
+            if name not in modules or getattr(modules[name], "weight", None) is None:
+                raise KeyError(f"pruned layer {name!r} is not in the model (or has no weight)")
             w = modules[name].weight
+            if mask.shape != w.shape:
+                raise ValueError(f"mask of {name!r} has shape {tuple(mask.shape)}, its weight {tuple(w.shape)}")
             if mask.device != w.device or mask.dtype != w.dtype:
                 mask = self.masks[name] = mask.to(device=w.device, dtype=w.dtype)
-            weights.append(w.data)
+            weights.append(w)
             masks.append(mask)
         return weights, masks
 
@@ -63,6 +73,24 @@ class MaskSet:
 
 
 @torch.no_grad()
+def compute_masks(
+    model: nn.Module,
+    include: Iterable[str] | str | None = None,
+    exclude: Iterable[str] | str | None = None,
+) -> MaskSet:
+    """Magnitude 2:4 masks of every eligible layer, without touching the model.
+
+    Example:
+        >>> m = nn.Linear(16, 8); ms = compute_masks(m); float(ms.masks[""].float().mean()), bool((m.weight != 0).all())
+        (0.5, True)
+    """
+    inc = list(include) if include is not None and not isinstance(include, str) else include
+    exc = list(exclude) if exclude is not None and not isinstance(exclude, str) else exclude
+    elig = find_prunable(model, inc, exc)
+    return MaskSet(masks={name: compute_2to4_mask(m.weight) for name, m in elig.eligible.items()}, skipped=elig.skipped)
+
+
+@torch.no_grad()
 def prune_2to4(
     model: nn.Module,
     include: Iterable[str] | str | None = None,
@@ -77,11 +105,6 @@ def prune_2to4(
         >>> m = nn.Linear(16, 8); masks = prune_2to4(m); float((m.weight == 0).float().mean())
         0.5
     """
-    inc = list(include) if include is not None and not isinstance(include, str) else include
-    exc = list(exclude) if exclude is not None and not isinstance(exclude, str) else exclude
-    elig = find_prunable(model, inc, exc)
-    masks = MaskSet(skipped=elig.skipped)
-    for name, m in elig.eligible.items():
-        masks.masks[name] = compute_2to4_mask(m.weight)
+    masks = compute_masks(model, include, exclude)
     masks.apply(model)
     return masks

@@ -1,0 +1,287 @@
+"""Put FP16 into the ONNX graph: the remainder of a Q/DQ graph, or a whole FP32 graph, runs in half.
+
+TensorRT 11 is strongly typed only: it runs each layer in the type the graph gives it, so FP16 has to
+be in the ONNX (cast nodes and FP16 initializers) -- a Q/DQ graph whose non-quantized remainder is FP32
+runs that remainder in FP32. ModelOpt's AutoCast does this conversion but is not a dependency here,
+and onnxconverter-common's converter does not know Q/DQ typing rules, so this module holds a small
+pass driven by the ONNX operator schemas:
+
+* every float tensor a node consumes becomes FP16 where the node's schema accepts FP16 for that input
+  (QuantizeLinear/DequantizeLinear accept FP16 from opset 19: their scales turn FP16 too, so the
+  dequantized tensors are FP16 -- the form TensorRT fuses); inputs whose schema allows only FP32
+  (e.g. Resize ``scales``, Q/DQ below opset 19) keep FP32 with a ``Cast`` in front;
+* nodes exported from modules listed in ``keep_fp32`` (e.g. layers whose activations overflow FP16)
+  run in FP32 with casts around them;
+* graph inputs and outputs keep FP32 (``keep_io_types``), with a ``Cast`` after each input and before
+  each output;
+* constants are converted once, at conversion time (clamped to the FP16 range, reported), so no cast
+  of a weight is left for the runtime.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+FP16_MAX = float(np.finfo(np.float16).max)
+FP16_TINY = float(2.0**-24)  # smallest positive FP16 (subnormal): Q/DQ scales below it would become 0
+_QDQ = ("QuantizeLinear", "DequantizeLinear")
+
+
+@dataclass
+class FP16Conversion:
+    """What :func:`convert_to_fp16` did: casts added, nodes kept in FP32, values clamped.
+
+    Example:
+        >>> FP16Conversion().casts_added
+        0
+    """
+
+    casts_added: int = 0
+    kept_fp32_nodes: list[str] = field(default_factory=list)
+    missing_modules: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+def _opset(model: Any) -> int:
+    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+
+
+def _allowed_types(schema: Any, param: Any) -> set[str]:
+    constraints = {c.type_param_str: set(c.allowed_type_strs) for c in schema.type_constraints}
+    return constraints.get(param.type_str, {param.type_str})
+
+
+def _param(params: Sequence[Any], i: int) -> Any | None:
+    if i < len(params):
+        return params[i]
+    last = params[-1] if params else None
+    if last is not None and last.option.name == "Variadic":
+        return last
+    return None
+
+
+def _to_fp16_array(arr: np.ndarray, is_scale: bool, name: str, conv: FP16Conversion) -> np.ndarray:
+    a = arr.astype(np.float32)
+    over = int((np.abs(a) > FP16_MAX).sum())
+    if over:
+        conv.notes.append(f"{name}: {over} value(s) beyond the FP16 range clamped to +-{FP16_MAX:g}")
+        a = np.clip(a, -FP16_MAX, FP16_MAX)
+    if is_scale:
+        small = int(((a > 0) & (a < FP16_TINY)).sum())
+        if small:
+            conv.notes.append(f"{name}: {small} Q/DQ scale(s) below the smallest FP16 raised to {FP16_TINY:g}")
+            a = np.where((a > 0) & (a < FP16_TINY), FP16_TINY, a)
+    return a.astype(np.float16)
+
+
+def convert_to_fp16(
+    model: Any, keep_fp32: Sequence[str] = (), keep_io_types: bool = True
+) -> tuple[Any, FP16Conversion]:
+    """Return a copy of ``model`` (an ``onnx.ModelProto``) computing in FP16, and what was done.
+
+    Args:
+        model: the FP32 graph (with or without Q/DQ).
+        keep_fp32: module names whose nodes stay FP32 (nodes are matched by the TorchScript exporter's
+            scope names, see :func:`~qatsparse.export.onnx.module_name_of_node`).
+        keep_io_types: keep FP32 graph inputs/outputs (casts at the I/O) instead of FP16 ones.
+
+    Raises:
+        NotImplementedError: the graph has control flow (If/Loop/Scan subgraphs).
+
+    Example:
+        >>> import onnx
+        >>> from onnx import TensorProto, helper, numpy_helper
+        >>> w = numpy_helper.from_array(np.ones((2, 2), np.float32), "w")
+        >>> g = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"], name="/fc/MatMul")], "g",
+        ...     [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 2])],
+        ...     [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 2])], [w])
+        >>> m, info = convert_to_fp16(helper.make_model(g, opset_imports=[helper.make_opsetid("", 19)]))
+        >>> [n.op_type for n in m.graph.node], info.casts_added
+        (['Cast', 'MatMul', 'Cast'], 2)
+    """
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from qatsparse.export.onnx import nodes_of_modules
+
+    FLOAT, HALF = TensorProto.FLOAT, TensorProto.FLOAT16
+    conv = FP16Conversion()
+    model = copy.deepcopy(model)
+    opset = _opset(model)
+    inferred = onnx.shape_inference.infer_shapes(model)
+    graph = model.graph
+    for n in graph.node:
+        if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in n.attribute):
+            raise NotImplementedError(f"FP16 conversion of control flow is not supported: {n.name!r} ({n.op_type})")
+
+    elem: dict[str, int] = {}
+    for vi in [*inferred.graph.input, *inferred.graph.output, *inferred.graph.value_info]:
+        if vi.type.HasField("tensor_type"):
+            elem[vi.name] = vi.type.tensor_type.elem_type
+    inits = {i.name: i for i in graph.initializer}
+    for name, t in inits.items():
+        elem[name] = t.data_type
+    consts: dict[str, Any] = dict(inits)  # name -> TensorProto (initializers and Constant values)
+    for n in graph.node:
+        if n.op_type == "Constant":
+            for a in n.attribute:
+                if a.name == "value":
+                    consts[n.output[0]] = a.t
+                    elem[n.output[0]] = a.t.data_type
+
+    kept, missing = nodes_of_modules(graph, list(keep_fp32))
+    conv.missing_modules = missing
+
+    def schema_of(n: Any) -> Any | None:
+        try:
+            return onnx.defs.get_schema(n.op_type, opset, n.domain or "")
+        except Exception:
+            return None
+
+    def runs_fp16(n: Any) -> bool:
+        return n.name not in kept and n.domain in ("", "ai.onnx") and schema_of(n) is not None
+
+    # 1. the type every consumer wants for each of its float inputs (independent of the producers)
+    wants: dict[tuple[int, int], int] = {}
+    for k, n in enumerate(graph.node):
+        schema = schema_of(n) if runs_fp16(n) else None
+        for i, name in enumerate(n.input):
+            if not name or elem.get(name) != FLOAT:
+                continue
+            p = _param(schema.inputs, i) if schema is not None else None
+            ok = p is not None and "tensor(float16)" in _allowed_types(schema, p)
+            wants[(k, i)] = HALF if ok else FLOAT
+
+    # 2. constants: convert in place when every consumer wants FP16, add an FP16 copy when some do
+    consumers: dict[str, list[int]] = {}
+    for (k, i), t in wants.items():
+        consumers.setdefault(graph.node[k].input[i], []).append(t)
+    scale_names = {n.input[1] for n in graph.node if n.op_type in _QDQ and len(n.input) > 1}
+    cur: dict[str, int] = {}  # current type of every float tensor
+    renamed_const: dict[str, str] = {}
+    new_inits = []
+    graph_outputs = {o.name for o in graph.output}
+    for name, t in consts.items():
+        if t.data_type != FLOAT:
+            continue
+        ts = consumers.get(name, [])
+        if ts and all(x == HALF for x in ts) and name not in graph_outputs:
+            arr = _to_fp16_array(numpy_helper.to_array(t), name in scale_names, name, conv)
+            t.CopyFrom(numpy_helper.from_array(arr, t.name))
+            cur[name] = HALF
+        else:
+            cur[name] = FLOAT
+            if HALF in ts:
+                arr = _to_fp16_array(numpy_helper.to_array(t), name in scale_names, name, conv)
+                renamed_const[name] = f"{name}__fp16"
+                cur[renamed_const[name]] = HALF
+                new_inits.append(numpy_helper.from_array(arr, renamed_const[name]))
+
+    # 3. walk the nodes in order: insert casts where the producer's type differs from the wanted one
+    for vi in graph.input:
+        if elem.get(vi.name) == FLOAT and vi.name not in inits:
+            cur[vi.name] = FLOAT
+            if not keep_io_types:
+                vi.type.tensor_type.elem_type = HALF
+                cur[vi.name] = HALF
+    casts: dict[tuple[str, int], str] = {}
+    new_nodes = []
+
+    def cast_to(name: str, to: int) -> str:
+        key = (name, to)
+        if key not in casts:
+            out = f"{name}__to_{'fp16' if to == HALF else 'fp32'}"
+            new_nodes.append(helper.make_node("Cast", [name], [out], to=to, name=out))
+            conv.casts_added += 1
+            casts[key] = out
+            cur[out] = to
+        return casts[key]
+
+    for k, n in enumerate(graph.node):
+        fp16 = runs_fp16(n)
+        if n.name in kept:
+            conv.kept_fp32_nodes.append(n.name)
+        for i, name in enumerate(n.input):
+            want = wants.get((k, i))
+            if want is None:
+                continue
+            have = cur.get(name, FLOAT)
+            if want == have:
+                continue
+            if want == HALF and name in renamed_const:
+                n.input[i] = renamed_const[name]
+            else:
+                n.input[i] = cast_to(name, want)
+        _retype_outputs(n, fp16, cur, elem, schema_of(n) if fp16 else None, FLOAT, HALF)
+        new_nodes.append(n)
+
+    # 4. graph outputs
+    renames: dict[str, str] = {}
+    for vo in graph.output:
+        if elem.get(vo.name) != FLOAT:
+            continue
+        have, want = cur.get(vo.name, FLOAT), (FLOAT if keep_io_types else HALF)
+        if have != want:
+            inner = f"{vo.name}__{'fp16' if have == HALF else 'fp32'}"
+            renames[vo.name] = inner
+            new_nodes.append(helper.make_node("Cast", [inner], [vo.name], to=want, name=f"{vo.name}__cast_out"))
+            conv.casts_added += 1
+        vo.type.tensor_type.elem_type = want
+    if renames:
+        for n in new_nodes:
+            if n.name.endswith("__cast_out"):
+                continue
+            n.output[:] = [renames.get(o, o) for o in n.output]
+            n.input[:] = [renames.get(i, i) for i in n.input]
+    del graph.node[:]
+    graph.node.extend(new_nodes)
+    graph.initializer.extend(new_inits)
+    del graph.value_info[:]
+    return model, conv
+
+
+def _retype_outputs(n: Any, fp16: bool, cur: dict[str, int], elem: dict[str, int], schema: Any, FLOAT: int, HALF: int):
+    """Set the attributes and record the output types of a node after its inputs were retyped."""
+    from onnx import numpy_helper
+
+    float_outs = [o for o in n.output if o and elem.get(o) == FLOAT]
+    if n.op_type == "Constant":  # converted (or not) with the other constants
+        for a in n.attribute:
+            if a.name == "value":
+                for o in float_outs:
+                    cur[o] = a.t.data_type
+        return
+    if not fp16:
+        for o in float_outs:
+            cur[o] = FLOAT
+        return
+    if n.op_type == "Cast":
+        to = next(a for a in n.attribute if a.name == "to")
+        if to.i == FLOAT:
+            to.i = HALF
+        for o in float_outs:
+            cur[o] = to.i
+        return
+    if n.op_type == "ConstantOfShape":
+        for a in n.attribute:
+            if a.name == "value" and a.t.data_type == FLOAT:
+                a.t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(a.t).astype(np.float16), a.t.name))
+        for o in float_outs:
+            cur[o] = HALF if any(a.name == "value" for a in n.attribute) else FLOAT
+        return
+    # Outputs typed by a type variable follow the inputs bound to the same variable.
+    bound: dict[str, int] = {}
+    for i, name in enumerate(n.input):
+        p = _param(schema.inputs, i)
+        if name and p is not None and name in cur:
+            bound.setdefault(p.type_str, cur[name])
+    for j, o in enumerate(n.output):
+        if o not in float_outs:
+            continue
+        p = _param(schema.outputs, j)
+        cur[o] = bound.get(p.type_str, FLOAT) if p is not None else FLOAT

@@ -1,0 +1,75 @@
+"""What pruning did, for people (a one-screen summary) and for loggers (per-layer and overall sparsity)."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import torch
+from torch import nn
+
+from qatsparse.sparsity.masks import PRUNABLE_TYPES
+from qatsparse.sparsity.prune import MaskSet
+
+_MAX_REASONS = 12
+_MAX_NAMES = 8
+
+
+@torch.no_grad()
+def sparsity_metrics(model: nn.Module, pruned: list[str], prefix: str = "sparsity/") -> dict[str, float]:
+    """Zero shares to log: ``overall`` (all Conv2d/Linear weights), ``pruned_layers`` (the pruned ones
+    together) and ``layer/<name>`` for each pruned layer (0.5 for a 2:4 layer).
+
+    Example:
+        >>> from qatsparse.sparsity import prune_2to4
+        >>> m = nn.Sequential(nn.Linear(16, 8), nn.Linear(8, 3)); ms = prune_2to4(m)
+        >>> sparsity_metrics(m, list(ms.masks))["sparsity/layer/0"]
+        0.5
+    """
+    modules = {n: m for n, m in model.named_modules() if isinstance(m, PRUNABLE_TYPES)}
+    zeros = {n: int((m.weight == 0).sum()) for n, m in modules.items()}
+    sizes = {n: m.weight.numel() for n, m in modules.items()}
+    p_zero = sum(zeros[n] for n in pruned if n in modules)
+    p_size = sum(sizes[n] for n in pruned if n in modules)
+    out = {
+        f"{prefix}overall": sum(zeros.values()) / max(sum(sizes.values()), 1),
+        f"{prefix}pruned_layers": p_zero / max(p_size, 1),
+    }
+    out.update({f"{prefix}layer/{n}": zeros[n] / sizes[n] for n in pruned if n in modules})
+    return out
+
+
+def _names(names: list[str]) -> str:
+    shown = ", ".join(names[:_MAX_NAMES])
+    return shown + (f", ... (+{len(names) - _MAX_NAMES} more)" if len(names) > _MAX_NAMES else "")
+
+
+def format_summary(masks: MaskSet, model: nn.Module) -> str:
+    """One screen: pruned layers, skipped layers grouped by reason, and the share of weights pruned.
+
+    Example:
+        >>> from qatsparse.sparsity import prune_2to4
+        >>> m = nn.Sequential(nn.Linear(16, 8), nn.Linear(8, 3)); ms = prune_2to4(m)
+        >>> print(format_summary(ms, m).splitlines()[0])
+        2:4 sparsity: pruned 1 of 2 Conv2d/Linear layers (128 of 152 weights, 84.2%)
+    """
+    modules = {n: m for n, m in model.named_modules() if isinstance(m, PRUNABLE_TYPES)}
+    total = sum(m.weight.numel() for m in modules.values())
+    pruned = [n for n in masks.masks if n in modules]
+    n_pruned = sum(modules[n].weight.numel() for n in pruned)
+    zeros = sum(int((m.weight == 0).sum()) for m in modules.values())
+    lines = [
+        f"2:4 sparsity: pruned {len(pruned)} of {len(modules)} Conv2d/Linear layers "
+        f"({n_pruned:,} of {total:,} weights, {n_pruned / max(total, 1):.1%})",
+        f"  zeros: {zeros / max(total, 1):.1%} of all Conv2d/Linear weights",
+        f"  pruned: {_names(pruned)}" if pruned else "  pruned: none",
+    ]
+    by_reason: dict[str, list[str]] = defaultdict(list)
+    for name, why in masks.skipped.items():
+        by_reason[why].append(name)
+    if by_reason:
+        lines.append(f"  skipped {len(masks.skipped)} layers:")
+    for why, names in list(by_reason.items())[:_MAX_REASONS]:
+        lines.append(f"    {why}: {_names(names)}")
+    if len(by_reason) > _MAX_REASONS:
+        lines.append(f"    ... {len(by_reason) - _MAX_REASONS} more reasons (see TwoFourSparsity.masks.skipped)")
+    return "\n".join(lines)

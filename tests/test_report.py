@@ -1,0 +1,101 @@
+"""Report files of a full export + validation of a two-output INT8 model: they parse, name both outputs, PNG is real."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from qatsparse.pipeline import ExportSettings, export_and_validate, validate_artifacts
+from qatsparse.quantization import QuantConfig, calibrate, quantize_model
+from tests.test_export_nets import board_loader, trained_board_net
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    torch.set_num_threads(1)
+    d = tmp_path_factory.mktemp("export")
+    reference = trained_board_net(steps=6)
+    final = copy.deepcopy(reference)
+    quantize_model(final, QuantConfig(precision="int8"))
+    loader = board_loader(64, 32)
+    calibrate(final, loader, lambda b: final(*b[0]))
+    settings = ExportSettings(
+        dirpath=d, output_names=["policy", "value"], build_engine="auto", max_metric_drop={"policy/top1": 0.2}
+    )
+    report = export_and_validate(final, reference, loader, settings, console=False)
+    return d, report, final, reference, loader, settings
+
+
+def test_report_json_names_both_outputs_and_their_metrics(exported):
+    d, report, *_ = exported
+    saved = json.loads((d / "report.json").read_text())
+    for key in ("reference", "backends", "agreement", "sparsity", "quantization", "passed", "versions"):
+        assert key in saved
+    assert saved["reference"] == "pytorch_fp32"
+    assert saved["outputs"] == ["policy", "value"]
+    assert set(saved["backends"]) == {"pytorch_fp32", "pytorch_qat", "onnxruntime"}  # no TensorRT here
+    for b in saved["backends"].values():
+        assert set(b["metrics"]) == {"policy/top1", "value/mse"}
+        assert b["latency_ms"]["median_per_batch"] > 0
+    assert saved["metrics"]["value/mse"] == {"output": "value", "higher_is_better": False}
+    for backend in ("pytorch_qat", "onnxruntime"):
+        assert set(saved["agreement"][backend]) == {"policy", "value"}
+        assert saved["agreement"][backend]["policy"]["cosine"] > 0.99
+    assert saved["backends"]["onnxruntime"]["precision"] == "int8+fp16"
+    assert saved["passed"] is True and saved["gate"]["failures"] == []
+    assert any("TensorRT is not importable" in n for n in saved["notes"])
+    assert isinstance(saved["lint"], list) and not [f for f in saved["lint"] if f["severity"] == "error"]
+    assert {"model.onnx", "model_fp32.onnx", "report.json", "report.md", "report.png"} <= set(saved["artifacts"])
+    assert saved == json.loads(json.dumps(report, default=str))
+
+
+def test_report_md_has_one_row_per_backend(exported):
+    d, report, *_ = exported
+    md = (d / "report.md").read_text()
+    assert "**PASSED**" in md
+    header = next(line for line in md.splitlines() if line.startswith("| backend"))
+    for col in ("policy/top1", "value/mse", "drop policy/top1", "samples/s", "2:4 weight share", "precision"):
+        assert col in header
+    lines = md.splitlines()
+    for name in report["backends"]:
+        agreement = sum(line.startswith((f"| {name} | policy |", f"| {name} | value |")) for line in lines)
+        assert sum(line.startswith(f"| {name} |") for line in lines) - agreement == 1
+        assert agreement == (0 if name == report["reference"] else 2)
+    assert "| onnxruntime | value |" in md
+
+
+def test_report_png_opens_and_is_not_trivial(exported):
+    d, *_ = exported
+    with Image.open(d / "report.png") as im:
+        im.load()
+        assert im.width >= 600 and im.height >= 300
+        pixels = np.asarray(im.convert("RGB")).reshape(-1, 3)
+    colors = np.unique(pixels, axis=0)
+    assert len(colors) > 50  # bars, text, axes -- not a blank or single-colour image
+    assert (pixels != 255).any(axis=1).mean() > 0.02
+
+
+def test_validate_artifacts_rewrites_the_report_and_the_gate_fails(exported):
+    d, _, final, reference, loader, settings = exported
+    strict = copy.copy(settings)
+    strict.max_metric_drop = {"value/mse": -1.0}  # impossible bound: the gate must fail and say so
+    (d / "report.md").write_text("stale")
+    report = validate_artifacts(final, reference, loader, strict, console=False)
+    assert report["passed"] is False and report["gate"]["failures"]
+    assert "**FAILED**" in (d / "report.md").read_text()
+    assert json.loads((d / "report.json").read_text())["passed"] is False
+    with pytest.raises(FileNotFoundError, match="no TensorRT engine"):
+        validate_artifacts(final, reference, loader, settings, engine_path=d / "model.plan", console=False)

@@ -1,0 +1,144 @@
+"""The walking skeleton end to end: each callback alone, the three together, and the demo recipe."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import pytorch_lightning as pl
+import torch
+
+from qatsparse import QuantizationAwareTraining, TensorRTExport, TwoFourSparsity
+from qatsparse.examples import DigitsDataModule, ResidualCNN
+from qatsparse.export.runners import OnnxRuntimeRunner
+from qatsparse.quantization import quantizers
+from qatsparse.sparsity import check_2to4, sparsity_summary
+
+
+def _trainer(callbacks: list, max_steps: int) -> pl.Trainer:
+    return pl.Trainer(
+        max_steps=max_steps,
+        callbacks=callbacks,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        deterministic=True,
+    )
+
+
+def _fit(callbacks: list, max_steps: int) -> tuple[ResidualCNN, DigitsDataModule, pl.Trainer]:
+    pl.seed_everything(0)
+    model, dm = ResidualCNN(widths=(16, 32)), DigitsDataModule(batch_size=64)
+    trainer = _trainer(callbacks, max_steps)
+    trainer.fit(model, datamodule=dm)
+    return model, dm, trainer
+
+
+def _qdq_fed(graph: onnx.GraphProto, node: onnx.NodeProto) -> bool:
+    producers = {o: n for n in graph.node for o in n.output}
+    return all(
+        (p := producers.get(name)) is not None
+        and p.op_type == "DequantizeLinear"
+        and (q := producers.get(p.input[0])) is not None
+        and q.op_type == "QuantizeLinear"
+        for name in node.input[:2]
+    )
+
+
+def test_sparsity_alone_keeps_masks_through_training():
+    model, _, _ = _fit([TwoFourSparsity(start_step=5, exclude=["fc"])], max_steps=30)
+    pruned = model._qatsparse_pruned
+    assert len(pruned) >= 5
+    assert check_2to4(model) == []
+    assert check_2to4(model, layers="all") != []  # the stem (C_in=1) and fc are dense
+    for name, m in model.named_modules():
+        if name in pruned:  # exactly half of every pruned weight is zero: masks held for 25 steps
+            assert float((m.weight == 0).float().mean()) == pytest.approx(0.5, abs=1e-6)
+
+
+def test_qat_alone_calibrates_and_fake_quantizes():
+    model, dm, _ = _fit([QuantizationAwareTraining(calib_batches=2, start_step=3)], max_steps=10)
+    qs = quantizers(model)
+    assert len(qs) == 2 * sum(1 for n in qs if n.endswith("input_quantizer"))
+    assert all(torch.isfinite(q.amax).all() for q in qs.values())
+    x = dm.val_set.tensors[0][:16]
+    model.eval()
+    q_out = model(x)
+    for q in qs.values():
+        q.enabled = False
+    assert not torch.allclose(q_out, model(x)), "fake quantization must change the output"
+
+
+def test_export_alone_writes_artifacts_and_report(tmp_path: Path):
+    _fit([TensorRTExport(dirpath=tmp_path, max_metric_drop=0.05)], max_steps=20)
+    for f in ("model_fp32.onnx", "model.onnx", "report.json", "report.md", "report.png"):
+        assert (tmp_path / f).stat().st_size > 0, f
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["reference"] == "pytorch_fp32"
+    assert set(report["backends"]) >= {"pytorch_fp32", "onnxruntime"}
+    assert report["agreement"]["onnxruntime"]["output"]["top1_agreement"] == 1.0
+    assert report["passed"] is True
+    if "tensorrt" not in report["backends"]:
+        assert any("TensorRT" in n for n in report["notes"])
+
+
+@pytest.fixture(scope="module")
+def staged_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("staged")
+    model, dm, _ = _fit(
+        [
+            TwoFourSparsity(start_step=150, exclude=["fc"]),
+            QuantizationAwareTraining(precision="int8", calib_batches=4, start_step=260),
+            TensorRTExport(dirpath=out, max_metric_drop=0.02),
+        ],
+        max_steps=330,
+    )
+    return model, dm, out
+
+
+def test_three_callbacks_together_pass_the_gate(staged_run):
+    _, _, out = staged_run
+    report = json.loads((out / "report.json").read_text())
+    b = report["backends"]
+    assert report["passed"] is True
+    assert b["pytorch_fp32"]["metrics"]["top1"] >= 0.9
+    assert abs(b["onnxruntime"]["metrics"]["top1"] - b["pytorch_fp32"]["metrics"]["top1"]) <= 0.02
+    assert report["agreement"]["onnxruntime"]["output"]["top1_agreement"] >= 0.99
+    assert report["sparsity"]["weights_2to4_share"] > 0.9
+    assert report["quantization"]["precision"] == "int8"
+
+
+def test_exported_qdq_graph_is_2to4_and_quantized_everywhere(staged_run):
+    model, _, out = staged_run
+    path = out / "model.onnx"
+    assert check_2to4(path) == []
+    meta = {p.key: p.value for p in onnx.load(str(path)).metadata_props}
+    assert set(json.loads(meta["qatsparse.pruned_layers"])) == set(model._qatsparse_pruned)
+    graph = onnx.load(str(path)).graph
+    weighted = [n for n in graph.node if n.op_type in ("Conv", "Gemm")]
+    assert weighted and all(_qdq_fed(graph, n) for n in weighted), "Q/DQ must feed both inputs"
+    for n in graph.node:  # symmetric: every zero point is 0
+        if n.op_type in ("QuantizeLinear", "DequantizeLinear") and len(n.input) > 2:
+            zp = next((i for i in graph.initializer if i.name == n.input[2]), None)
+            if zp is not None:
+                assert not onnx.numpy_helper.to_array(zp).any()
+
+
+def test_onnxruntime_agrees_with_pytorch_qat_model(staged_run):
+    model, dm, out = staged_run
+    runner = OnnxRuntimeRunner(out / "model.onnx")
+    model = model.cpu().eval()
+    x, _ = dm.val_set.tensors
+    with torch.no_grad():
+        torch_pred = model(x).argmax(1).numpy()
+    ort_pred = runner((x,))[0].argmax(1).numpy()
+    assert np.mean(torch_pred == ort_pred) >= 0.99
+    assert sparsity_summary(model)["weights_2to4_share"] > 0.9
