@@ -319,7 +319,17 @@ class CLITrainer(pl.Trainer):
             engine = str(plan) if plan.is_file() else None
         run = restore_run(model, ckpt_path, self.callbacks)
         loader = dataloaders if dataloaders is not None else _val_loader(datamodule, model)
-        report = validate_artifacts(run.model, run.reference, loader, settings, onnx_path=onnx, engine_path=engine)
+        report = validate_artifacts(
+            run.model,
+            run.reference,
+            loader,
+            settings,
+            onnx_path=onnx,
+            engine_path=engine,
+            pruned_layers=run.pruned_layers,
+            skipped_layers=run.skipped_layers,
+            quantization=run.quantization,
+        )
         _gate(report, on_fail, settings.dirpath)
         return report
 
