@@ -82,14 +82,21 @@ def digits_run(tmp_path_factory) -> tuple[Path, Path, dict]:
     """A short digits INT8 + 2:4 run that keeps its final checkpoint: (config, checkpoint, fit report)."""
     tmp = tmp_path_factory.mktemp("digits")
     cfg_path = shortened(
-        "digits_int8_sparse", tmp, 40, 15, 30, model={"widths": [16, 32]},
+        "digits_int8_sparse",
+        tmp,
+        40,
+        15,
+        30,
+        model={"widths": [16, 32]},
         trainer={"enable_checkpointing": True},
     )
     cfg = yaml.safe_load(cfg_path.read_text())
-    cfg["trainer"]["callbacks"].append({
-        "class_path": "pytorch_lightning.callbacks.ModelCheckpoint",
-        "init_args": {"dirpath": str(tmp / "ckpt"), "filename": "final", "every_n_train_steps": 40},
-    })
+    cfg["trainer"]["callbacks"].append(
+        {
+            "class_path": "pytorch_lightning.callbacks.ModelCheckpoint",
+            "init_args": {"dirpath": str(tmp / "ckpt"), "filename": "final", "every_n_train_steps": 40},
+        }
+    )
     cfg_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     main(["fit", "--config", str(cfg_path)])
     report = json.loads((tmp / "runs" / "digits_int8_sparse" / "report.json").read_text())

@@ -15,8 +15,13 @@ from qatsparse.sparsity import check_2to4
 from tests._recipes_util import load_recipe, shortened
 
 REPO = Path(__file__).resolve().parents[1]
-RECIPES = ["cifar10_resnet18_int8_sparse", "digits_fp16", "digits_int8_sparse", "imagefolder_resnet18_int8_sparse",
-           "two_head_int8"]
+RECIPES = [
+    "cifar10_resnet18_int8_sparse",
+    "digits_fp16",
+    "digits_int8_sparse",
+    "imagefolder_resnet18_int8_sparse",
+    "two_head_int8",
+]
 
 
 def test_the_five_recipes_are_shipped_and_mirrored_at_the_top_level():
@@ -36,7 +41,9 @@ def test_recipe_prints_its_config(name, capsys):
     assert cfg["version"] == recipe["version"] in RECIPE_VERSIONS
     assert cfg["model"]["class_path"] == recipe["model"]["class_path"]
     assert [c["class_path"] for c in cfg["trainer"]["callbacks"]] == [
-        "qatsparse.TwoFourSparsity", "qatsparse.QuantizationAwareTraining", "qatsparse.TensorRTExport"
+        "qatsparse.TwoFourSparsity",
+        "qatsparse.QuantizationAwareTraining",
+        "qatsparse.TensorRTExport",
     ]
 
 
@@ -77,8 +84,13 @@ def test_two_head_smoke_exports_two_inputs_two_outputs_with_dynamic_batch(tmp_pa
     from qatsparse.examples import TwoHeadNet, generate_positions
 
     cfg = shortened(
-        "two_head_int8", tmp_path, 24, 8, 16,
-        model={"width": 16, "blocks": 1}, data={"n_train": 512, "n_val": 128, "batch_size": 32},
+        "two_head_int8",
+        tmp_path,
+        24,
+        8,
+        16,
+        model={"width": 16, "blocks": 1},
+        data={"n_train": 512, "n_val": 128, "batch_size": 32},
     )
     main(["fit", "--config", str(cfg)])
     report = _report(tmp_path, "two_head_int8")
@@ -118,7 +130,11 @@ def test_imagefolder_smoke_on_generated_pngs(tmp_path):
     root = tmp_path / "images"
     _write_images(root, classes=3, per_class=12)
     cfg = shortened(
-        "imagefolder_resnet18_int8_sparse", tmp_path, 6, 2, 4,
+        "imagefolder_resnet18_int8_sparse",
+        tmp_path,
+        6,
+        2,
+        4,
         trainer={"accelerator": "cpu", "enable_checkpointing": False, "enable_progress_bar": False},
         model={"num_classes": 3, "image_size": 32},
         data={"root": str(root), "image_size": 32, "batch_size": 8, "num_workers": 0, "val_fraction": 0.25},
@@ -141,8 +157,13 @@ def test_imagefolder_num_classes_mismatch_is_named(tmp_path):
     root = tmp_path / "images"
     _write_images(root, classes=2, per_class=4)
     cfg = shortened(
-        "imagefolder_resnet18_int8_sparse", tmp_path, 2, 0, 1,
-        trainer={"accelerator": "cpu"}, model={"num_classes": 5, "image_size": 32},
+        "imagefolder_resnet18_int8_sparse",
+        tmp_path,
+        2,
+        0,
+        1,
+        trainer={"accelerator": "cpu"},
+        model={"num_classes": 5, "image_size": 32},
         data={"root": str(root), "image_size": 32, "batch_size": 2, "num_workers": 0},
     )
     with pytest.raises(ValueError, match="num_classes=5 but the data has 2 classes"):
@@ -174,7 +195,11 @@ def test_cifar10_smoke_with_generated_data(tmp_path, monkeypatch):
 
     monkeypatch.setattr(cifar, "cifar10_dataset_class", lambda: _GeneratedCIFAR10)
     cfg = shortened(
-        "cifar10_resnet18_int8_sparse", tmp_path, 4, 1, 2,
+        "cifar10_resnet18_int8_sparse",
+        tmp_path,
+        4,
+        1,
+        2,
         trainer={"accelerator": "cpu", "enable_checkpointing": False, "enable_progress_bar": False},
         data={"root": str(tmp_path / "cifar"), "batch_size": 8, "num_workers": 0},
     )

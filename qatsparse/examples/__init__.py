@@ -5,7 +5,7 @@ from qatsparse.examples.classifier import ImageClassifier, build_resnet
 from qatsparse.examples.digits import DigitsDataModule, EpochSeededSampler
 from qatsparse.examples.imagefolder import ImageFolderDataModule
 from qatsparse.examples.models import BasicBlock, ResidualCNN
-from qatsparse.examples.pretrained import load_init_ckpt, setup_init_ckpt
+from qatsparse.examples.pretrained import load_init_ckpt, mark_restored, setup_init_ckpt
 from qatsparse.examples.two_head import TwoHeadDataModule, TwoHeadNet, generate_positions
 
 __all__ = [
@@ -21,5 +21,6 @@ __all__ = [
     "build_resnet",
     "generate_positions",
     "load_init_ckpt",
+    "mark_restored",
     "setup_init_ckpt",
 ]

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qatsparse.checkpointing import restore_structure
-from qatsparse.examples.pretrained import setup_init_ckpt
+from qatsparse.examples.pretrained import mark_restored, setup_init_ckpt
 
 
 def build_resnet(arch: str, num_classes: int, cifar_stem: bool = False, weights: str | None = None) -> nn.Module:
@@ -54,7 +54,7 @@ class ImageClassifier(pl.LightningModule):
         image_size: side of the input images (sets ``example_input_array``).
         weights: torchvision weights name to start from (e.g. ``IMAGENET1K_V1``; downloads).
         init_ckpt: start from these weights (a Lightning checkpoint or a plain state_dict, e.g. a
-            torchvision ``state_dict``), loaded at ``setup`` unless the Trainer restores a checkpoint.
+            torchvision ``state_dict``), loaded when fit/validate/test/predict starts unless a checkpoint is restored.
         lr: peak learning rate.
         weight_decay: SGD weight decay.
         label_smoothing: cross-entropy label smoothing.
@@ -95,7 +95,11 @@ class ImageClassifier(pl.LightningModule):
                 f"model.num_classes={self.hparams.num_classes} but the data has {n} classes: "
                 f"set --model.init_args.num_classes={n}"
             )
-        setup_init_ckpt(self, self.hparams.init_ckpt)
+
+    def on_fit_start(self) -> None:
+        setup_init_ckpt(self, self.hparams.init_ckpt)  # after a restored ckpt_path: skipped
+
+    on_validation_start = on_test_start = on_predict_start = on_fit_start
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         x, y = batch
@@ -129,3 +133,4 @@ class ImageClassifier(pl.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         restore_structure(self, checkpoint)  # QAT checkpoints: insert the quantizers before loading
+        mark_restored(self)  # init_ckpt is not loaded over a restored checkpoint

@@ -65,7 +65,9 @@ class ImageFolderDataModule(pl.LightningDataModule):
     ) -> None:
         super().__init__()
         if root is None or str(root).strip() == "":
-            raise ValueError(f"data.root is required: set `--data.init_args.root PATH` (or `root:` in the recipe); {_LAYOUT}")
+            raise ValueError(
+                f"data.root is required: set `--data.init_args.root PATH` (or `root:` in the recipe); {_LAYOUT}"
+            )
         if not Path(root).is_dir():
             raise FileNotFoundError(f"data.root {str(root)!r} is not a folder; {_LAYOUT}")
         if not 0.0 < val_fraction < 1.0:

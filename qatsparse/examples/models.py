@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qatsparse.checkpointing import restore_structure
-from qatsparse.examples.pretrained import setup_init_ckpt
+from qatsparse.examples.pretrained import mark_restored, setup_init_ckpt
 
 
 class BasicBlock(nn.Module):
@@ -48,8 +48,8 @@ class ResidualCNN(pl.LightningModule):
         lr: peak learning rate.
         weight_decay: SGD weight decay.
         image_size: side of the input images (sets ``example_input_array``).
-        init_ckpt: start from these weights (a Lightning checkpoint or a plain state_dict), loaded at
-            ``setup`` unless the Trainer restores a checkpoint (see :mod:`qatsparse.examples.pretrained`).
+        init_ckpt: start from these weights (a Lightning checkpoint or a plain state_dict), loaded when
+            fit/validate/test/predict starts unless a checkpoint is restored (:mod:`qatsparse.examples.pretrained`).
 
     Example:
         >>> m = ResidualCNN(); m(m.example_input_array).shape
@@ -84,8 +84,10 @@ class ResidualCNN(pl.LightningModule):
         x = self.stages(self.stem(x))
         return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
 
-    def setup(self, stage: str) -> None:
-        setup_init_ckpt(self, self.hparams.init_ckpt)
+    def on_fit_start(self) -> None:
+        setup_init_ckpt(self, self.hparams.init_ckpt)  # after a restored ckpt_path: skipped
+
+    on_validation_start = on_test_start = on_predict_start = on_fit_start
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         x, y = batch
@@ -111,3 +113,4 @@ class ResidualCNN(pl.LightningModule):
         # A checkpoint taken after QAT started holds quantizer buffers: insert the quantizers first so
         # that `load_from_checkpoint` restores them exactly (see docs/callbacks.md).
         restore_structure(self, checkpoint)
+        mark_restored(self)  # init_ckpt is not loaded over a restored checkpoint

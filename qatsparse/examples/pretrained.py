@@ -1,11 +1,11 @@
 """Start from a trained model: load ``init_ckpt`` (a Lightning checkpoint or a plain state_dict).
 
-The example models take ``init_ckpt`` and call :func:`setup_init_ckpt` from ``LightningModule.setup``,
-so the weights are loaded once, when a Trainer first uses the model, and *not* when the Trainer
-restores a checkpoint of its own (``fit(ckpt_path=...)`` resuming, ``validate(ckpt_path=...)``,
-``qatsparse export --ckpt_path``): a resumed run is never silently reset to the starting weights,
-and a checkpoint stays loadable after the init file has moved. A user's own LightningModule does the
-same with two lines (docs/recipes.md, "Starting from a trained model").
+The example models take ``init_ckpt`` and call :func:`setup_init_ckpt` from ``on_fit_start`` (and the
+validate/test/predict start hooks), so the weights are loaded once, when a Trainer first uses the model,
+and *not* when the Trainer restores a checkpoint of its own (``fit(ckpt_path=...)`` resuming,
+``validate(ckpt_path=...)``, ``qatsparse export --ckpt_path``): a resumed run is never silently reset to
+the starting weights, and a checkpoint stays loadable after the init file has moved. A user's own
+LightningModule does the same with a few lines (docs/recipes.md, "Starting from a trained model").
 """
 
 from __future__ import annotations
@@ -98,18 +98,24 @@ def load_init_ckpt(module: nn.Module, path: str | Path, strict: bool = True) -> 
 
 
 def setup_init_ckpt(module: Any, path: str | Path | None) -> bool:
-    """Call from ``LightningModule.setup``: load ``path`` once, unless the Trainer is about to restore a
-    checkpoint of its own. Returns True when it loaded.
+    """Call from ``on_fit_start`` (and ``on_validation_start``/``on_test_start``/``on_predict_start``): load
+    ``path`` once, unless a checkpoint was restored into the module (:func:`mark_restored`). Returns True
+    when it loaded.
+
+    These hooks run after Lightning restores ``ckpt_path`` (``setup`` runs before, when the Trainer does not
+    yet know the path), and after the optimizers exist: loading copies into the same parameters.
 
     Example:
         >>> setup_init_ckpt(nn.Linear(2, 1), None)
         False
     """
-    if not path or getattr(module, "_qatsparse_init_loaded", False):
-        return False
-    trainer = getattr(module, "_trainer", None)
-    if trainer is not None and getattr(trainer, "ckpt_path", None):
+    if not path or getattr(module, "_qatsparse_init_loaded", False) or getattr(module, "_qatsparse_restored", False):
         return False
     load_init_ckpt(module, path)
     module._qatsparse_init_loaded = True
     return True
+
+
+def mark_restored(module: Any) -> None:
+    """Call from ``on_load_checkpoint``: the module now holds a checkpoint's weights, so ``init_ckpt`` is skipped."""
+    module._qatsparse_restored = True

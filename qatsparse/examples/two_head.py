@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from qatsparse.checkpointing import restore_structure
 from qatsparse.examples.digits import EpochSeededSampler
 from qatsparse.examples.models import BasicBlock
-from qatsparse.examples.pretrained import setup_init_ckpt
+from qatsparse.examples.pretrained import mark_restored, setup_init_ckpt
 
 
 class TwoHeadNet(pl.LightningModule):
@@ -82,8 +82,10 @@ class TwoHeadNet(pl.LightningModule):
         value = torch.tanh(self.value_fc2(F.relu(self.value_fc1(torch.flatten(self.value_conv(x), 1)))))
         return policy, value
 
-    def setup(self, stage: str) -> None:
-        setup_init_ckpt(self, self.hparams.init_ckpt)
+    def on_fit_start(self) -> None:
+        setup_init_ckpt(self, self.hparams.init_ckpt)  # after a restored ckpt_path: skipped
+
+    on_validation_start = on_test_start = on_predict_start = on_fit_start
 
     def _losses(self, batch: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         (board, aux), (move, value_t) = batch
@@ -110,31 +112,43 @@ class TwoHeadNet(pl.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         restore_structure(self, checkpoint)  # QAT checkpoints: insert the quantizers before loading
+        mark_restored(self)  # init_ckpt is not loaded over a restored checkpoint
+
+
+#: The eight king-move directions (row, column) that the first eight aux features choose between.
+_DIRECTIONS = torch.tensor([[-1, -1], [-1, 0], [-1, 1], [0, -1], [0, 1], [1, -1], [1, 0], [1, 1]])
 
 
 def generate_positions(
     n: int, board_planes: int = 16, board_size: int = 8, aux_features: int = 8, seed: int = 0, task_seed: int = 1234
 ) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
-    """``n`` random positions and their targets from a fixed "teacher" (seeded by ``task_seed``).
+    """``n`` random positions and their targets from a fixed rule (its value weights seeded by ``task_seed``).
 
-    Boards are sparse binary planes, aux features standard normal. The best move is the argmax of a
-    3x3 convolution of the planes plus a per-cell projection of the aux features (a local, learnable
-    rule); the value is ``tanh`` of a linear function of the plane densities and the aux features.
+    Plane 0 holds one "king" on a random cell, the other planes sparse random pieces; the aux features
+    are standard normal. The best move is two cells from the king in the direction picked by the
+    largest of the first eight aux features (clamped to the board): a local feature (where the king
+    is) combined with a global one (the aux vector), as in board-game policies. The value is ``tanh``
+    of a fixed linear function of the plane densities and the aux features.
 
     Example:
         >>> (b, a), (m, v) = generate_positions(4); tuple(b.shape), tuple(a.shape), m.dtype, tuple(v.shape)
         ((4, 16, 8, 8), (4, 8), torch.int64, (4, 1))
     """
+    if board_planes < 2 or aux_features < 1:
+        raise ValueError(f"need board_planes >= 2 and aux_features >= 1, got {board_planes}, {aux_features}")
     g = torch.Generator().manual_seed(seed)
     board = (torch.rand(n, board_planes, board_size, board_size, generator=g) < 0.1).float()
+    cells = board_size * board_size
+    king = torch.randint(0, cells, (n,), generator=g)
+    board[:, 0] = F.one_hot(king, cells).float().view(n, board_size, board_size)
     aux = torch.randn(n, aux_features, generator=g)
+    step = _DIRECTIONS[aux[:, :8].argmax(1) % len(_DIRECTIONS)] * 2
+    row = (king // board_size + step[:, 0]).clamp(0, board_size - 1)
+    col = (king % board_size + step[:, 1]).clamp(0, board_size - 1)
+    move = row * board_size + col
     t = torch.Generator().manual_seed(task_seed)
-    kernel = torch.randn(1, board_planes, 3, 3, generator=t)
-    aux_map = torch.randn(aux_features, board_size * board_size, generator=t) * 0.5
     v_board, v_aux = torch.randn(board_planes, generator=t), torch.randn(aux_features, generator=t)
-    score = F.conv2d(board, kernel, padding=1).flatten(1) + aux @ aux_map
-    move = score.argmax(1)
-    value = torch.tanh(board.mean(dim=(2, 3)) @ v_board * 3.0 + aux @ v_aux * 0.3).unsqueeze(1)
+    value = torch.tanh(board[:, 1:].mean(dim=(2, 3)) @ v_board[1:] * 3.0 + aux @ v_aux * 0.3).unsqueeze(1)
     return (board, aux), (move, value)
 
 
@@ -202,5 +216,8 @@ class TwoHeadDataModule(pl.LightningDataModule):
     def val_dataloader(self) -> DataLoader:
         assert self.val_set is not None, "call setup() first"
         return DataLoader(
-            self.val_set, batch_size=self.hparams.batch_size, collate_fn=self._collate, num_workers=self.hparams.num_workers
+            self.val_set,
+            batch_size=self.hparams.batch_size,
+            collate_fn=self._collate,
+            num_workers=self.hparams.num_workers,
         )
