@@ -128,7 +128,7 @@ def _write_images(root: Path, classes: int, per_class: int, size: int = 40) -> N
 
 def test_imagefolder_smoke_on_generated_pngs(tmp_path):
     root = tmp_path / "images"
-    _write_images(root, classes=3, per_class=12)
+    _write_images(root, classes=3, per_class=8)
     cfg = shortened(
         "imagefolder_resnet18_int8_sparse",
         tmp_path,
@@ -177,7 +177,7 @@ class _GeneratedCIFAR10:
         from PIL import Image
 
         rng = np.random.default_rng(0 if train else 1)
-        n = 64 if train else 24
+        n = 32 if train else 16
         self.targets = (np.arange(n) % 10).tolist()
         self.images = [Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)) for _ in range(n)]
         self.transform = transform
@@ -190,6 +190,7 @@ class _GeneratedCIFAR10:
         return (self.transform(img) if self.transform else img), self.targets[i]
 
 
+@pytest.mark.slow  # ResNet-18 at 32x32 without a stride-2 stem: training, calibration, export, ORT
 def test_cifar10_smoke_with_generated_data(tmp_path, monkeypatch):
     import qatsparse.examples.cifar10 as cifar
 
@@ -225,3 +226,35 @@ def test_cifar10_without_internet_says_where_to_put_the_archive(tmp_path, monkey
         dm.prepare_data()
     with pytest.raises(RuntimeError, match=r"CIFAR-10 is not in"):
         CIFAR10DataModule(root=str(tmp_path / "c10"), download=False).prepare_data()
+
+
+def _init_args(cls) -> list[str]:
+    import inspect
+
+    params = inspect.signature(cls.__init__).parameters.values()
+    return [p.name for p in params if p.name != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+
+
+def test_docs_list_every_callback_and_example_argument():
+    from qatsparse import QuantizationAwareTraining, TensorRTExport, TwoFourSparsity
+    from qatsparse import examples as ex
+
+    callbacks = (REPO / "docs" / "callbacks.md").read_text()
+    for cls in (TwoFourSparsity, QuantizationAwareTraining, TensorRTExport):
+        missing = [a for a in _init_args(cls) if f"| `{a}` |" not in callbacks]
+        assert not missing, f"docs/callbacks.md lacks {cls.__name__} arguments {missing}"
+    recipes = (REPO / "docs" / "recipes.md").read_text()
+    classes = (
+        ex.ResidualCNN,
+        ex.ImageClassifier,
+        ex.TwoHeadNet,
+        ex.DigitsDataModule,
+        ex.ImageFolderDataModule,
+        ex.CIFAR10DataModule,
+        ex.TwoHeadDataModule,
+    )
+    for cls in classes:
+        missing = [a for a in _init_args(cls) if f"`{a}`" not in recipes]
+        assert not missing, f"docs/recipes.md lacks {cls.__name__} keys {missing}"
+    for name in RECIPES:
+        assert f"`{name}`" in recipes

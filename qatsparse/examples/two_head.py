@@ -52,7 +52,7 @@ class TwoHeadNet(pl.LightningModule):
         board_planes: int = 16,
         board_size: int = 8,
         aux_features: int = 8,
-        width: int = 64,
+        width: int = 32,
         blocks: int = 2,
         lr: float = 3e-3,
         weight_decay: float = 1e-4,
@@ -176,7 +176,7 @@ class TwoHeadDataModule(pl.LightningDataModule):
         board_planes: int = 16,
         board_size: int = 8,
         aux_features: int = 8,
-        batch_size: int = 128,
+        batch_size: int = 64,
         seed: int = 0,
         num_workers: int = 0,
     ) -> None:
