@@ -1,29 +1,477 @@
-"""The ``qatsparse`` command: LightningCLI (``fit``, ``validate``, ``test``, ``predict``)."""
+"""The ``qatsparse`` command: LightningCLI's ``fit``/``validate``/``test``/``predict`` plus ``export``,
+``bench`` and ``recipes``.
+
+``--config`` takes a path or the name of a shipped recipe (``qatsparse recipes`` lists them), and can
+be given several times (later files override earlier ones, LightningCLI's convention). Every recipe
+holds a ``version:`` (see :data:`RECIPE_VERSIONS`). A misspelt key or callback argument fails while
+the config is parsed -- before anything is built or trained -- with the valid names and the closest one.
+
+* ``qatsparse export --config X --ckpt_path Y`` rebuilds the model and data from the config, loads the
+  checkpoint (QAT checkpoints included) and exports, builds and validates with the config's
+  ``TensorRTExport`` settings.
+* ``qatsparse validate --config X --ckpt_path Y`` runs Lightning's validation loop; with ``--onnx P``,
+  ``--engine E`` or ``--artifacts true`` it validates existing artifacts against the checkpoint instead.
+* ``qatsparse bench --config X [--ckpt_path Y] [--batch_sizes [1,32]]`` times every backend.
+"""
 
 from __future__ import annotations
 
+import difflib
+import importlib
+import inspect
+import json
+import re
+import sys
+from argparse import ArgumentTypeError
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
 import pytorch_lightning as pl
-from pytorch_lightning.cli import LightningCLI
+import torch
+from jsonargparse import Namespace
+from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
+from torch import nn
+
+#: Folder of the shipped recipes (package data; ``recipes/`` at the repository root mirrors it).
+RECIPES_DIR = Path(__file__).resolve().parent / "recipes"
+#: Recipe format versions this release reads (the ``version:`` key of a recipe).
+RECIPE_VERSIONS = (1,)
 
 
-class QatsparseCLI(LightningCLI):
-    """LightningCLI with any LightningModule/LightningDataModule given by ``class_path``.
+# ---------------------------------------------------------------------------------------- recipes
+def recipe_paths() -> dict[str, Path]:
+    """Shipped recipes by name.
 
     Example:
-        ``qatsparse fit --config recipes/digits_int8_sparse.yaml``
+        >>> "digits_int8_sparse" in recipe_paths()
+        True
+    """
+    return {p.stem: p for p in sorted(RECIPES_DIR.glob("*.yaml"))}
+
+
+def recipe_description(path: str | Path) -> str:
+    """The one-line description of a recipe: its first comment line, without a leading ``name --``."""
+    for line in Path(path).read_text().splitlines():
+        if not line.startswith("#"):
+            break
+        text = line.lstrip("#").strip()
+        if text:
+            return re.sub(rf"^{re.escape(Path(path).stem)}\s*(--|:|-)\s*", "", text)
+    return ""
+
+
+def list_recipes() -> dict[str, str]:
+    """``{name: one-line description}`` of the shipped recipes (what ``qatsparse recipes`` prints)."""
+    return {name: recipe_description(p) for name, p in recipe_paths().items()}
+
+
+def resolve_config(value: str) -> str:
+    """A ``--config`` value as a path: an existing file is kept, a shipped recipe's name (with or
+    without ``.yaml``) becomes its path, anything else is an error naming the shipped recipes.
+
+    Example:
+        >>> Path(resolve_config("digits_int8_sparse")).name
+        'digits_int8_sparse.yaml'
+    """
+    if Path(value).exists() or value.lstrip().startswith(("{", "[")) or "\n" in value or ":" in value:
+        return value  # a file, or inline YAML/JSON (jsonargparse accepts both)
+    recipes = recipe_paths()
+    name = value[: -len(".yaml")] if value.endswith(".yaml") else value
+    if name in recipes:
+        return str(recipes[name])
+    raise SystemExit(
+        f"error: --config {value!r} is neither a file nor a shipped recipe; shipped recipes: {', '.join(recipes)}"
+    )
+
+
+def resolve_config_args(argv: Sequence[str]) -> list[str]:
+    """Replace every ``--config``/``-c`` value of a command line with :func:`resolve_config`'s path."""
+    out: list[str] = []
+    it = iter(argv)
+    for arg in it:
+        if arg in ("--config", "-c"):
+            out.append(arg)
+            value = next(it, None)
+            if value is not None:
+                out.append(resolve_config(value))
+        elif arg.startswith("--config="):
+            out.append("--config=" + resolve_config(arg.split("=", 1)[1]))
+        else:
+            out.append(arg)
+    return out
+
+
+class RecipeVersionError(ArgumentTypeError, ValueError):
+    """An unsupported ``version:`` (argparse shows an ArgumentTypeError's message, jsonargparse a ValueError's)."""
+
+
+def recipe_version(value: Any) -> int:
+    """Type of the ``version`` key: an integer among :data:`RECIPE_VERSIONS`."""
+    try:
+        v = int(value)
+    except (TypeError, ValueError):
+        raise RecipeVersionError(f"version must be an integer among {list(RECIPE_VERSIONS)}, got {value!r}") from None
+    if v not in RECIPE_VERSIONS:
+        raise RecipeVersionError(
+            f"recipe version {v} is not supported by this qatsparse; supported versions: {list(RECIPE_VERSIONS)}"
+        )
+    return v
+
+
+# ---------------------------------------------------------------------------------------- parser
+def _accepted_args(class_path: str) -> list[str]:
+    module, _, name = class_path.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module), name)
+        params = inspect.signature(cls.__init__).parameters.values()
+    except Exception:
+        return []
+    return [p.name for p in params if p.name != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+
+
+def _hint(bad: str, valid: Sequence[str]) -> str:
+    close = difflib.get_close_matches(bad, valid, n=1)
+    maybe = f" (did you mean {close[0]!r}?)" if close else ""
+    return f"'{bad}' is not a valid key{maybe}; valid keys: {', '.join(valid)}"
+
+
+def error_hints(message: str, parser_keys: Sequence[str] = ()) -> list[str]:
+    """For each unknown key named in a jsonargparse error: the valid keys there and the closest one.
+
+    Jsonargparse names the unknown key but not the accepted ones; users of recipes need both.
+
+    Example:
+        >>> msg = "Problem with given class_path 'qatsparse.TwoFourSparsity':\\n  Option 'start_stp' is not accepted"
+        >>> "did you mean 'start_step'?" in error_hints(msg)[0]
+        True
+    """
+    hints = []
+    for cls, bad in re.findall(r"class_path '([\w.]+)':\s*\n\s*Option '([\w.]+)' is not accepted", message):
+        hints.append(f"{cls}: {_hint(bad, _accepted_args(cls))}")
+    unknown = re.findall(r"does not accept option '([\w.]+)'", message)
+    unknown += re.findall(r"unrecognized arguments: --([\w.]+)", message)
+    if not hints:
+        unknown += re.findall(r"^Option '([\w.]+)' is not accepted", message, flags=re.M)
+    for key in unknown:
+        prefix = key.rpartition(".")[0]
+        valid = [k[len(prefix) + 1 :] if prefix else k for k in parser_keys if k.rpartition(".")[0] == prefix]
+        if valid:
+            hints.append(f"{prefix or 'top level'}: {_hint(key.rpartition('.')[2], sorted(set(valid)))}")
+    return hints
+
+
+class QatsparseArgumentParser(LightningArgumentParser):
+    """LightningArgumentParser whose errors about unknown keys also list the valid keys.
+
+    Example:
+        >>> p = QatsparseArgumentParser(exit_on_error=False); _ = p.add_argument("--max_steps", type=int)
+        >>> try:
+        ...     p.parse_args(["--max_stesp=3"])
+        ... except Exception as e:
+        ...     print("did you mean 'max_steps'?" in str(e))
+        True
     """
 
+    def error(self, message: str, ex: Exception | None = None) -> Any:
+        parser = getattr(ex, "subcommand_parser", None) or self
+        keys = [a.dest for a in getattr(parser, "_actions", [])]
+        hints = error_hints(message, keys)
+        if hints:
+            message = message.rstrip() + "\n" + "\n".join(f"  hint: {h}" for h in hints)
+        return super().error(message, ex)
 
-def main(args: list[str] | None = None) -> None:
-    """Entry point of the ``qatsparse`` console script."""
-    QatsparseCLI(
+
+# ---------------------------------------------------------------------------------------- commands
+@dataclass
+class RestoredRun:
+    """A model restored from a checkpoint with what the callbacks had recorded in it."""
+
+    model: nn.Module
+    reference: nn.Module | None
+    pruned_layers: list[str] = field(default_factory=list)
+    skipped_layers: dict[str, str] = field(default_factory=dict)
+    quantization: dict[str, Any] = field(default_factory=dict)
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """A Lightning checkpoint, or a plain state_dict wrapped as ``{"state_dict": ...}``."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
+    # weights_only=False: Lightning checkpoints hold callback states (the user's own files).
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    if not isinstance(ckpt, dict):
+        raise TypeError(f"{path} holds a {type(ckpt).__name__}, not a checkpoint or state_dict")
+    if "state_dict" not in ckpt:
+        ckpt = {"state_dict": ckpt}
+    return ckpt
+
+
+def _callback(callbacks: Sequence[Any], cls: type) -> Any:
+    return next((cb for cb in callbacks if isinstance(cb, cls)), None) or cls()
+
+
+def restore_run(model: nn.Module, ckpt_path: str | Path | None, callbacks: Sequence[Any] = ()) -> RestoredRun:
+    """Load ``ckpt_path`` into ``model`` (inserting quantizers first for a QAT checkpoint) and read the
+    dense reference, the pruned layers and the quantization settings the callbacks saved in it.
+
+    Example:
+        >>> run = restore_run(nn.Linear(2, 2), None); run.reference is None
+        True
+    """
+    from qatsparse import QuantizationAwareTraining, TensorRTExport, TwoFourSparsity
+    from qatsparse.checkpointing import CHECKPOINT_KEY, restore_structure
+    from qatsparse.quantization import QuantConfig, quantize_model
+    from qatsparse.sparsity import MaskSet
+
+    if ckpt_path is None:
+        return RestoredRun(model, None)
+    ckpt = load_checkpoint(ckpt_path)
+    if isinstance(model, pl.LightningModule):
+        model.on_load_checkpoint(ckpt)
+    restore_structure(model, ckpt)
+    model.load_state_dict(ckpt["state_dict"])
+    states = ckpt.get("callbacks") or {}
+    run = RestoredRun(model, None)
+
+    export_cb = _callback(callbacks, TensorRTExport)
+    if export_cb.state_key in states:
+        export_cb.load_state_dict(states[export_cb.state_key])
+        run.reference = export_cb.reference_model(model)
+    sparsity_state = states.get(_callback(callbacks, TwoFourSparsity).state_key) or {}
+    if sparsity_state.get("masks"):
+        masks = MaskSet.from_state_dict(sparsity_state["masks"])
+        run.pruned_layers, run.skipped_layers = list(masks.masks), dict(masks.skipped)
+    qcfg = (ckpt.get(CHECKPOINT_KEY) or {}).get("quantization")
+    if qcfg:
+        qat = _callback(callbacks, QuantizationAwareTraining)
+        qat.load_state_dict({"applied": True})
+        qat.config = QuantConfig(**qcfg)
+        qat.summary = quantize_model(model, qat.config)  # idempotent: reports what is quantized
+        run.quantization = qat.report(model)
+    return run
+
+
+def _val_loader(datamodule: pl.LightningDataModule | None, model: nn.Module) -> Any:
+    if datamodule is not None:
+        datamodule.prepare_data()
+        datamodule.setup("validate")
+        return datamodule.val_dataloader()
+    if isinstance(model, pl.LightningModule):
+        return model.val_dataloader()
+    raise ValueError("no validation data: give the config a `data:` section")
+
+
+def _export_settings(callbacks: Sequence[Any], dirpath: str | None) -> tuple[Any, str]:
+    from qatsparse import TensorRTExport
+
+    cb = _callback(callbacks, TensorRTExport)
+    settings = cb.settings
+    if dirpath is not None:
+        settings.dirpath = Path(dirpath)
+    return settings, cb.on_fail
+
+
+def _gate(report: dict[str, Any], on_fail: str, dirpath: Any) -> None:
+    failures = (report.get("gate") or {}).get("failures") or []
+    if failures and on_fail == "raise":
+        raise RuntimeError("qatsparse accuracy gate failed:\n  " + "\n  ".join(failures) + f"\n(report in {dirpath})")
+
+
+class CLITrainer(pl.Trainer):
+    """The Trainer of the ``qatsparse`` command: Lightning's, plus ``export`` and ``bench`` methods and a
+    ``validate`` that can also re-validate exported artifacts. Its methods' arguments are the
+    subcommands' options (LightningCLI reads the signatures).
+
+    Example:
+        >>> trainer = CLITrainer(logger=False)  # doctest: +SKIP
+        >>> trainer.export(model, datamodule=dm, ckpt_path="last.ckpt")  # doctest: +SKIP
+    """
+
+    def validate(  # type: ignore[override]
+        self,
+        model: pl.LightningModule | None = None,
+        dataloaders: Any = None,
+        ckpt_path: str | None = None,
+        verbose: bool = True,
+        datamodule: pl.LightningDataModule | None = None,
+        weights_only: bool | None = None,
+        onnx: str | None = None,
+        engine: str | None = None,
+        artifacts: bool = False,
+    ) -> Any:
+        """Run Lightning's validation loop, or (``onnx``/``engine``/``artifacts`` given) re-validate the
+        exported ONNX/engine of the checkpoint against its dense reference on the validation data.
+
+        Args:
+            onnx: ONNX file to validate (artifact validation).
+            engine: TensorRT engine to validate (artifact validation).
+            artifacts: validate the artifacts in the config's ``TensorRTExport.dirpath``.
+        """
+        if onnx is None and engine is None and not artifacts:
+            kwargs = {"weights_only": weights_only} if weights_only is not None else {}
+            return super().validate(model, dataloaders, ckpt_path, verbose, datamodule, **kwargs)
+        from qatsparse.pipeline import validate_artifacts
+
+        if model is None:
+            raise ValueError("artifact validation needs a model (the config's `model:`)")
+        settings, on_fail = _export_settings(self.callbacks, None)
+        if onnx is None and engine is None:
+            onnx = str(settings.dirpath / "model.onnx")
+            plan = settings.dirpath / "model.plan"
+            engine = str(plan) if plan.is_file() else None
+        run = restore_run(model, ckpt_path, self.callbacks)
+        loader = dataloaders if dataloaders is not None else _val_loader(datamodule, model)
+        report = validate_artifacts(
+            run.model,
+            run.reference,
+            loader,
+            settings,
+            onnx_path=onnx,
+            engine_path=engine,
+            pruned_layers=run.pruned_layers,
+            skipped_layers=run.skipped_layers,
+            quantization=run.quantization,
+        )
+        _gate(report, on_fail, settings.dirpath)
+        return report
+
+    def export(
+        self,
+        model: pl.LightningModule,
+        ckpt_path: str,
+        datamodule: pl.LightningDataModule | None = None,
+        dirpath: str | None = None,
+    ) -> dict[str, Any]:
+        """Export a checkpoint: ONNX, TensorRT engine where available, validation and report.
+
+        Args:
+            ckpt_path: Lightning checkpoint (or plain state_dict) of the trained model.
+            dirpath: output folder (default: the config's ``TensorRTExport.dirpath``).
+        """
+        from qatsparse.pipeline import export_and_validate
+
+        settings, on_fail = _export_settings(self.callbacks, dirpath)
+        run = restore_run(model, ckpt_path, self.callbacks)
+        report = export_and_validate(
+            run.model,
+            run.reference,
+            _val_loader(datamodule, model),
+            settings,
+            pruned_layers=run.pruned_layers,
+            skipped_layers=run.skipped_layers,
+            quantization=run.quantization,
+        )
+        print(f"qatsparse: artifacts and report in {settings.dirpath}")
+        _gate(report, on_fail, settings.dirpath)
+        return report
+
+    def bench(
+        self,
+        model: pl.LightningModule,
+        ckpt_path: str | None = None,
+        datamodule: pl.LightningDataModule | None = None,
+        batch_sizes: list[int] = [1, 32, 256],  # noqa: B006 -- read by LightningCLI as the default
+        onnx: str | None = None,
+        engine: str | None = None,
+        device: str | None = None,
+        output: str | None = None,
+    ) -> dict[str, Any]:
+        """Time every backend of a model (PyTorch, ONNX Runtime, TensorRT where available) per batch size.
+
+        Args:
+            ckpt_path: checkpoint to load first (default: the model as configured).
+            batch_sizes: batch sizes to time.
+            onnx: ONNX file to time with ONNX Runtime.
+            engine: TensorRT engine to time.
+            device: ``cpu`` or ``cuda`` (default: CUDA where available).
+            output: also write the result as JSON to this file.
+        """
+        from qatsparse.batches import example_inputs
+        from qatsparse.benchmark import benchmark, format_table
+
+        run = restore_run(model, ckpt_path, self.callbacks)
+        loader = None if getattr(model, "example_input_array", None) is not None else _val_loader(datamodule, model)
+        inputs = example_inputs(run.model, loader)
+        result = benchmark(
+            run.model, inputs, batch_sizes=tuple(batch_sizes), onnx_path=onnx, engine_path=engine, device=device
+        )
+        print(format_table(result))
+        if output is not None:
+            Path(output).parent.mkdir(parents=True, exist_ok=True)
+            Path(output).write_text(json.dumps(result, indent=2, default=str))
+        return result
+
+
+# ---------------------------------------------------------------------------------------- CLI
+class QatsparseCLI(LightningCLI):
+    """LightningCLI with any LightningModule/LightningDataModule given by ``class_path``, the ``export`` and
+    ``bench`` subcommands, recipe names for ``--config`` and a checked ``version`` key.
+
+    Example:
+        ``qatsparse fit --config digits_int8_sparse``
+    """
+
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        return {
+            **LightningCLI.subcommands(),
+            "export": {"model", "datamodule"},
+            "bench": {"model", "datamodule"},
+        }
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_argument(
+            "--version",
+            type=recipe_version,
+            default=RECIPE_VERSIONS[-1],
+            help=f"Recipe format version; supported: {list(RECIPE_VERSIONS)}.",
+        )
+
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        if isinstance(args, (dict, Namespace)):
+            return super().parse_arguments(parser, args)
+        argv = list(sys.argv[1:] if args is None else args)
+        self.config = parser.parse_args(resolve_config_args(argv))
+
+
+def print_recipes() -> None:
+    """Print the shipped recipes, one per line with its description."""
+    recipes = list_recipes()
+    width = max(map(len, recipes), default=0)
+    for name, desc in recipes.items():
+        print(f"{name:<{width}}  {desc}")
+    print(f"\nRun one with `qatsparse fit --config NAME`; the files are in {RECIPES_DIR}")
+
+
+def run_cli(args: list[str] | None = None) -> QatsparseCLI | None:
+    """Run the ``qatsparse`` command on ``args`` (default ``sys.argv[1:]``) and return the CLI object
+    (its ``trainer``, ``model``, ``datamodule``); None for ``qatsparse recipes``."""
+    argv = list(sys.argv[1:] if args is None else args)
+    if argv[:1] == ["recipes"]:
+        print_recipes()
+        return None
+    return QatsparseCLI(
         pl.LightningModule,
         pl.LightningDataModule,
         subclass_mode_model=True,
         subclass_mode_data=True,
-        args=args,
+        trainer_class=CLITrainer,
+        parser_class=QatsparseArgumentParser,
+        args=argv,
         save_config_kwargs={"overwrite": True},
+        parser_kwargs={
+            "description": "qatsparse: 2:4 sparsity + INT8/FP16 QAT + ONNX/TensorRT export and validation. "
+            "`qatsparse recipes` lists the shipped recipes."
+        },
     )
+
+
+def main(args: list[str] | None = None) -> None:
+    """Entry point of the ``qatsparse`` console script (see :func:`run_cli`)."""
+    run_cli(args)
 
 
 if __name__ == "__main__":  # pragma: no cover

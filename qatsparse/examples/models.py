@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qatsparse.checkpointing import restore_structure
+from qatsparse.examples.pretrained import mark_restored, setup_init_ckpt
 
 
 class BasicBlock(nn.Module):
@@ -47,6 +48,8 @@ class ResidualCNN(pl.LightningModule):
         lr: peak learning rate.
         weight_decay: SGD weight decay.
         image_size: side of the input images (sets ``example_input_array``).
+        init_ckpt: start from these weights (a Lightning checkpoint or a plain state_dict), loaded when
+            fit/validate/test/predict starts unless a checkpoint is restored (:mod:`qatsparse.examples.pretrained`).
 
     Example:
         >>> m = ResidualCNN(); m(m.example_input_array).shape
@@ -61,6 +64,7 @@ class ResidualCNN(pl.LightningModule):
         lr: float = 0.1,
         weight_decay: float = 5e-4,
         image_size: int = 8,
+        init_ckpt: str | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -79,6 +83,11 @@ class ResidualCNN(pl.LightningModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.stages(self.stem(x))
         return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+    def on_fit_start(self) -> None:
+        setup_init_ckpt(self, self.hparams.init_ckpt)  # after a restored ckpt_path: skipped
+
+    on_validation_start = on_test_start = on_predict_start = on_fit_start
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         x, y = batch
@@ -104,3 +113,4 @@ class ResidualCNN(pl.LightningModule):
         # A checkpoint taken after QAT started holds quantizer buffers: insert the quantizers first so
         # that `load_from_checkpoint` restores them exactly (see docs/callbacks.md).
         restore_structure(self, checkpoint)
+        mark_restored(self)  # init_ckpt is not loaded over a restored checkpoint
