@@ -6,10 +6,12 @@ from typing import Any
 
 from torch import nn
 
-#: What ``compile=True`` means: torch.compile's default mode with Inductor's C++ wrapper, which launches
-#: the generated kernels from C++ instead of Python. A QAT step has many small fused kernels; measured
-#: on an H200 (docs/BENCHMARKS.md) the Python launcher left the GPU idle between them.
-DEFAULT_COMPILE_OPTIONS: dict[str, Any] = {"cpp_wrapper": True}
+#: What ``compile=True`` means: torch.compile's default mode and options. A QAT step has many small fused
+#: kernels and Inductor's Python launcher can leave the GPU idle between them; its C++ launcher
+#: (``TORCHINDUCTOR_CPP_WRAPPER=1`` in the environment) removes that gap -- measured in docs/BENCHMARKS.md.
+#: It is not forced here: passed per call as ``options={"cpp_wrapper": True}`` it failed in torch 2.11
+#: ("CudaKernelParamCache not populated"), while the environment variable worked.
+DEFAULT_COMPILE_OPTIONS: dict[str, Any] = {}
 
 
 def compile_kwargs(setting: bool | str) -> dict[str, Any]:
@@ -18,10 +20,10 @@ def compile_kwargs(setting: bool | str) -> dict[str, Any]:
 
     Example:
         >>> compile_kwargs(True), compile_kwargs("max-autotune")
-        ({'options': {'cpp_wrapper': True}}, {'mode': 'max-autotune'})
+        ({}, {'mode': 'max-autotune'})
     """
     if setting is True:
-        return {"options": dict(DEFAULT_COMPILE_OPTIONS)}
+        return {"options": dict(DEFAULT_COMPILE_OPTIONS)} if DEFAULT_COMPILE_OPTIONS else {}
     if isinstance(setting, str):
         return {"mode": setting}
     raise ValueError(f"compile must be True or a torch.compile mode name, got {setting!r}")
