@@ -114,7 +114,7 @@ def run_one(
     image_size: int,
     warmup: int,
     steps: int,
-    compile_: bool,
+    compile_: bool | str,
     device: str,
     profile: bool = False,
 ) -> dict[str, Any]:
@@ -210,18 +210,23 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for config in a.configs:
             if device == "cpu" and config == "amp" and not a.quick:
                 continue
-            r = run_one(
-                arch,
-                config,
-                a.batch or DEFAULT_BATCH.get(arch, 64),
-                a.image_size,
-                a.warmup,
-                a.steps,
-                a.compile,
-                device,
-                a.profile,
-            )
-            base = next((b for b in rows if b["model"] == arch and b["config"] == "amp"), None)
+            try:
+                r = run_one(
+                    arch,
+                    config,
+                    a.batch or DEFAULT_BATCH.get(arch, 64),
+                    a.image_size,
+                    a.warmup,
+                    a.steps,
+                    compile_,
+                    device,
+                    a.profile,
+                )
+            except Exception as e:  # record and go on: one failing configuration must not lose the others
+                rows.append({"model": arch, "config": config, "compiled": compile_, "error": repr(e)[:500]})
+                print(f"{arch:10s} {config:11s} FAILED: {e!r}"[:300], flush=True)
+                continue
+            base = next((b for b in rows if b["model"] == arch and b["config"] == "amp" and "error" not in b), None)
             r["vs_amp"] = r["median_ms"] / base["median_ms"] if base else None
             rows.append(r)
             print(
