@@ -12,7 +12,7 @@ import yaml
 
 from qatsparse.cli import RECIPE_VERSIONS, list_recipes, main, recipe_paths
 from qatsparse.sparsity import check_2to4
-from tests._recipes_util import load_recipe, shortened
+from tests.test_recipes_helpers import load_recipe, shortened
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = [
