@@ -14,9 +14,11 @@ def restore_structure(module: nn.Module, checkpoint: dict[str, Any]) -> bool:
     """Insert the quantizers a checkpoint's state_dict expects; returns True when it did.
 
     Call it from ``LightningModule.on_load_checkpoint`` so that ``load_from_checkpoint`` of a QAT
-    checkpoint gives the quantized model with its calibrated ``amax`` (the example models do).
-    Sparse checkpoints need no structure (the zeros are in the weights); their list of 2:4 layers is
-    recorded on the module for ``check_2to4(module)``.
+    checkpoint gives the quantized model with its calibrated ``amax`` (the example models do). The
+    recorded :class:`~qatsparse.quantization.QuantConfig` (with the layers kept in higher precision)
+    determines the whole structure, residual quantizers included, so the strict load matches.
+    Sparse checkpoints need nothing: the zeros are in the weights. (Resuming ``trainer.fit`` does not
+    need this hook: the QAT callback restores the structure itself.)
 
     Example:
         >>> from torch import nn

@@ -43,14 +43,18 @@ def _fit(callbacks: list, max_steps: int) -> tuple[ResidualCNN, DigitsDataModule
 
 
 def _qdq_fed(graph: onnx.GraphProto, node: onnx.NodeProto) -> bool:
+    """DequantizeLinear feeds both inputs, from a QuantizeLinear or (weights) an INT8 initializer."""
     producers = {o: n for n in graph.node for o in n.output}
-    return all(
-        (p := producers.get(name)) is not None
-        and p.op_type == "DequantizeLinear"
-        and (q := producers.get(p.input[0])) is not None
-        and q.op_type == "QuantizeLinear"
-        for name in node.input[:2]
-    )
+    int8 = {i.name for i in graph.initializer if i.data_type == onnx.TensorProto.INT8}
+
+    def dq_fed(name: str) -> bool:
+        dq = producers.get(name)
+        if dq is None or dq.op_type != "DequantizeLinear":
+            return False
+        q = producers.get(dq.input[0])
+        return dq.input[0] in int8 or (q is not None and q.op_type == "QuantizeLinear")
+
+    return all(dq_fed(name) for name in node.input[:2])
 
 
 def test_sparsity_alone_keeps_masks_through_training():

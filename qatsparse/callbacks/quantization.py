@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import io
+from collections.abc import Callable
 from functools import partial
 from typing import Any, Literal
 
 import pytorch_lightning as pl
-from pytorch_lightning.utilities import rank_zero_info
+import torch
+from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 
 from qatsparse.callbacks._common import (
     forward_batch,
@@ -16,7 +19,21 @@ from qatsparse.callbacks._common import (
     train_batches,
 )
 from qatsparse.checkpointing import CHECKPOINT_KEY
-from qatsparse.quantization import QuantConfig, QuantSummary, calibrate, quantize_model, quantizers
+from qatsparse.quantization import (
+    LayerSensitivity,
+    QuantConfig,
+    QuantSummary,
+    calibrate,
+    format_sensitivity,
+    is_quantized,
+    overflowing_layers,
+    quantize_model,
+    quantizers,
+    requantize,
+    sensitivity,
+    track_overflow,
+)
+from qatsparse.quantization.sensitivity import METRICS, Metric
 
 
 class QuantizationAwareTraining(pl.Callback):
@@ -24,13 +41,20 @@ class QuantizationAwareTraining(pl.Callback):
 
     At ``start_step`` every Conv2d/Linear not excluded gets an input and a weight quantizer
     (INT8: per-tensor symmetric activations, per-channel symmetric weights on the output axis, as
-    TensorRT's explicit quantization requires); INT8 quantizers are calibrated on ``calib_batches``
-    training batches (eval mode, no gradients, training RNG untouched), then training continues with
-    fake quantization. Parameters are not replaced, so optimizer state and 2:4 masks survive.
+    TensorRT's explicit quantization requires) and, for INT8, the residual input of every ``a + b``
+    after a quantized conv gets one too (so TensorRT fuses the add). INT8 quantizers are calibrated on
+    ``calib_batches`` training batches (eval mode, no gradients, training RNG untouched), then
+    training continues with fake quantization. Parameters are not replaced, so optimizer state and
+    2:4 masks survive.
+
+    With ``precision="fp16"`` the forward rounds weights and activations to half precision; layers
+    whose activations (or weights) leave the FP16 range or turn inf/NaN -- found on the calibration
+    batches and checked again at every training epoch end -- are reported by name and kept in FP32
+    from then on (``report()["keep_fp32"]``, which the FP16 export keeps in FP32).
 
     Args:
         precision: ``"int8"`` or ``"fp16"``.
-        calibrator: activation calibrator name.
+        calibrator: activation calibrator, one of ``"max"``, ``"entropy"``, ``"percentile"``, ``"mse"``.
         calib_batches: number of training batches used for calibration (>= 1).
         start_step: optimizer step at which QAT starts (0 = before the first step).
         percentile: percentile of the ``percentile`` calibrator, in (0, 100].
@@ -40,10 +64,14 @@ class QuantizationAwareTraining(pl.Callback):
             fast path on GPUs (see docs/BENCHMARKS.md). True uses :data:`qatsparse.compiling.DEFAULT_COMPILE_OPTIONS`,
             a string names a torch.compile mode (e.g. ``"reduce-overhead"``). The export always runs the
             plain module.
+        auto_exclude: keep the ``k`` layers most sensitive to quantization in higher precision
+            (ranked by :func:`~qatsparse.quantization.sensitivity` on the calibration batches).
+        sensitivity_metric: metric of that ranking: ``"mse"`` (to the FP32 outputs), ``"top1"``,
+            ``"agreement"`` or a function (see :func:`~qatsparse.quantization.sensitivity`).
         verbose: print the summary of what was quantized.
 
     Example:
-        >>> cb = QuantizationAwareTraining(precision="int8", calib_batches=16, start_step=200)
+        >>> cb = QuantizationAwareTraining(precision="int8", calibrator="entropy", calib_batches=16, start_step=200)
         >>> trainer = pl.Trainer(callbacks=[cb], max_steps=300)  # doctest: +SKIP
     """
 
@@ -56,36 +84,76 @@ class QuantizationAwareTraining(pl.Callback):
         percentile: float = 99.99,
         exclude: list[str] | None = None,
         compile: bool | str = False,
+        auto_exclude: int = 0,
+        sensitivity_metric: str | Metric = "mse",
         verbose: bool = True,
     ) -> None:
         self.config = QuantConfig(
-            precision=precision, calibrator=calibrator, percentile=percentile, exclude=list(exclude or [])
+            precision=precision,
+            calibrator=calibrator,
+            percentile=percentile,
+            exclude=exclude if isinstance(exclude, str) else list(exclude or []),  # a str fails in QuantConfig
         )
-        if int(calib_batches) < 1:
-            raise ValueError(f"calib_batches must be >= 1, got {calib_batches}")
+        if isinstance(calib_batches, bool) or int(calib_batches) != calib_batches or calib_batches < 1:
+            raise ValueError(f"calib_batches must be an integer >= 1, got {calib_batches!r}")
         if start_step < 0:
             raise ValueError(f"start_step must be >= 0, got {start_step}")
+        if int(auto_exclude) != auto_exclude or auto_exclude < 0:
+            raise ValueError(f"auto_exclude must be an integer >= 0, got {auto_exclude!r}")
+        if isinstance(sensitivity_metric, str) and sensitivity_metric not in METRICS:
+            raise ValueError(
+                f"sensitivity_metric must be one of {sorted(METRICS)} or a callable, got {sensitivity_metric!r}"
+            )
         self.calib_batches = int(calib_batches)
         self.start_step = int(start_step)
         self.compile = compile
+        self.auto_exclude = int(auto_exclude)
+        self.sensitivity_metric: str | Callable = sensitivity_metric
         self.verbose = verbose
         self.applied = False
         self.summary: QuantSummary | None = None
+        self.sensitivity: list[LayerSensitivity] = []
+        self.fp16_overflow: dict[str, float] = {}
 
     # ------------------------------------------------------------------ hooks
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        # Resuming from a checkpoint taken after QAT started: insert the (uncalibrated) quantizers now,
-        # so that Lightning's strict state_dict load restores their calibrated amax exactly.
-        ckpt = load_checkpoint_for_setup(trainer)
+        # Resuming from a checkpoint taken after QAT started: the quantizers must exist, exactly as they
+        # were (config incl. the layers kept in higher precision), before Lightning's strict
+        # state_dict load restores their calibrated amax; calibration is then not repeated.
+        # `trainer.ckpt_path` is known here only when the user set it; with `fit(ckpt_path=...)` it is
+        # known once the checkpoint is read, which is before the state_dict load: a load_state_dict
+        # pre-hook on the module inserts the quantizers then.
+        self._restore_from(load_checkpoint_for_setup(trainer), pl_module)
+        self._load_hook = pl_module.register_load_state_dict_pre_hook(partial(self._before_state_dict_load, trainer))
+
+    def _before_state_dict_load(self, trainer: pl.Trainer, module: Any, state_dict: dict, prefix: str, *_: Any) -> None:
+        if prefix or is_quantized(module) or not any(k.endswith("_quantizer.amax") for k in state_dict):
+            return
+        self._restore_from(load_checkpoint_for_setup(trainer), module)
+
+    def _restore_from(self, ckpt: dict[str, Any] | None, pl_module: pl.LightningModule) -> None:
         if ckpt is None:
             return
         state = (ckpt.get("callbacks") or {}).get(self.state_key) or {}
         if state.get("applied"):  # idempotent when the module already holds quantizers
+            self.config = QuantConfig(**state["config"])
             self.summary = quantize_model(pl_module, self.config)
+            if self.config.precision == "fp16":
+                track_overflow(pl_module)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._remove_load_hook()  # checkpoints are restored by now; don't let deepcopies carry the hook
         if self.applied and self.compile:  # resumed after QAT started
             self._compile(pl_module)
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._remove_load_hook()
+
+    def _remove_load_hook(self) -> None:
+        hook = getattr(self, "_load_hook", None)
+        if hook is not None:
+            hook.remove()
+            self._load_hook = None
 
     def _compile(self, pl_module: pl.LightningModule) -> None:
         from qatsparse.compiling import compile_module
@@ -98,6 +166,10 @@ class QuantizationAwareTraining(pl.Callback):
         if not self.applied and trainer.global_step >= self.start_step:
             self._apply(trainer, pl_module)
 
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.applied and self.config.precision == "fp16":
+            self._check_fp16(trainer, pl_module, "training")
+
     def on_save_checkpoint(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
     ) -> None:
@@ -108,60 +180,143 @@ class QuantizationAwareTraining(pl.Callback):
     def _apply(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         notify_before_compression(trainer, pl_module)
         self.summary = quantize_model(pl_module, self.config)
-        if self.config.precision == "int8":
-            with rng_isolated(pl_module.device):
-                n = calibrate(pl_module, train_batches(trainer, self.calib_batches), partial(forward_batch, pl_module))
-            if n < self.calib_batches:
-                rank_zero_info(f"calibration used {n} batches: the training dataloader has no more")
+        batches = partial(train_batches, trainer, self.calib_batches)
+        forward = partial(forward_batch, pl_module)
+        with rng_isolated(pl_module.device):
+            if self.config.precision == "int8":
+                n = calibrate(pl_module, batches, forward)
+                if n < self.calib_batches:
+                    rank_zero_info(f"calibration used {n} batches: the training dataloader has no more")
+            else:
+                track_overflow(pl_module)  # the calibration batches look for FP16 overflow
+                was = pl_module.training
+                pl_module.eval()
+                try:
+                    with torch.no_grad():
+                        for b in batches():
+                            forward(b)
+                finally:
+                    pl_module.train(was)
+            if self.auto_exclude:
+                self._auto_exclude(trainer, pl_module, list(batches()))
         self.applied = True
         if self.compile:
             self._compile(pl_module)
+        if self.config.precision == "fp16":
+            self._check_fp16(trainer, pl_module, "calibration batches")
         if self.verbose:
             rank_zero_info(self.describe(pl_module))
 
+    def _auto_exclude(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batches: list[Any]) -> None:
+        rows = sensitivity(pl_module, batches, self.sensitivity_metric, forward=lambda m, b: forward_batch(m, b))
+        rows = trainer.strategy.broadcast(rows, src=0)  # every rank keeps the same layers
+        self.sensitivity = rows
+        keep = {
+            r.name: f"auto-excluded: sensitivity rank {i} (metric drop {r.drop:.4g})"
+            for i, r in enumerate(rows[: self.auto_exclude], 1)
+        }
+        self.config.higher_precision.update(keep)
+        self.summary = requantize(pl_module, self.config)
+        rank_zero_info(format_sensitivity(rows, kept=keep))
+
+    def _check_fp16(self, trainer: pl.Trainer, pl_module: pl.LightningModule, where: str) -> None:
+        flagged = overflowing_layers(pl_module)
+        if not flagged:
+            return
+        self.fp16_overflow.update(flagged)
+        for name, peak in flagged.items():
+            self.config.higher_precision[name] = f"fp16 overflow on {where} (peak |x| {peak:.4g})"
+        rank_zero_warn(
+            "qatsparse: layers outside the FP16 range (kept in FP32 from now on): "
+            + ", ".join(f"{n} (peak {p:.4g})" for n, p in flagged.items())
+        )
+        self.summary = requantize(pl_module, self.config)
+        track_overflow(pl_module)
+
+    # ------------------------------------------------------------------ reporting
+    def keep_fp32(self) -> list[str]:
+        """Layers kept in higher precision on purpose: excluded by the user, auto-excluded, FP16 overflow."""
+        if self.summary is None:
+            return sorted(self.config.higher_precision)
+        return sorted({n for n in self.summary.skipped if self.config.keeps(n)} | set(self.config.higher_precision))
+
     def describe(self, pl_module: pl.LightningModule) -> str:
         """A summary table of what is quantized and with which amax."""
+        from rich.console import Console
+        from rich.table import Table
+
         assert self.summary is not None
         qs = quantizers(pl_module)
-        lines = [
+        int8 = self.config.precision == "int8"
+        title = (
             f"QAT ({self.config.precision}, calibrator={self.config.calibrator}): "
-            f"{len(self.summary.quantized)} layers quantized"
-        ]
-        if self.config.precision == "int8":
-            for name in self.summary.quantized:
-                a = qs.get(f"{name}.input_quantizer")
-                w = qs.get(f"{name}.weight_quantizer")
-                if a is not None and w is not None:
-                    lines.append(
-                        f"  {name:<40} input amax {float(a.amax):9.4f}   weight amax "
-                        f"{float(w.amax.min()):.4f}..{float(w.amax.max()):.4f}"
-                    )
-        lines += [f"  kept in higher precision {n}: {why}" for n, why in self.summary.skipped.items()]
+            f"{len(self.summary.quantized)} layers quantized, {len(self.summary.residual)} residual quantizers"
+        )
+        table = Table(title=title)
+        for col in ("layer", "precision", "input amax", "weight amax (min..max)", "note"):
+            table.add_column(col)
+        for name in self.summary.quantized:
+            a, w = qs.get(f"{name}.input_quantizer"), qs.get(f"{name}.weight_quantizer")
+            if a is None or w is None:
+                continue
+            amax_in = f"{float(a.amax):.4g}" if int8 else "-"
+            amax_w = f"{float(w.amax.min()):.4g}..{float(w.amax.max()):.4g}" if int8 else "-"
+            table.add_row(name, self.config.precision, amax_in, amax_w, "")
+        for name, what in self.summary.residual.items():
+            table.add_row(name, "int8", f"{float(qs[name].amax):.4g}", "-", what)
+        for name, why in self.summary.skipped.items():
+            table.add_row(name, "fp32", "-", "-", why)
+        buf = io.StringIO()
+        Console(file=buf, width=140, color_system=None).print(table)
+        lines = [buf.getvalue().rstrip()]
+        lines += [f"  note {n}: {why}" for n, why in self.summary.notes.items()]
         return "\n".join(lines)
 
     def report(self, pl_module: pl.LightningModule) -> dict[str, Any]:
-        """What goes into report.json's ``quantization`` entry."""
+        """What goes into report.json's ``quantization`` entry.
+
+        Keys: the config, ``applied``, ``start_step``, ``calib_batches``, ``quantized``, ``skipped``,
+        ``residual_quantizers``, ``notes``, ``input_amax``/``residual_amax`` (INT8), ``keep_fp32``
+        (module names to keep in FP32 in the FP16/INT8 ONNX), ``fp16_overflow`` and ``sensitivity``.
+        """
         out: dict[str, Any] = {
             **self.config.to_dict(),
             "applied": self.applied,
             "start_step": self.start_step,
             "calib_batches": self.calib_batches,
+            "auto_exclude": self.auto_exclude,
+            "keep_fp32": self.keep_fp32(),
+            "fp16_overflow": dict(self.fp16_overflow),
+            "sensitivity": [r.to_dict() for r in self.sensitivity],
         }
         if self.summary is not None:
             qs = quantizers(pl_module)
             out["quantized"] = self.summary.quantized
             out["skipped"] = self.summary.skipped
+            out["residual_quantizers"] = self.summary.residual
+            out["notes"] = self.summary.notes
             if self.config.precision == "int8":
                 out["input_amax"] = {
                     n: float(qs[f"{n}.input_quantizer"].amax)
                     for n in self.summary.quantized
                     if f"{n}.input_quantizer" in qs
                 }
+                out["residual_amax"] = {n: float(qs[n].amax) for n in self.summary.residual if n in qs}
         return out
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
-        return {"applied": self.applied, "config": self.config.to_dict(), "start_step": self.start_step}
+        return {
+            "applied": self.applied,
+            "config": self.config.to_dict(),
+            "start_step": self.start_step,
+            "sensitivity": [r.to_dict() for r in self.sensitivity],
+            "fp16_overflow": dict(self.fp16_overflow),
+        }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.applied = bool(state_dict.get("applied", False))
+        if self.applied and "config" in state_dict:
+            self.config = QuantConfig(**state_dict["config"])
+        self.sensitivity = [LayerSensitivity(**r) for r in state_dict.get("sensitivity", [])]
+        self.fp16_overflow = dict(state_dict.get("fp16_overflow", {}))

@@ -519,8 +519,10 @@ def _check_fp32_remainder(g: _Graph, model: Any) -> list[Finding]:
 
 
 def _check_sparsity(path: Path) -> list[Finding]:
-    from qatsparse.sparsity.check import check_2to4
+    from qatsparse.sparsity.check import check_2to4, pruned_layers_from_metadata
 
+    if not pruned_layers_from_metadata(path):  # nothing recorded as pruned: nothing to verify
+        return []
     return [
         Finding(
             "sparsity-2to4",

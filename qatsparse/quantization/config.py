@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
@@ -18,6 +19,11 @@ class QuantConfig:
         calibrator: activation calibrator (INT8 only); weights always use per-channel max.
         percentile: percentile of the ``percentile`` calibrator, in (0, 100].
         exclude: regexes of module names kept in higher precision.
+        higher_precision: exact module names kept in higher precision, with the reason (filled in by
+            the QAT callback: layers chosen by ``auto_exclude`` and layers that overflow FP16). Part
+            of the config so that a checkpoint restores exactly the same structure.
+        residual: INT8 only: quantize the residual input of ``a + b`` after a quantized conv, so
+            that TensorRT fuses the add into the conv (see :mod:`qatsparse.quantization.placement`).
 
     Example:
         >>> QuantConfig(precision="int8", exclude=["fc"]).precision
@@ -28,6 +34,8 @@ class QuantConfig:
     calibrator: str = "max"
     percentile: float = 99.99
     exclude: list[str] = field(default_factory=list)
+    higher_precision: dict[str, str] = field(default_factory=dict)
+    residual: bool = True
 
     def __post_init__(self) -> None:
         from qatsparse.quantization.calibrators import CALIBRATORS
@@ -38,7 +46,23 @@ class QuantConfig:
             raise ValueError(f"calibrator must be one of {sorted(CALIBRATORS)}, got {self.calibrator!r}")
         if not 0.0 < float(self.percentile) <= 100.0:
             raise ValueError(f"percentile must be in (0, 100], got {self.percentile}")
+        if isinstance(self.exclude, str):
+            raise ValueError(f"exclude must be a list of regexes, got the string {self.exclude!r}")
         self.exclude = list(self.exclude or [])
+        for p in self.exclude:
+            try:
+                re.compile(p)
+            except re.error as e:
+                raise ValueError(f"exclude pattern {p!r} is not a valid regex: {e}") from None
+        self.higher_precision = dict(self.higher_precision or {})
+
+    def keeps(self, name: str) -> str | None:
+        """Why module ``name`` stays in higher precision, or None if it is quantized."""
+        if name in self.higher_precision:
+            return self.higher_precision[name]
+        if any(re.search(p, name) for p in self.exclude):
+            return "excluded by user"
+        return None
 
     def calibrator_kwargs(self) -> dict[str, float]:
         return {"percentile": float(self.percentile)} if self.calibrator == "percentile" else {}

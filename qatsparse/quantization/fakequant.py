@@ -20,7 +20,9 @@ INT8_MAX = 127
 
 
 def _scale(amax: torch.Tensor) -> torch.Tensor:
-    return (amax.float() / INT8_MAX).clamp_min(torch.finfo(torch.float32).tiny)
+    # amax must be > 0 (TensorQuantizer.load_amax makes it so). No clamp here: the scale must stay a
+    # constant that the exporter folds, TensorRT needs Q/DQ scales as initializers.
+    return amax.float() / INT8_MAX
 
 
 def fake_quantize_int8_aten(x: torch.Tensor, amax: torch.Tensor, axis: int | None, narrow_range: bool) -> torch.Tensor:

@@ -7,8 +7,20 @@ from typing import Literal
 import torch
 from torch import nn
 
-from qatsparse.quantization.calibrators import make_calibrator
+from qatsparse.quantization.calibrators import CALIBRATORS, make_calibrator
 from qatsparse.quantization.fakequant import fake_quantize_int8
+
+
+def fake_cast_fp16(x: torch.Tensor) -> torch.Tensor:
+    """Round to half precision and back (what an FP16 engine sees; values beyond 65504 become inf).
+
+    The gradient passes straight through (``Tensor.to`` is differentiable).
+
+    Example:
+        >>> fake_cast_fp16(torch.tensor([1.0 + 2**-12, 7e4])).tolist()
+        [1.0, inf]
+    """
+    return x.to(torch.float16).to(x.dtype)
 
 
 class TensorQuantizer(nn.Module):
@@ -29,7 +41,7 @@ class TensorQuantizer(nn.Module):
 
     Example:
         >>> q = TensorQuantizer(); q.start_calibration(); _ = q(torch.tensor([0.5, -2.0])); q.finish_calibration()
-        >>> float(q.amax), q(torch.tensor([0.01])).item()
+        >>> float(q.amax), q(torch.tensor([0.005])).item()
         (2.0, 0.0)
     """
 
@@ -45,6 +57,8 @@ class TensorQuantizer(nn.Module):
         super().__init__()
         if precision not in ("int8", "fp16"):
             raise ValueError(f"precision must be 'int8' or 'fp16', got {precision!r}")
+        if calibrator not in CALIBRATORS:
+            raise ValueError(f"calibrator must be one of {sorted(CALIBRATORS)}, got {calibrator!r}")
         if axis is not None and num_channels is None:
             raise ValueError("a per-channel quantizer needs num_channels")
         self.precision = precision
@@ -65,6 +79,17 @@ class TensorQuantizer(nn.Module):
 
     def _load_from_state_dict(self, *args, **kwargs) -> None:  # type: ignore[override]
         super()._load_from_state_dict(*args, **kwargs)
+        self.load_amax(self.amax.detach().clone())
+
+    @torch.no_grad()
+    def load_amax(self, amax: torch.Tensor) -> None:
+        """Set ``amax`` (e.g. computed elsewhere); NaN entries mean "not calibrated".
+
+        An amax of 0 (a tensor or channel that was all zeros) becomes 1, as in pytorch-quantization:
+        the scale must be positive, and zeros stay zeros.
+        """
+        amax = amax.reshape(self.amax.shape).to(self.amax)
+        self.amax.copy_(torch.where(amax > 0, amax, torch.where(amax.isnan(), amax, torch.ones_like(amax))))
         self._has_amax = bool(torch.isfinite(self.amax).all())
 
     @property
@@ -81,9 +106,7 @@ class TensorQuantizer(nn.Module):
             return
         if reduce:
             self._calibrator.reduce()
-        amax = self._calibrator.compute_amax().to(self.amax.device)
-        self.amax.copy_(amax.reshape(self.amax.shape))
-        self._has_amax = bool(torch.isfinite(self.amax).all())
+        self.load_amax(self._calibrator.compute_amax())
         self._calibrator = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -93,8 +116,8 @@ class TensorQuantizer(nn.Module):
         if not self.enabled:
             return x
         if self.precision == "fp16":
-            return x.to(torch.float16).to(x.dtype)
-        if not self.calibrated:
+            return fake_cast_fp16(x)
+        if not self._has_amax:
             return x
         return fake_quantize_int8(x, self.amax, self.axis, self.narrow_range)
 
