@@ -190,7 +190,6 @@ class _GeneratedCIFAR10:
         return (self.transform(img) if self.transform else img), self.targets[i]
 
 
-@pytest.mark.slow  # ResNet-18 at 32x32 without a stride-2 stem: training, calibration, export, ORT
 def test_cifar10_smoke_with_generated_data(tmp_path, monkeypatch):
     import qatsparse.examples.cifar10 as cifar
 
