@@ -302,8 +302,10 @@ class CLITrainer(pl.Trainer):
         engine: str | None = None,
         artifacts: bool = False,
     ) -> Any:
-        """Run Lightning's validation loop, or (``onnx``/``engine``/``artifacts`` given) re-validate the
-        exported ONNX/engine of the checkpoint against its dense reference on the validation data.
+        """Run Lightning's validation loop; with --onnx/--engine/--artifacts, re-validate exported artifacts.
+
+        Artifact validation runs the ONNX file and/or TensorRT engine on the validation data and compares
+        them with the checkpoint's model and its dense reference (rewriting ``report.*`` in ``dirpath``).
 
         Args:
             onnx: ONNX file to validate (artifact validation).

@@ -11,7 +11,7 @@ import yaml
 
 from qatsparse.cli import error_hints, list_recipes, main, recipe_paths, resolve_config, run_cli
 from qatsparse.sparsity import check_2to4
-from tests._recipes_util import load_recipe, shortened
+from tests.test_recipes_helpers import load_recipe, shortened
 
 
 def test_recipes_command_lists_every_shipped_recipe_with_its_description(capsys):

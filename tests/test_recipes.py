@@ -12,7 +12,7 @@ import yaml
 
 from qatsparse.cli import RECIPE_VERSIONS, list_recipes, main, recipe_paths
 from qatsparse.sparsity import check_2to4
-from tests._recipes_util import load_recipe, shortened
+from tests.test_recipes_helpers import load_recipe, shortened
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = [
@@ -190,7 +190,6 @@ class _GeneratedCIFAR10:
         return (self.transform(img) if self.transform else img), self.targets[i]
 
 
-@pytest.mark.slow  # ResNet-18 at 32x32 without a stride-2 stem: training, calibration, export, ORT
 def test_cifar10_smoke_with_generated_data(tmp_path, monkeypatch):
     import qatsparse.examples.cifar10 as cifar
 

@@ -1,4 +1,4 @@
-"""Helpers for the CLI/recipe tests: a shipped recipe as a dict, shortened for a smoke run."""
+"""Helpers (no tests) for the CLI/recipe tests: a shipped recipe as a dict, shortened for a smoke run."""
 
 from __future__ import annotations
 
