@@ -127,12 +127,14 @@ def _consumers(graph: onnx.GraphProto, name: str) -> list[onnx.NodeProto]:
 def check_trt_placement(graph: onnx.GraphProto) -> tuple[int, int]:
     """Assert TensorRT's placement rules; returns (number of Conv/Gemm, number of Adds with a DQ input)."""
     prod = _producers(graph)
+    int8 = {t.name for t in graph.initializer if t.data_type == onnx.TensorProto.INT8}
     weighted = [n for n in graph.node if n.op_type in ("Conv", "Gemm", "MatMul")]
     for n in weighted:
         for i in (0, 1):
             p = prod.get(n.input[i])
             assert p is not None and p.op_type == "DequantizeLinear", (n.name, i, p and p.op_type)
-            assert prod[p.input[0]].op_type == "QuantizeLinear"
+            src = prod.get(p.input[0])  # weights may be stored quantized: DequantizeLinear(INT8 initializer)
+            assert (src is not None and src.op_type == "QuantizeLinear") or p.input[0] in int8, (n.name, i)
     adds_with_dq = 0
     for n in graph.node:
         if n.op_type == "Add" and any(

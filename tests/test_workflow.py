@@ -71,7 +71,10 @@ def test_sparsity_alone_keeps_masks_through_training():
 def test_qat_alone_calibrates_and_fake_quantizes():
     model, dm, _ = _fit([QuantizationAwareTraining(calib_batches=2, start_step=3)], max_steps=10)
     qs = quantizers(model)
-    assert len(qs) == 2 * sum(1 for n in qs if n.endswith("input_quantizer"))
+    layers = [n[: -len(".input_quantizer")] for n in qs if n.endswith(".input_quantizer")]
+    assert len(layers) == 11  # every Conv2d and Linear of the model
+    assert all(f"{n}.weight_quantizer" in qs for n in layers)
+    assert sum(n.endswith("residual_quantizer") for n in qs) == 4  # one per residual block
     assert all(torch.isfinite(q.amax).all() for q in qs.values())
     x = dm.val_set.tensors[0][:16]
     model.eval()

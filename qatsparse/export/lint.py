@@ -420,7 +420,10 @@ def _check_qdq_placement(g: _Graph, intended: set[str]) -> list[Finding]:
             if src is not None and src.op_type in WEIGHTED_OPS and n.name not in intended:
                 dq_cons = [c for dq, _ in cons for c, _ in g.consumers.get(dq.output[0], [])]
                 feeds_weighted = dq_cons and all(c.op_type in WEIGHTED_OPS for c in dq_cons)
-                if not feeds_weighted:
+                # The residual quantizer of a block whose shortcut is a (downsample) conv: TensorRT's rule is
+                # a Q/DQ on the residual input of the Add, so the add fuses into the other conv's epilogue.
+                feeds_residual_add = dq_cons and all(c.op_type == "Add" for c in dq_cons)
+                if not feeds_weighted and not feeds_residual_add:
                     out.append(
                         Finding(
                             "qdq-on-output",
