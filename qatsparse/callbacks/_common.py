@@ -51,8 +51,10 @@ def rng_isolated(device: torch.device):
 
 
 def load_checkpoint_for_setup(trainer: pl.Trainer) -> dict[str, Any] | None:
-    """The checkpoint ``trainer.fit(ckpt_path=...)`` is about to restore, read early (at ``setup``) so
-    the model's structure can be made to match it before Lightning loads the state_dict."""
+    """The checkpoint ``trainer.fit(ckpt_path=...)`` restores, read early so the model's structure can be made
+    to match it before Lightning loads the state_dict. ``trainer.ckpt_path`` is set only once Lightning
+    starts restoring (after ``setup`` in Lightning 2.6), so callers also try again from a
+    ``load_state_dict`` pre-hook; None when no checkpoint is being restored."""
     path = getattr(trainer, "ckpt_path", None)
     if not path:
         return None
