@@ -6,11 +6,8 @@ from typing import Any
 
 from torch import nn
 
-#: What ``compile=True`` means: torch.compile's default mode and options. A QAT step has many small fused
-#: kernels and Inductor's Python launcher can leave the GPU idle between them; its C++ launcher
-#: (``TORCHINDUCTOR_CPP_WRAPPER=1`` in the environment) removes that gap -- measured in docs/BENCHMARKS.md.
-#: It is not forced here: passed per call as ``options={"cpp_wrapper": True}`` it failed in torch 2.11
-#: ("CudaKernelParamCache not populated"), while the environment variable worked.
+#: Per-call torch.compile options of ``compile=True``: none (the default mode). See :func:`compile_module`
+#: for the C++ kernel launcher it turns on for CUDA modules.
 DEFAULT_COMPILE_OPTIONS: dict[str, Any] = {}
 
 
@@ -31,7 +28,19 @@ def compile_kwargs(setting: bool | str) -> dict[str, Any]:
 
 def compile_module(module: nn.Module, setting: bool | str) -> None:
     """Compile ``module``'s forward in place (``nn.Module.compile``): parameters, buffers and
-    state_dict keys are unchanged, so callbacks, checkpoints and export keep working."""
+    state_dict keys are unchanged, so callbacks, checkpoints and export keep working.
+
+    With ``setting=True`` and the module on a CUDA device this also switches on Inductor's C++ kernel
+    launcher for the process (``torch._inductor.config.cpp_wrapper``, the same switch as the environment
+    variable ``TORCHINDUCTOR_CPP_WRAPPER=1``). A QAT step has many small fused kernels and Inductor's
+    Python launcher left the GPU idle between them (docs/BENCHMARKS.md). It is set globally because
+    passing ``options={"cpp_wrapper": True}`` per call failed in torch 2.11 ("CudaKernelParamCache not
+    populated") while the global switch worked.
+    """
     if setting is False:
         return
+    if setting is True and any(p.is_cuda for p in module.parameters()):
+        import torch._inductor.config as inductor_config
+
+        inductor_config.cpp_wrapper = True
     module.compile(**compile_kwargs(setting))
