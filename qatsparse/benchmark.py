@@ -22,7 +22,6 @@ from torch import nn
 from qatsparse.batches import as_outputs
 
 BACKENDS = ("pytorch_fp32", "pytorch_fp16", "pytorch_qat", "onnxruntime", "tensorrt")
-DEFAULT_BACKENDS = ("pytorch_fp32", "pytorch_fp16", "pytorch_qat", "onnxruntime", "tensorrt")
 
 
 def _batch(inputs: Sequence[torch.Tensor], bs: int, device: torch.device) -> tuple[torch.Tensor, ...]:
@@ -137,7 +136,7 @@ def benchmark(
     module: nn.Module,
     example_inputs: Sequence[torch.Tensor],
     batch_sizes: Sequence[int] = (1, 32, 256),
-    backends: Sequence[str] = DEFAULT_BACKENDS,
+    backends: Sequence[str] = BACKENDS,
     onnx_path: str | Path | None = None,
     engine_path: str | Path | None = None,
     device: str | torch.device | None = None,
@@ -202,8 +201,6 @@ def benchmark(
     if is_quantized(fp32):
         qat_module = qat_module or module
         fp32 = remove_quantizers(fp32)
-    if qat_module is None and is_quantized(module):
-        qat_module = module
     tmpdir = tempfile.TemporaryDirectory(prefix="qatsparse-bench-")
     try:
         for backend in backends:

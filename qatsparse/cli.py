@@ -34,6 +34,8 @@ from jsonargparse import Namespace
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 from torch import nn
 
+from qatsparse.validation import enforce_gate
+
 #: Folder of the shipped recipes (package data; ``recipes/`` at the repository root mirrors it).
 RECIPES_DIR = Path(__file__).resolve().parent / "recipes"
 #: Recipe format versions this release reads (the ``version:`` key of a recipe).
@@ -274,12 +276,6 @@ def _export_settings(callbacks: Sequence[Any], dirpath: str | None) -> tuple[Any
     return settings, cb.on_fail
 
 
-def _gate(report: dict[str, Any], on_fail: str, dirpath: Any) -> None:
-    failures = (report.get("gate") or {}).get("failures") or []
-    if failures and on_fail == "raise":
-        raise RuntimeError("qatsparse accuracy gate failed:\n  " + "\n  ".join(failures) + f"\n(report in {dirpath})")
-
-
 class CLITrainer(pl.Trainer):
     """The Trainer of the ``qatsparse`` command: Lightning's, plus ``export`` and ``bench`` methods and a
     ``validate`` that can also re-validate exported artifacts. Its methods' arguments are the
@@ -337,7 +333,7 @@ class CLITrainer(pl.Trainer):
             skipped_layers=run.skipped_layers,
             quantization=run.quantization,
         )
-        _gate(report, on_fail, settings.dirpath)
+        enforce_gate(report, on_fail)
         return report
 
     def export(
@@ -367,7 +363,7 @@ class CLITrainer(pl.Trainer):
             quantization=run.quantization,
         )
         print(f"qatsparse: artifacts and report in {settings.dirpath}")
-        _gate(report, on_fail, settings.dirpath)
+        enforce_gate(report, on_fail)
         return report
 
     def bench(

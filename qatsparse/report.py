@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import platform
 import shutil
 import subprocess
@@ -369,6 +370,23 @@ def print_console(report: dict[str, Any]) -> None:
         console.print(f"[dim]{n}[/dim]")
 
 
+def json_safe(value: Any) -> Any:
+    """``value`` with non-finite floats written as the strings ``"inf"``, ``"-inf"``, ``"nan"``: strict JSON
+    has no Infinity/NaN, and an overflow peak or an unmeasurable throughput can be one.
+
+    Example:
+        >>> json_safe({"peak": float("inf"), "x": [1.0, float("nan")]})
+        {'peak': 'inf', 'x': [1.0, 'nan']}
+    """
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
+
+
 def write_report(report: dict[str, Any], dirpath: str | Path) -> dict[str, Path]:
     """Write report.json, report.md and report.png into ``dirpath`` (each atomically)."""
     from qatsparse.export.onnx import atomic_path
@@ -377,7 +395,7 @@ def write_report(report: dict[str, Any], dirpath: str | Path) -> dict[str, Path]
     d.mkdir(parents=True, exist_ok=True)
     paths = {"json": d / "report.json", "md": d / "report.md", "png": d / "report.png"}
     with atomic_path(paths["json"]) as tmp:
-        tmp.write_text(json.dumps(report, indent=2, default=str) + "\n")
+        tmp.write_text(json.dumps(json_safe(report), indent=2, default=str, allow_nan=False) + "\n")
     with atomic_path(paths["md"]) as tmp:
         tmp.write_text(to_markdown(report))
     with atomic_path(paths["png"]) as tmp:

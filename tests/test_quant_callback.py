@@ -41,7 +41,7 @@ from qatsparse.quantization import (
         ({"start_step": -1}, "start_step must be >= 0, got -1"),
         ({"auto_exclude": -2}, "auto_exclude must be an integer >= 0, got -2"),
         ({"sensitivity_metric": "f1"}, "sensitivity_metric must be one of ['agreement', 'mse', 'top1']"),
-        ({"exclude": "fc"}, "exclude must be a list of regexes"),
+        ({"exclude": ["fc("]}, "exclude"),
         ({"exclude": ["(fc"]}, "exclude pattern '(fc' is not a valid regex"),
     ],
 )
@@ -303,3 +303,7 @@ def test_auto_exclude_keeps_most_sensitive_in_higher_precision(tmp_path, caplog)
     assert type(model.net[2]) is nn.Linear
     assert quantizers(model)["net.0.input_quantizer"]._has_amax  # amax kept, no recalibration needed
     assert "quantization sensitivity" in caplog.text  # the table, printed through Lightning's logger
+
+
+def test_exclude_may_be_one_regex_string_as_for_sparsity():
+    assert QuantizationAwareTraining(exclude="fc").config.exclude == ["fc"]

@@ -8,6 +8,7 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
+from torch.utils.data import DataLoader
 
 from qatsparse.batches import batch_inputs
 
@@ -35,8 +36,22 @@ def train_batches(trainer: pl.Trainer, n: int) -> Iterator[Any]:
         loader = loader[0]
     if isinstance(loader, dict):
         loader = next(iter(loader.values()))
-    for batch in itertools.islice(iter(loader), n):
+    for batch in itertools.islice(iter(_separate_pass(loader)), n):
         yield trainer.strategy.batch_to_device(batch)
+
+
+def _separate_pass(loader: Any) -> Any:
+    """A loader whose iteration does not disturb the training loop's pass over ``loader``.
+
+    With ``persistent_workers=True`` PyTorch hands every ``iter(loader)`` the same worker iterator and
+    resets it, so calibrating mid-epoch would replay the epoch's batches. Such loaders are read through a
+    single-process twin with the same dataset, batch sampler (DDP sharding included) and collate_fn.
+    """
+    if isinstance(loader, DataLoader) and loader.persistent_workers and loader.num_workers > 0:
+        if loader.batch_sampler is not None:
+            return DataLoader(loader.dataset, batch_sampler=loader.batch_sampler, collate_fn=loader.collate_fn)
+        return DataLoader(loader.dataset, batch_size=None, collate_fn=loader.collate_fn)
+    return loader
 
 
 def forward_batch(pl_module: pl.LightningModule, batch: Any) -> Any:

@@ -82,7 +82,7 @@ class QuantizationAwareTraining(pl.Callback):
         calib_batches: int = 16,
         start_step: int = 0,
         percentile: float = 99.99,
-        exclude: list[str] | None = None,
+        exclude: list[str] | str | None = None,
         compile: bool | str = False,
         auto_exclude: int = 0,
         sensitivity_metric: str | Metric = "mse",
@@ -92,7 +92,7 @@ class QuantizationAwareTraining(pl.Callback):
             precision=precision,
             calibrator=calibrator,
             percentile=percentile,
-            exclude=exclude if isinstance(exclude, str) else list(exclude or []),  # a str fails in QuantConfig
+            exclude=[exclude] if isinstance(exclude, str) else list(exclude or []),
         )
         if isinstance(calib_batches, bool) or int(calib_batches) != calib_batches or calib_batches < 1:
             raise ValueError(f"calib_batches must be an integer >= 1, got {calib_batches!r}")
@@ -197,13 +197,15 @@ class QuantizationAwareTraining(pl.Callback):
                             forward(b)
                 finally:
                     pl_module.train(was)
+            if self.config.precision == "fp16":  # before any requantize drops the overflow statistics
+                self._check_fp16(trainer, pl_module, "calibration batches")
             if self.auto_exclude:
                 self._auto_exclude(trainer, pl_module, list(batches()))
+                if self.config.precision == "fp16":
+                    track_overflow(pl_module)  # requantize made fresh quantizers: keep watching them
         self.applied = True
         if self.compile:
             self._compile(pl_module)
-        if self.config.precision == "fp16":
-            self._check_fp16(trainer, pl_module, "calibration batches")
         if self.verbose:
             rank_zero_info(self.describe(pl_module))
 

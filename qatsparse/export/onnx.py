@@ -51,9 +51,6 @@ def atomic_path(path: Path) -> Iterator[Path]:
             os.unlink(tmp)
 
 
-_atomic_path = atomic_path  # backwards-compatible private name
-
-
 def _output_names_of(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> tuple[int, list[str] | None]:
     """Number of outputs, and their names when the model returns a dict (its keys)."""
     from qatsparse.batches import as_outputs
@@ -62,10 +59,6 @@ def _output_names_of(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> tupl
         y = model(*inputs)
     names = [str(k) for k in y] if isinstance(y, Mapping) else None
     return len(as_outputs(y)), names
-
-
-def _count_outputs(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> int:
-    return _output_names_of(model, inputs)[0]
 
 
 def default_input_names(module: Any, n: int) -> list[str]:

@@ -289,7 +289,7 @@ def build_engine(
     if sparse_weights:
         config.set_flag(trt.BuilderFlag.SPARSE_WEIGHTS)
         builder_flags.append("SPARSE_WEIGHTS")
-    if not strongly_typed:  # TensorRT < 10.12: weak typing, precision from the flags
+    if not strongly_typed and precision in ("fp16", "int8"):  # TensorRT < 10.12: precision from the flags
         config.set_flag(trt.BuilderFlag.FP16)
         builder_flags.append("FP16")
         if precision == "int8":

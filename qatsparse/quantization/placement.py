@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import operator
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
@@ -43,19 +42,6 @@ _ADDS = {operator.add, operator.iadd, torch.add}
 _CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
 #: Generated classes by (base class, forward source), shared by identical blocks.
 _GENERATED: dict[tuple[type, str], type] = {}
-
-
-@dataclass
-class ResidualPlan:
-    """Where the residual quantizers of one module's forward go.
-
-    Example:
-        >>> ResidualPlan("layer1.0", ["identity"]).module
-        'layer1.0'
-    """
-
-    module: str
-    residuals: list[str]
 
 
 class _LeafTracer(fx.Tracer):

@@ -66,11 +66,6 @@ class MaskSet:
     def from_state_dict(cls, state: dict) -> MaskSet:
         return cls(masks={k: v.bool() for k, v in state["masks"].items()}, skipped=dict(state["skipped"]))
 
-    def density(self, model: nn.Module) -> dict[str, float]:
-        """Nonzero share of each pruned layer's weight (0.5 right after pruning)."""
-        modules = dict(model.named_modules())
-        return {n: float((modules[n].weight != 0).float().mean()) for n in self.masks}
-
 
 @torch.no_grad()
 def compute_masks(
