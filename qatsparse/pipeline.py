@@ -289,6 +289,22 @@ def _validate_and_report(
     return report
 
 
+def _torch_runners(
+    final: nn.Module, reference: nn.Module | None, settings: ExportSettings
+) -> tuple[nn.Module, str, list[Runner]]:
+    """Plain copies of the final model and of the reference (the final model without quantizers when
+    there is none), its precision, and the two PyTorch runners every validation starts with."""
+    final = plain_copy(final)
+    precision = _precision(final)
+    reference = plain_copy(reference) if reference is not None else remove_quantizers(copy.deepcopy(final))
+    final_name = "pytorch_qat" if precision != "fp32" else "pytorch_final"
+    runners: list[Runner] = [
+        TorchRunner(reference, "pytorch_fp32", "fp32", settings.device),
+        TorchRunner(final, final_name, _torch_precision(precision), settings.device),
+    ]
+    return final, precision, runners
+
+
 def export_and_validate(
     final: nn.Module,
     reference: nn.Module | None,
@@ -319,10 +335,7 @@ def export_and_validate(
     d = Path(settings.dirpath)
     d.mkdir(parents=True, exist_ok=True)
     inputs, dict_names = _example(final, val_loader)
-    final = plain_copy(final)
-    precision = _precision(final)
-    fp32 = remove_quantizers(copy.deepcopy(final))
-    reference = plain_copy(reference) if reference is not None else fp32
+    final, precision, runners = _torch_runners(final, reference, settings)
     quantization = dict(quantization or {"precision": precision})
     keep_fp32 = [*(quantization.get("keep_fp32") or []), *settings.keep_fp32]
     notes: list[str] = []
@@ -333,9 +346,6 @@ def export_and_validate(
     artifacts = {k: str(v) for k, v in paths.items()}
     extra: dict[str, Any] = {"lint": _lint(deploy, settings, notes)}
 
-    runners: list[Runner] = [TorchRunner(reference, "pytorch_fp32", "fp32", settings.device)]
-    final_name = "pytorch_qat" if precision != "fp32" else "pytorch_final"
-    runners.append(TorchRunner(final, final_name, _torch_precision(precision), settings.device))
     runners.append(OnnxRuntimeRunner(deploy, "onnxruntime", onnx_precision(deploy)))
     engine_runner, facts = _maybe_build_engine(deploy, d, settings, precision, bool(pruned_layers), notes, artifacts)
     if engine_runner is not None:
@@ -390,15 +400,10 @@ def validate_artifacts(
 
     d = Path(settings.dirpath)
     d.mkdir(parents=True, exist_ok=True)
-    final = plain_copy(final)
-    precision = _precision(final)
-    reference = plain_copy(reference) if reference is not None else remove_quantizers(copy.deepcopy(final))
+    final, precision, runners = _torch_runners(final, reference, settings)
     notes: list[str] = []
     artifacts: dict[str, str] = {}
     extra: dict[str, Any] = {}
-    runners: list[Runner] = [TorchRunner(reference, "pytorch_fp32", "fp32", settings.device)]
-    final_name = "pytorch_qat" if precision != "fp32" else "pytorch_final"
-    runners.append(TorchRunner(final, final_name, _torch_precision(precision), settings.device))
     onnx_file = Path(onnx_path) if onnx_path else d / "model.onnx"
     output_names = settings.output_names
     if onnx_path and not onnx_file.exists():
