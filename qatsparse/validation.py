@@ -390,7 +390,8 @@ def gate(
     """Check every backend's drop against ``max_metric_drop`` (absolute; one number for all metrics
     or a {metric: bound} mapping). Returns (passed, failure messages naming the numbers).
 
-    A bound for a metric that was not computed is a failure too (a misspelt name must not pass silently).
+    A bound for a metric that was not computed is a failure too (a misspelt name must not pass silently),
+    and so is a gate with no metric at all (e.g. validation batches without targets): nothing was checked.
 
     Example:
         >>> r = ValidationResult("ref", metrics={"ref": {"top1": 0.9}, "int8": {"top1": 0.85}})
@@ -400,6 +401,11 @@ def gate(
     drops = metric_drops(result)
     failures = []
     known = set(result.metrics.get(result.reference, {}))
+    if not known:
+        failures.append(
+            f"no metric was computed for {result.reference} (do the validation batches carry targets? see "
+            "qatsparse.batches): the accuracy gate checked nothing"
+        )
     if isinstance(max_metric_drop, Mapping):
         for m in max_metric_drop:
             if m not in known:

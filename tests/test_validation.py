@@ -138,3 +138,11 @@ def test_validate_input_errors():
         validate([TorchRunner(net, "a"), TorchRunner(net, "a")], [])
     with pytest.raises(ValueError, match="empty"):
         validate([TorchRunner(net, "a")], [])
+
+
+def test_gate_fails_when_no_metric_was_computed():
+    from qatsparse.validation import ValidationResult, gate
+
+    passed, failures = gate(ValidationResult("pytorch_fp32", metrics={"pytorch_fp32": {}, "onnxruntime": {}}), 0.01)
+    assert not passed
+    assert "checked nothing" in failures[0]
