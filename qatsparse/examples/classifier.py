@@ -6,11 +6,11 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from qatsparse.checkpointing import restore_structure
-from qatsparse.examples.pretrained import mark_restored, setup_init_ckpt
+from qatsparse.examples.pretrained import mark_restored
+from qatsparse.examples.steps import ClassificationSteps
 
 
 def build_resnet(arch: str, num_classes: int, cifar_stem: bool = False, weights: str | None = None) -> nn.Module:
@@ -44,7 +44,7 @@ def build_resnet(arch: str, num_classes: int, cifar_stem: bool = False, weights:
     return net
 
 
-class ImageClassifier(pl.LightningModule):
+class ImageClassifier(ClassificationSteps, pl.LightningModule):
     """A torchvision ResNet classifier (``self.net``) trained with SGD + one-cycle, logging ``val_acc``.
 
     Args:
@@ -95,23 +95,6 @@ class ImageClassifier(pl.LightningModule):
                 f"model.num_classes={self.hparams.num_classes} but the data has {n} classes: "
                 f"set --model.init_args.num_classes={n}"
             )
-
-    def on_fit_start(self) -> None:
-        setup_init_ckpt(self, self.hparams.init_ckpt)  # after a restored ckpt_path: skipped
-
-    on_validation_start = on_test_start = on_predict_start = on_fit_start
-
-    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        x, y = batch
-        loss = F.cross_entropy(self(x), y, label_smoothing=self.hparams.label_smoothing)
-        self.log("train_loss", loss, prog_bar=True)
-        return loss
-
-    def validation_step(self, batch: Any, batch_idx: int) -> None:
-        x, y = batch
-        logits = self(x)
-        self.log("val_loss", F.cross_entropy(logits, y), prog_bar=True)
-        self.log("val_acc", (logits.argmax(1) == y).float().mean(), prog_bar=True)
 
     def test_step(self, batch: Any, batch_idx: int) -> None:
         x, y = batch

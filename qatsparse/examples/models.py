@@ -10,7 +10,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from qatsparse.checkpointing import restore_structure
-from qatsparse.examples.pretrained import mark_restored, setup_init_ckpt
+from qatsparse.examples.pretrained import mark_restored
+from qatsparse.examples.steps import ClassificationSteps
 
 
 class BasicBlock(nn.Module):
@@ -33,7 +34,7 @@ class BasicBlock(nn.Module):
         return F.relu(out + identity)
 
 
-class ResidualCNN(pl.LightningModule):
+class ResidualCNN(ClassificationSteps, pl.LightningModule):
     """A residual CNN for small single-channel images that logs ``val_acc``.
 
     Stem 3x3 conv, then residual stages of ``widths`` channels (each after the first halves the
@@ -83,23 +84,6 @@ class ResidualCNN(pl.LightningModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.stages(self.stem(x))
         return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
-
-    def on_fit_start(self) -> None:
-        setup_init_ckpt(self, self.hparams.init_ckpt)  # after a restored ckpt_path: skipped
-
-    on_validation_start = on_test_start = on_predict_start = on_fit_start
-
-    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        x, y = batch
-        loss = F.cross_entropy(self(x), y)
-        self.log("train_loss", loss, prog_bar=True)
-        return loss
-
-    def validation_step(self, batch: Any, batch_idx: int) -> None:
-        x, y = batch
-        logits = self(x)
-        self.log("val_loss", F.cross_entropy(logits, y), prog_bar=True)
-        self.log("val_acc", (logits.argmax(1) == y).float().mean(), prog_bar=True)
 
     def configure_optimizers(self) -> Any:
         opt = torch.optim.SGD(
