@@ -117,7 +117,8 @@ def test_three_callbacks_together_pass_the_gate(staged_run):
     b = report["backends"]
     assert report["passed"] is True
     assert b["pytorch_fp32"]["metrics"]["top1"] >= 0.9
-    assert abs(b["onnxruntime"]["metrics"]["top1"] - b["pytorch_fp32"]["metrics"]["top1"]) <= 0.02
+    # the reference is the dense model at step 150; training on after it may only help (the gate is one-sided)
+    assert b["onnxruntime"]["metrics"]["top1"] >= b["pytorch_fp32"]["metrics"]["top1"] - 0.02
     # vs the dense reference: pruning and quantization may change a few predictions
     assert report["agreement"]["onnxruntime"]["output"]["top1_agreement"] >= 0.95
     assert report["sparsity"]["weights_2to4_share"] > 0.9
