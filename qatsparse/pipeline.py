@@ -16,7 +16,8 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from qatsparse.batches import example_inputs
+from qatsparse.batches import Inputs, example_inputs
+from qatsparse.batches import input_names as keyword_names
 from qatsparse.export.onnx import (
     FP16_QDQ_OPSET,
     atomic_path,
@@ -83,13 +84,11 @@ def _torch_precision(precision: str) -> str:
     return {"int8": "int8 (fake-quant)", "fp16": "fp16 (fake-cast)"}.get(precision, precision)
 
 
-def _example(final: nn.Module, val_loader: Any) -> tuple[tuple[torch.Tensor, ...], list[str] | None]:
-    """Example inputs (``example_input_array`` -- a dict's values in order -- else the first batch) and the
-    input names a dict gives."""
-    ex = getattr(final, "example_input_array", None)
-    if isinstance(ex, Mapping):
-        return tuple(ex.values()), [str(k) for k in ex]
-    return example_inputs(final, val_loader), None
+def _example(final: nn.Module, val_loader: Any) -> tuple[Inputs, list[str] | None]:
+    """Example inputs (``example_input_array``, else the first validation batch's inputs) and the input
+    names that keyword inputs give."""
+    inputs = example_inputs(final, val_loader)
+    return inputs, keyword_names(inputs)
 
 
 def onnx_io_names(path: str | Path) -> tuple[list[str], list[str]]:
@@ -138,7 +137,7 @@ def _write_fp16(src: Path, dst: Path, keep_fp32: Sequence[str], notes: list[str]
 
 def export_artifacts(
     final: nn.Module,
-    inputs: Sequence[torch.Tensor],
+    inputs: Inputs,
     settings: ExportSettings,
     pruned_layers: Sequence[str] = (),
     keep_fp32: Sequence[str] = (),
@@ -159,7 +158,11 @@ def export_artifacts(
     final = plain_copy(final)
     precision = _precision(final)
     fp32 = remove_quantizers(copy.deepcopy(final))
-    in_names = settings.input_names or list(input_names or []) or default_input_names(final, len(inputs))
+    in_names = (
+        settings.input_names
+        or list(input_names or keyword_names(inputs) or [])
+        or default_input_names(final, len(inputs))
+    )
     names = {"input_names": in_names, "output_names": settings.output_names}
     fp32_path = export_onnx(fp32, inputs, d / "model_fp32.onnx", opset=settings.opset, **names)
     deploy = d / "model.onnx"
@@ -256,7 +259,9 @@ def _validate_and_report(
     notes: list[str],
     extra: dict[str, Any],
     console: bool,
+    progress: list[str] | None = None,
 ) -> dict[str, Any]:
+    progress = progress if progress is not None else []
     precisions = {r.name: r.precision for r in runners}
     result = validate(
         runners,
@@ -267,6 +272,7 @@ def _validate_and_report(
         metrics=settings.metrics,
         max_batches=settings.max_batches,
     )
+    progress.append("validation")
     passed, failures = gate(result, settings.max_metric_drop)
     sparsity = {**sparsity_summary(final), "pruned_layers": list(pruned_layers), "skipped": dict(skipped_layers or {})}
     report = build_report(
@@ -284,6 +290,7 @@ def _validate_and_report(
     d = Path(settings.dirpath)
     report["artifacts"].update({f"report.{k}": str(d / f"report.{k}") for k in ("json", "md", "png")})
     write_report(report, d)
+    progress.append("report")
     if console:
         print_console(report)
     return report
@@ -314,6 +321,7 @@ def export_and_validate(
     skipped_layers: Mapping[str, str] | None = None,
     quantization: Mapping[str, Any] | None = None,
     console: bool = True,
+    progress: list[str] | None = None,
 ) -> dict[str, Any]:
     """Write the ONNX files (and engine), lint, validate every backend on ``val_loader``, write the report.
 
@@ -327,6 +335,8 @@ def export_and_validate(
         skipped_layers: layers not pruned, with the reason (for the report).
         quantization: what the QAT callback reports (its ``keep_fp32`` modules stay FP32 in FP16 graphs).
         console: print the rich table.
+        progress: the names of the stages that completed are appended to it (``export``, ``lint``,
+            ``engine``, ``validation``, ``report``): after a failure it says what succeeded.
 
     Returns:
         The report dictionary (also written as report.json/md/png). The gate is not enforced here:
@@ -340,14 +350,18 @@ def export_and_validate(
     keep_fp32 = [*(quantization.get("keep_fp32") or []), *settings.keep_fp32]
     notes: list[str] = []
 
+    progress = progress if progress is not None else []
     paths = export_artifacts(final, inputs, settings, pruned_layers, keep_fp32, notes, input_names=dict_names)
+    progress.append("export")
     deploy = paths["model.onnx"]
     _, output_names = onnx_io_names(deploy)
     artifacts = {k: str(v) for k, v in paths.items()}
     extra: dict[str, Any] = {"lint": _lint(deploy, settings, notes)}
+    progress.append("lint")
 
     runners.append(OnnxRuntimeRunner(deploy, "onnxruntime", onnx_precision(deploy)))
     engine_runner, facts = _maybe_build_engine(deploy, d, settings, precision, bool(pruned_layers), notes, artifacts)
+    progress.append("engine")
     if engine_runner is not None:
         runners.append(engine_runner)
         extra["engine"] = facts
@@ -364,6 +378,7 @@ def export_and_validate(
         notes,
         extra,
         console,
+        progress,
     )
 
 

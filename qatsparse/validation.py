@@ -14,8 +14,8 @@ from typing import Any, Literal
 
 import torch
 
-from qatsparse.batches import batch_inputs, batch_targets
-from qatsparse.export.runners import Runner
+from qatsparse.batches import batch_inputs, batch_size, batch_targets
+from qatsparse.export.runners import Runner, run
 
 #: A metric as users give it: an import path (``"torchmetrics.MeanSquaredError"``), a Metric class or
 #: instance, or ``{"class_path": ..., "init_args": {...}}`` (the LightningCLI/YAML form).
@@ -320,7 +320,7 @@ def validate(
         ref_out: tuple[torch.Tensor, ...] | None = None
         for r in ordered:
             t0 = time.perf_counter()
-            out = r(inputs)
+            out = run(r, inputs)
             times[r.name].append((time.perf_counter() - t0) * 1e3)
             if outputs is None:
                 outputs = [f"output_{i}" for i in range(len(out))] if len(out) > 1 else ["output"]
@@ -337,7 +337,7 @@ def validate(
                     a.update(o, ro)
             if targets is not None:
                 per_backend.setdefault(r.name, _BackendMetrics(specs)).update(out, targets, outputs)
-        result.samples += inputs[0].shape[0]
+        result.samples += batch_size(inputs)
     if result.samples == 0:
         raise ValueError("the validation dataloader is empty")
     assert outputs is not None

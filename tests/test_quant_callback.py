@@ -38,11 +38,11 @@ from qatsparse.quantization import (
         ({"percentile": math.nan}, "percentile must be in (0, 100], got nan"),
         ({"calib_batches": 0}, "calib_batches must be an integer >= 1, got 0"),
         ({"calib_batches": 2.5}, "calib_batches must be an integer >= 1, got 2.5"),
-        ({"start_step": -1}, "start_step must be >= 0, got -1"),
+        ({"start_step": -1}, "QuantizationAwareTraining(start_step=-1): start_step must be an integer >= 0"),
         ({"auto_exclude": -2}, "auto_exclude must be an integer >= 0, got -2"),
         ({"sensitivity_metric": "f1"}, "sensitivity_metric must be one of ['agreement', 'mse', 'top1']"),
         ({"exclude": ["fc("]}, "exclude"),
-        ({"exclude": ["(fc"]}, "exclude pattern '(fc' is not a valid regex"),
+        ({"exclude": ["(fc"]}, "pattern '(fc' is not a valid regular expression"),
     ],
 )
 def test_bad_arguments_fail_at_construction_naming_valid_values(kwargs, message):

@@ -56,9 +56,24 @@ def _output_names_of(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> tupl
     from qatsparse.batches import as_outputs
 
     with torch.no_grad():
-        y = model(*inputs)
+        y = model(*inputs)  # keyword inputs: `model` was made positional by _positional_forward
     names = [str(k) for k in y] if isinstance(y, Mapping) else None
     return len(as_outputs(y)), names
+
+
+def _positional_forward(model: nn.Module, names: Sequence[str]) -> None:
+    """Make ``model`` (a private copy) take its keyword inputs ``names`` positionally, in that order.
+
+    The TorchScript exporter traces positional tensors; its own trailing-dict convention reorders the
+    keywords by ``forward``'s signature and cannot serve ``forward(**inputs)``. An instance attribute
+    (not a wrapper module) keeps the node scope names, which map ONNX nodes back to module names.
+    """
+    keyword_forward = model.forward
+
+    def forward(*tensors: torch.Tensor) -> Any:
+        return keyword_forward(**dict(zip(names, tensors)))
+
+    model.forward = forward  # type: ignore[method-assign]
 
 
 def default_input_names(module: Any, n: int) -> list[str]:
@@ -88,7 +103,7 @@ def save_model(proto: Any, path: str | Path) -> Path:
 
 def export_onnx(
     model: nn.Module,
-    inputs: Sequence[torch.Tensor],
+    inputs: Sequence[torch.Tensor] | Mapping[str, torch.Tensor],
     path: str | Path,
     input_names: Sequence[str] | None = None,
     output_names: Sequence[str] | None = None,
@@ -118,8 +133,13 @@ def export_onnx(
     if opset < 17:
         raise ValueError(f"opset must be >= 17 (per-channel Q/DQ and TensorRT 10/11), got {opset}")
     path = Path(path)
-    inputs = tuple(t.detach().cpu() for t in inputs)
     model = copy.deepcopy(model).cpu().eval()
+    if isinstance(inputs, Mapping):
+        keywords = [str(k) for k in inputs]
+        _positional_forward(model, keywords)
+        input_names = list(input_names) if input_names else keywords
+        inputs = tuple(inputs.values())
+    inputs = tuple(t.detach().cpu() for t in inputs)
     n_out, dict_names = _output_names_of(model, inputs)
     input_names = list(input_names) if input_names else default_io_names(len(inputs), "input")
     output_names = list(output_names) if output_names else (dict_names or default_io_names(n_out, "output"))

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 
 from torch import nn
 
+from qatsparse.patterns import compile_patterns, matches_any, require_matches
 from qatsparse.sparsity.masks import PRUNABLE_TYPES
 
 
@@ -22,20 +22,6 @@ class Eligibility:
 
     eligible: dict[str, nn.Module] = field(default_factory=dict)
     skipped: dict[str, str] = field(default_factory=dict)
-
-
-def _compile(patterns: list[str] | str | None, what: str) -> list[re.Pattern[str]]:
-    if patterns is None:
-        return []
-    if isinstance(patterns, str):
-        patterns = [patterns]
-    out = []
-    for p in patterns:
-        try:
-            out.append(re.compile(p))
-        except re.error as e:
-            raise ValueError(f"{what} pattern {p!r} is not a valid regular expression: {e}") from e
-    return out
 
 
 def shape_reason(module: nn.Module) -> str | None:
@@ -69,25 +55,23 @@ def find_prunable(
 
     Args:
         model: the model.
-        include: regexes (``re.search`` on the module name); when given, only matching layers are
-            considered. A pattern that matches no Conv2d/Linear is an error naming it.
-        exclude: regexes of module names never pruned.
+        include: patterns of module names to consider (regexes searched in the name, or globs; see
+            :mod:`qatsparse.patterns`); when given, only matching layers are considered.
+        exclude: patterns of module names never pruned.
 
     Raises:
-        ValueError: an ``include`` pattern matches no Conv2d/Linear layer, or a pattern is invalid.
+        ValueError: an ``include`` or ``exclude`` pattern matches no Conv2d/Linear layer, or a pattern is
+            neither a valid regex nor a glob.
     """
-    inc, exc = _compile(include, "include"), _compile(exclude, "exclude")
+    inc, exc = compile_patterns(include, "include"), compile_patterns(exclude, "exclude")
     layers = {n: m for n, m in model.named_modules() if isinstance(m, PRUNABLE_TYPES)}
-    for p in inc:
-        if not any(p.search(n) for n in layers):
-            raise ValueError(
-                f"include pattern {p.pattern!r} matches no Conv2d/Linear layer; layers are: {sorted(layers)}"
-            )
+    require_matches(inc, layers, "include", "Conv2d/Linear layer")
+    require_matches(exc, layers, "exclude", "Conv2d/Linear layer")
     result = Eligibility()
     for name, m in layers.items():
-        if inc and not any(p.search(name) for p in inc):
+        if inc and not matches_any(inc, name):
             result.skipped[name] = "not matched by include"
-        elif any(p.search(name) for p in exc):
+        elif matches_any(exc, name):
             result.skipped[name] = "excluded by user"
         elif (reason := shape_reason(m)) is not None:
             result.skipped[name] = reason
