@@ -43,19 +43,6 @@ def is_lightning_module(obj: Any) -> bool:
     return isinstance(obj, LIGHTNING_MODULES)
 
 
-def is_datamodule(obj: Any) -> bool:
-    """Whether ``obj`` is a LightningDataModule of either package."""
-    return isinstance(obj, DATAMODULES)
-
-
-def package_of(obj: Any) -> Any:
-    """The Lightning package (``pytorch_lightning`` or ``lightning.pytorch``) whose classes ``obj`` uses."""
-    for p in reversed(PACKAGES):
-        if isinstance(obj, (p.LightningModule, p.LightningDataModule, p.Trainer, p.Callback)):
-            return p
-    return _pl
-
-
 def overrides(obj: Any, method: str) -> bool:
     """Whether the LightningModule or LightningDataModule ``obj`` overrides ``method`` of its package's base.
 

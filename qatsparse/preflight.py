@@ -146,13 +146,21 @@ def check_start_step(trainer: Any, owner: str, start_step: int, done: bool = Fal
     total = total_steps(trainer)
     if start_step < total:
         return
-    batches = trainer.num_training_batches
     raise ValueError(
         f"{owner}(start_step={start_step}) is never reached: this Trainer stops after {int(total)} optimizer "
-        f"step(s) (max_steps={trainer.max_steps}, max_epochs={trainer.max_epochs}, {batches} training batches "
-        f"per epoch, accumulate_grad_batches={trainer.accumulate_grad_batches}). Set start_step below "
-        f"{int(total)}, or train longer (max_steps / max_epochs)"
+        f"step(s) ({_stop_reason(trainer, total)}). Set start_step below {int(total)}, or train longer "
+        "(max_steps / max_epochs)"
     )
+
+
+def _stop_reason(trainer: Any, total: float) -> str:
+    """Why the fit stops after ``total`` steps, in the Trainer's own terms."""
+    if trainer.max_steps != -1 and total == trainer.max_steps:
+        return f"max_steps={trainer.max_steps}"
+    parts = [f"max_epochs={trainer.max_epochs}", f"{trainer.num_training_batches} training batches per epoch"]
+    if trainer.accumulate_grad_batches != 1:
+        parts.append(f"accumulate_grad_batches={trainer.accumulate_grad_batches}")
+    return " x ".join(parts[:2]) + "".join(f", {p}" for p in parts[2:])
 
 
 def check_module_names(module: nn.Module, names: Sequence[str], argument: str) -> None:
@@ -160,9 +168,8 @@ def check_module_names(module: nn.Module, names: Sequence[str], argument: str) -
     known = {n for n, _ in module.named_modules()}
     missing = [n for n in names if n not in known]
     if missing:
-        raise ValueError(
-            f"{argument}: {missing} are not module names of {type(module).__name__}; e.g. {sorted(known)[1:9]}"
-        )
+        some = sorted(known - {""})[:8]
+        raise ValueError(f"{argument}: {missing} are not module names of {type(module).__name__} (some are {some})")
 
 
 @contextlib.contextmanager

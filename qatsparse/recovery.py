@@ -59,11 +59,11 @@ def cli_config_path(trainer: Any) -> Path | None:
     return None
 
 
-def resume_command(trainer: Any, checkpoint: Path) -> str:
-    """The ``qatsparse export`` command that finishes an export from ``checkpoint``."""
+def resume_command(trainer: Any, checkpoint: Path, subcommand: str = "export") -> str:
+    """The ``qatsparse export`` (or ``validate``) command that works on ``checkpoint`` with this run's config."""
     config = cli_config_path(trainer)
     cfg = shlex.quote(str(config)) if config else "<your recipe>"
-    return f"qatsparse export --config {cfg} --ckpt_path {shlex.quote(str(checkpoint))}"
+    return f"qatsparse {subcommand} --config {cfg} --ckpt_path {shlex.quote(str(checkpoint))}"
 
 
 def resume_hint(trainer: Any, checkpoint: Path, dirpath: Path) -> str:
@@ -73,6 +73,32 @@ def resume_hint(trainer: Any, checkpoint: Path, dirpath: Path) -> str:
         f"  {resume_command(trainer, checkpoint)}\n"
         f"or in Python: TensorRTExport(dirpath={str(dirpath)!r}, ...).export_checkpoint(YourModel, "
         f"{str(checkpoint)!r}, val_dataloader)"
+    )
+
+
+def failed_stage(completed: Sequence[str]) -> str:
+    """The first stage of :data:`STAGES` not in ``completed``."""
+    return next((s for s in STAGES if s not in completed), "report")
+
+
+def export_failed(
+    error: BaseException, trainer: Any, checkpoint: Path, dirpath: str | Path, completed: Sequence[str]
+) -> ExportFailed:
+    """Write the partial report of an export that raised ``error`` and return the error to raise instead."""
+    d = Path(dirpath)
+    write_partial_report(d, completed, error, checkpoint, resume_command(trainer, checkpoint))
+    return ExportFailed(
+        f"qatsparse: the {failed_stage(completed)} step failed after training ({type(error).__name__}: {error}).\n"
+        f"{resume_hint(trainer, checkpoint, d)}\n(what completed: {d / 'report.json'})"
+    )
+
+
+def gate_failed(error: BaseException, trainer: Any, checkpoint: Path) -> BaseException:
+    """``error`` (a failed accuracy gate) with where the trained model is and how to re-check the artifacts."""
+    again = resume_command(trainer, checkpoint, "validate") + " --artifacts true"
+    return type(error)(
+        f"{error}\nThe trained model is saved in {checkpoint}; to validate the artifacts again (e.g. with another "
+        f"max_metric_drop): {again}"
     )
 
 
@@ -87,7 +113,7 @@ def write_partial_report(
     from qatsparse.report import json_safe, library_versions
 
     d = Path(dirpath)
-    failed = next((s for s in STAGES if s not in completed), None)
+    failed = failed_stage(completed)
     artifacts = {name: str(d / name) for stage in completed for name in STAGES.get(stage, ()) if (d / name).is_file()}
     report = {
         "passed": False,

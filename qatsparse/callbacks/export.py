@@ -28,7 +28,7 @@ from qatsparse.preflight import (
     check_validation,
     run_preflight,
 )
-from qatsparse.recovery import ExportFailed, resume_command, resume_hint, save_checkpoint, write_partial_report
+from qatsparse.recovery import export_failed, gate_failed, save_checkpoint
 from qatsparse.validation import GateFailed, enforce_gate
 
 
@@ -117,7 +117,10 @@ class TensorRTExport(Callback):
                 named = [str(k) for k in metrics]
             elif isinstance(metrics, (list, tuple)):
                 named = [str(m["output"]) for m in metrics if isinstance(m, Mapping) and "output" in m]
-            metric_specs(metrics, output_names or list(dict.fromkeys(named)) or ["output"])
+            try:
+                metric_specs(metrics, output_names or list(dict.fromkeys(named)) or ["output"])
+            except ValueError as e:
+                raise ValueError(f"TensorRTExport(metrics={metrics!r}): {e}") from None
         self.on_fail = on_fail
         self.reference_state: dict[str, torch.Tensor] | None = None
         self.report: dict[str, Any] | None = None
@@ -140,11 +143,7 @@ class TensorRTExport(Callback):
             try:
                 enforce_gate(self.report, self.on_fail)
             except GateFailed as e:
-                raise GateFailed(
-                    f"{e}\nThe trained model is saved in {checkpoint}; to validate the artifacts again (e.g. with "
-                    f"another max_metric_drop): {resume_command(trainer, checkpoint).replace(' export ', ' validate ')}"
-                    " --artifacts true"
-                ) from None
+                raise gate_failed(e, trainer, checkpoint) from None
 
     # ------------------------------------------------------------------ checks
     def preflight(self, check: Checks, trainer: pl.Trainer, pl_module: pl.LightningModule, data: FitData) -> None:
@@ -176,13 +175,7 @@ class TensorRTExport(Callback):
         try:
             return self.export(trainer, pl_module, progress)
         except Exception as e:
-            d = self.settings.dirpath
-            write_partial_report(d, progress, e, checkpoint, resume_command(trainer, checkpoint))
-            stage = next((s for s in ("export", "lint", "engine", "validation", "report") if s not in progress), "?")
-            raise ExportFailed(
-                f"qatsparse: the {stage} step failed after training ({type(e).__name__}: {e}).\n"
-                f"{resume_hint(trainer, checkpoint, d)}\n(what completed: {d / 'report.json'})"
-            ) from e
+            raise export_failed(e, trainer, checkpoint, self.settings.dirpath, progress) from e
 
     def export(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, progress: list[str] | None = None

@@ -103,14 +103,17 @@ class QuantizationAwareTraining(Callback):
     ) -> None:
         excluded = [exclude] if isinstance(exclude, str) else list(exclude or [])
         compile_patterns(excluded, f"QuantizationAwareTraining(exclude={excluded!r})")
-        self.config = QuantConfig(
-            precision=precision,
-            calibrator=calibrator,
-            percentile=percentile,
-            exclude=excluded,
-        )
+        try:
+            self.config = QuantConfig(
+                precision=precision, calibrator=calibrator, percentile=percentile, exclude=excluded
+            )
+        except ValueError as e:
+            raise ValueError(f"QuantizationAwareTraining: {e}") from None
         if isinstance(calib_batches, bool) or int(calib_batches) != calib_batches or calib_batches < 1:
-            raise ValueError(f"calib_batches must be an integer >= 1, got {calib_batches!r}")
+            raise ValueError(
+                f"QuantizationAwareTraining(calib_batches={calib_batches!r}): calib_batches must be an integer >= 1, "
+                f"got {calib_batches!r}"
+            )
         check_int("QuantizationAwareTraining", "start_step", start_step, 0)
         if int(auto_exclude) != auto_exclude or auto_exclude < 0:
             raise ValueError(f"auto_exclude must be an integer >= 0, got {auto_exclude!r}")
