@@ -130,8 +130,11 @@ def check_dirpath(path: str | Path, owner: str = "TensorRTExport") -> Path:
 
 
 def total_steps(trainer: Any) -> float:
-    """The optimizer steps this fit will take (inf when unbounded), Lightning's own estimate."""
-    n = trainer.estimated_stepping_batches
+    """The optimizer steps this fit will take (inf when unbounded or unknown), Lightning's own estimate."""
+    try:
+        n = trainer.estimated_stepping_batches
+    except Exception:  # e.g. a changing accumulate_grad_batches: Lightning cannot tell, so nothing is checked
+        return float("inf")
     return float("inf") if n is None or n < 0 else float(n)
 
 
