@@ -34,6 +34,7 @@ from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 from torch import nn
 
 from qatsparse.lightning_compat import is_lightning_module, overrides
+from qatsparse.progress import progress_for
 from qatsparse.validation import enforce_gate
 
 #: Folder of the shipped recipes (package data; ``recipes/`` at the repository root mirrors it).
@@ -296,7 +297,9 @@ class CLITrainer(pl.Trainer):
         """Run Lightning's validation loop; with --onnx/--engine/--artifacts, re-validate exported artifacts.
 
         Artifact validation runs the ONNX file and/or TensorRT engine on the validation data and compares
-        them with the checkpoint's model and its dense reference (rewriting ``report.*`` in ``dirpath``).
+        them with the checkpoint's model and its dense reference (rewriting ``report.*`` in ``dirpath``). On a
+        TensorRT machine, ``--engine dirpath/tensorrt/model.plan`` validates the engine the hand-off bundle's
+        ``build.sh`` built: the report gets a ``tensorrt`` row.
 
         Args:
             onnx: ONNX file to validate (artifact validation).
@@ -327,6 +330,7 @@ class CLITrainer(pl.Trainer):
             pruned_layers=run.pruned_layers,
             skipped_layers=run.skipped_layers,
             quantization=run.quantization,
+            progress=progress_for(self),
         )
         enforce_gate(report, on_fail)
         return report
@@ -353,7 +357,10 @@ class CLITrainer(pl.Trainer):
         cb = _callback(self.callbacks, TensorRTExport)
         if dirpath is not None:
             cb.settings.dirpath = Path(dirpath)
-        return cb.export_checkpoint(model, ckpt_path, _val_loader(datamodule, model), weights_only=bool(weights_only))
+        loader = _val_loader(datamodule, model)
+        return cb.export_checkpoint(
+            model, ckpt_path, loader, weights_only=bool(weights_only), progress=progress_for(self)
+        )
 
     def bench(
         self,

@@ -23,6 +23,7 @@ STAGES: dict[str, tuple[str, ...]] = {
     "checkpoint": (CHECKPOINT_NAME,),
     "export": ("model_fp32.onnx", "model.onnx"),
     "lint": (),
+    "handoff": ("tensorrt",),
     "engine": ("model.plan", "build.json"),
     "validation": (),
     "report": ("report.json", "report.md", "report.png"),
@@ -114,7 +115,7 @@ def write_partial_report(
 
     d = Path(dirpath)
     failed = failed_stage(completed)
-    artifacts = {name: str(d / name) for stage in completed for name in STAGES.get(stage, ()) if (d / name).is_file()}
+    artifacts = {name: str(d / name) for stage in completed for name in STAGES.get(stage, ()) if (d / name).exists()}
     report = {
         "passed": False,
         "complete": False,

@@ -14,6 +14,7 @@ from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from qatsparse.callbacks._common import find_callback
 from qatsparse.lightning_compat import Callback
 from qatsparse.loaders import find_val_dataloader
+from qatsparse.log_metrics import log_to_loggers, report_metrics
 from qatsparse.pipeline import ExportSettings, export_and_validate
 from qatsparse.preflight import (
     Checks,
@@ -28,6 +29,7 @@ from qatsparse.preflight import (
     check_validation,
     run_preflight,
 )
+from qatsparse.progress import QUIET, Progress, progress_for
 from qatsparse.recovery import export_failed, gate_failed, save_checkpoint
 from qatsparse.validation import GateFailed, enforce_gate
 
@@ -38,13 +40,16 @@ class TensorRTExport(Callback):
     First saves the trained model as ``model.ckpt`` (a Lightning checkpoint with the 2:4 masks, the
     quantizers and the dense reference), then writes ``model_fp32.onnx`` (the trained model without fake
     quantization), ``model.onnx`` (the deployable graph: Q/DQ INT8 after INT8 QAT, FP16 after FP16 QAT,
-    else FP32), ``model.plan`` where TensorRT is importable, and the report comparing every backend with
-    ``pytorch_fp32`` -- the dense FP32 model as it was just before the first pruning or quantization step.
-    If a step after the checkpoint fails, ``report.json`` records what completed and the error, and the
-    raised :class:`~qatsparse.recovery.ExportFailed` gives the command that finishes the export from
-    ``model.ckpt``. Everything that can be checked before training is checked at ``on_fit_start``: the
-    folder, the validation data, the model on a validation batch, names, metrics and gate
-    (:mod:`qatsparse.preflight`).
+    else FP32), the TensorRT hand-off bundle ``tensorrt/`` (trtexec ``build.sh``, Polygraphy ``check.sh``, a
+    validation batch and the outputs for it), ``model.plan`` where TensorRT is importable, and the report
+    comparing every backend with ``pytorch_fp32`` -- the dense FP32 model as it was just before the first
+    pruning or quantization step. The report's numbers also go to the Trainer's loggers under
+    ``qatsparse/report/``; the export and the validation show progress in the style of the Trainer's
+    progress bar. If a step after the checkpoint fails, ``report.json`` records what completed and the
+    error, and the raised :class:`~qatsparse.recovery.ExportFailed` gives the command that finishes the
+    export from ``model.ckpt``. Everything that can be checked before training is checked at
+    ``on_fit_start``: the folder, the validation data, the model on a validation batch, names, metrics and
+    gate (:mod:`qatsparse.preflight`).
 
     Args:
         dirpath: output folder.
@@ -138,6 +143,8 @@ class TensorRTExport(Callback):
         checkpoint = save_checkpoint(trainer, self.settings.dirpath)  # the trained model is safe from here on
         if trainer.is_global_zero:
             self.report = self._export_or_explain(trainer, pl_module, checkpoint)
+            # LightningModule.log is not allowed in on_fit_end: the loggers' own API (logged before the gate raises)
+            log_to_loggers(trainer, report_metrics(self.report))
         trainer.strategy.barrier()
         if self.report is not None:
             try:
@@ -171,16 +178,16 @@ class TensorRTExport(Callback):
         return ref
 
     def _export_or_explain(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: Path) -> dict:
-        progress = ["checkpoint"]
+        completed = ["checkpoint"]
         try:
-            return self.export(trainer, pl_module, progress)
+            return self.export(trainer, pl_module, completed)
         except Exception as e:
-            raise export_failed(e, trainer, checkpoint, self.settings.dirpath, progress) from e
+            raise export_failed(e, trainer, checkpoint, self.settings.dirpath, completed) from e
 
     def export(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, progress: list[str] | None = None
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, completed: list[str] | None = None
     ) -> dict[str, Any]:
-        """Export, build, validate and write the report for the model at fit end (``progress``: see
+        """Export, build, validate and write the report for the model at fit end (``completed``: see
         :func:`~qatsparse.pipeline.export_and_validate`)."""
         from qatsparse.callbacks.quantization import QuantizationAwareTraining
         from qatsparse.callbacks.sparsity import TwoFourSparsity
@@ -195,13 +202,20 @@ class TensorRTExport(Callback):
             pruned_layers=sparsity_cb.pruned_layers if sparsity_cb else [],
             skipped_layers=sparsity_cb.masks.skipped if sparsity_cb and sparsity_cb.masks else {},
             quantization=qat_cb.report(pl_module) if qat_cb else {},
-            progress=progress,
+            progress=progress_for(trainer),
+            validate_command=self.validate_command(trainer),
+            completed=completed,
         )
         rank_zero_info(f"qatsparse: artifacts and report in {self.settings.dirpath}")
         return report
 
     def export_checkpoint(
-        self, model: Any, ckpt_path: str | Path, val_dataloader: Any, weights_only: bool = False
+        self,
+        model: Any,
+        ckpt_path: str | Path,
+        val_dataloader: Any,
+        weights_only: bool = False,
+        progress: Progress = QUIET,
     ) -> dict[str, Any]:
         """Export, build, validate and report from a checkpoint -- e.g. ``dirpath/model.ckpt`` after an export
         that failed -- with this callback's settings; the gate is enforced as at fit end.
@@ -211,6 +225,7 @@ class TensorRTExport(Callback):
             ckpt_path: the checkpoint (masks, quantizers and the dense reference are read from it).
             val_dataloader: the validation data.
             weights_only: ``torch.load(weights_only=...)`` of the checkpoint.
+            progress: shows the export, the engine build and the validation (default: quiet).
 
         Example:
             >>> cb = TensorRTExport(dirpath="runs/x")
@@ -230,11 +245,29 @@ class TensorRTExport(Callback):
             pruned_layers=run.pruned_layers,
             skipped_layers=run.skipped_layers,
             quantization=run.quantization,
+            progress=progress,
         )
         rank_zero_info(f"qatsparse: artifacts and report in {self.settings.dirpath}")
         self.report = report
         enforce_gate(report, self.on_fail)
         return report
+
+    def validate_command(self, trainer: pl.Trainer) -> str:
+        """The ``qatsparse validate ... --engine`` command that re-validates the hand-off engine of this run:
+        the config LightningCLI saved and the run's checkpoint, where they are known."""
+        import os
+
+        d = Path(self.settings.dirpath)
+        config = next(
+            (os.path.join(trainer.log_dir or ".", cb.config_filename) for cb in trainer.callbacks  # type: ignore[attr-defined]
+             if type(cb).__name__ == "SaveConfigCallback" and hasattr(cb, "config_filename")),
+            "<the run's config>",
+        )  # fmt: skip
+        ckpt_cb = trainer.checkpoint_callback
+        candidates = [d / "model.ckpt", *(Path(p) for p in (getattr(ckpt_cb, "last_model_path", ""),
+                                                         getattr(ckpt_cb, "best_model_path", "")) if p)]  # fmt: skip
+        ckpt = next((str(p) for p in candidates if p.is_file()), "<the run's checkpoint>")
+        return f"qatsparse validate --config {config} --ckpt_path {ckpt} --engine {d / 'tensorrt' / 'model.plan'}"
 
     @staticmethod
     def _val_dataloader(trainer: pl.Trainer) -> Any:

@@ -108,6 +108,7 @@ class OnnxRuntimeRunner:
         self.session = ort.InferenceSession(str(self.path), sess_options=opts, providers=providers)
         self.inputs = self.session.get_inputs()
         self.input_names = [i.name for i in self.inputs]
+        self.device = "cuda" if self.session.get_providers()[0] == "CUDAExecutionProvider" else "cpu"
 
     takes_keywords = True
 
