@@ -196,7 +196,10 @@ def profile_shapes(
         if not shape or shape[0] != -1:
             raise ValueError(f"input {name!r} has shape {shape}: export it with a dynamic batch axis (dims[0] = -1)")
         if any(d < 0 for d in shape[1:]):
-            raise ValueError(f"input {name!r} has dynamic non-batch dims {shape}; only the batch axis may vary")
+            raise ValueError(
+                f"input {name!r} has dynamic non-batch dims {shape}: give their (min, opt, max) in a profile "
+                "(qatsparse.export.shapes.shape_profile; TensorRTExport(shape_ranges=...))"
+            )
         out[name] = tuple((b, *shape[1:]) for b in bs)  # type: ignore[assignment]
     return out
 
@@ -253,13 +256,16 @@ def build_engine(
     timing_cache: str | Path | None = None,
     build_json: str | Path | None = None,
     verbose: bool = False,
+    profile: Mapping[str, Sequence[Sequence[int]]] | None = None,
 ) -> dict[str, Any]:
     """Build ``plan_path`` from an ONNX file and write ``build.json`` beside it; returns the build facts.
 
     Strongly typed network on TensorRT >= 10.12 and 11.x (precision comes from the graph: Q/DQ and
     casts); below 10.12 the weakly typed path with the FP16 (and, for ``precision="int8"``, INT8)
     builder flags. ``SPARSE_WEIGHTS`` lets TensorRT time sparse kernels for 2:4 layers. One
-    optimization profile spans ``batch_sizes = (min, opt, max)`` on every input's first axis.
+    optimization profile spans ``batch_sizes = (min, opt, max)`` on every input's first axis, or is
+    ``profile`` (``{input: (min, opt, max) shapes}``, e.g. from :func:`qatsparse.export.shapes.shape_profile`,
+    for dynamic axes beyond the batch).
     ``ProfilingVerbosity.DETAILED`` makes the engine inspector report per-layer precision and sparse
     weights; the timing cache at ``timing_cache`` is loaded when present and saved after the build.
 
@@ -296,11 +302,14 @@ def build_engine(
             config.set_flag(trt.BuilderFlag.INT8)
             builder_flags.append("INT8")
     inputs = {network.get_input(i).name: tuple(network.get_input(i).shape) for i in range(network.num_inputs)}
-    shapes = profile_shapes(inputs, batch_sizes)
-    profile = builder.create_optimization_profile()
+    if profile:
+        shapes = {n: tuple(tuple(int(d) for d in s) for s in v) for n, v in profile.items()}
+    else:
+        shapes = profile_shapes(inputs, batch_sizes)
+    trt_profile = builder.create_optimization_profile()
     for name, (lo, opt, hi) in shapes.items():
-        profile.set_shape(name, lo, opt, hi)
-    config.add_optimization_profile(profile)
+        trt_profile.set_shape(name, lo, opt, hi)
+    config.add_optimization_profile(trt_profile)
     cache_path = Path(timing_cache) if timing_cache else None
     cache_loaded = bool(cache_path and cache_path.exists())
     cache = config.create_timing_cache(cache_path.read_bytes() if cache_loaded else b"")  # type: ignore[union-attr]
@@ -384,11 +393,12 @@ class TensorRTRunner:
         mode = self.engine.get_tensor_mode
         self.input_names = [n for n in names if mode(n) == trt.TensorIOMode.INPUT]
         self.output_names = [n for n in names if mode(n) == trt.TensorIOMode.OUTPUT]
-        self.batch_range = {n: self._batch_range(n) for n in self.input_names}
+        self.shape_range = {n: self._shape_range(n) for n in self.input_names}
+        self.batch_range = {n: (lo[0], hi[0]) for n, (lo, hi) in self.shape_range.items()}
 
-    def _batch_range(self, name: str) -> tuple[int, int]:
+    def _shape_range(self, name: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
         lo, _, hi = self.engine.get_tensor_profile_shape(name, 0)
-        return int(lo[0]), int(hi[0])
+        return tuple(int(d) for d in lo), tuple(int(d) for d in hi)
 
     def _torch_dtype(self, name: str) -> torch.dtype:
         trt = self._trt
@@ -407,9 +417,15 @@ class TensorRTRunner:
             raise ValueError(f"engine takes {len(self.input_names)} inputs {self.input_names}, got {len(inputs)}")
         dev_inputs = []
         for name, t in zip(self.input_names, inputs):
-            lo, hi = self.batch_range[name]
-            if not lo <= t.shape[0] <= hi:
-                raise ValueError(f"batch {t.shape[0]} of {name!r} is outside the engine's profile [{lo}, {hi}]")
+            lo, hi = self.shape_range[name]
+            outside = [a for a, (n, a_lo, a_hi) in enumerate(zip(t.shape, lo, hi)) if not a_lo <= n <= a_hi]
+            if outside:
+                a = outside[0]
+                what = "batch" if a == 0 else f"axis {a}"
+                raise ValueError(
+                    f"{what} {t.shape[a]} of {name!r} is outside the engine's profile [{lo[a]}, {hi[a]}] "
+                    "(TensorRTExport(batch_sizes=..., shape_ranges=...) set it)"
+                )
             t = t.to(device="cuda", dtype=self._torch_dtype(name)).contiguous()
             self.context.set_input_shape(name, tuple(t.shape))
             self.context.set_tensor_address(name, int(t.data_ptr()))
