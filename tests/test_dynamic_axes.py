@@ -7,8 +7,9 @@ import pytest
 import torch
 from torch import nn
 
+from qatsparse.export.profile import onnx_input_dims, profile_shapes
 from qatsparse.export.runners import OnnxRuntimeRunner, TorchRunner
-from qatsparse.export.shapes import check_axes_spec, check_shape_ranges, dynamic_axes_of, shape_profile
+from qatsparse.export.shapes import check_axes_spec, check_dim_ranges, dynamic_axes_of
 from qatsparse.pipeline import ExportSettings, export_artifacts, plain_copy
 from qatsparse.quantization import QuantConfig, calibrate, quantize_model
 
@@ -102,18 +103,21 @@ def test_an_axis_the_graph_fixes_is_an_error_when_declared_and_dropped_when_conv
     assert dynamic_axes_of(paths["model.onnx"]) == {"input": {0: "batch"}}
 
 
-def test_profile_spans_batch_sizes_and_shape_ranges_and_arguments_are_checked():
-    axes = {"ids": {0: "batch", 1: "sequence"}, "mask": {0: "batch", 1: "sequence"}}
-    profile = shape_profile({"ids": (1, 16), "mask": (1, 16)}, axes, (1, 8, 32), {"sequence": (1, 64, 128)})
-    assert profile["ids"] == ((1, 1), (8, 64), (32, 128)) == profile["mask"]
-    assert shape_profile({"ids": (1, 16)}, axes, (1, 8, 32))["ids"] == ((1, 1), (8, 16), (32, 16))
+def test_the_profile_reads_the_graphs_dims_and_arguments_are_checked(tmp_path):
+    ids = torch.zeros(1, 8, dtype=torch.long)
+    paths = export_artifacts(Tokens().eval(), [ids], ExportSettings(dirpath=tmp_path))
+    dims = onnx_input_dims(paths["model.onnx"])
+    assert dims == {"input": ("batch", "sequence")}
+    profile = profile_shapes(dims, (1, 8, 32), {"sequence": (1, 64, 128)}, {"input": (1, 8)})
+    assert profile["input"] == ((1, 1), (8, 64), (32, 128))
     with pytest.raises(ValueError, match="axis 0 is 'batch'"):
         check_axes_spec({"ids": {0: "sequence"}})
     with pytest.raises(ValueError, match="must be 'auto', None or"):
         check_axes_spec(["ids"])
-    with pytest.raises(ValueError, match=r"shape_ranges\['sequence'\] must be \(min, opt, max\)"):
-        check_shape_ranges({"sequence": (8, 4, 16)})
+    with pytest.raises(ValueError, match=r"dim_ranges\['sequence'\] must be \(min, opt, max\)"):
+        check_dim_ranges({"sequence": (8, 4, 16)})
     from qatsparse import TensorRTExport
 
     with pytest.raises(ValueError, match="dim name 'batch'"):
         TensorRTExport(dynamic_axes={"input": {1: "batch"}})
+    assert TensorRTExport(dim_ranges={"sequence": [1, 8, 64]}).settings.dim_ranges == {"sequence": (1, 8, 64)}

@@ -13,7 +13,9 @@ from pytorch_lightning.utilities import rank_zero_info
 
 from qatsparse.callbacks._common import find_callback
 from qatsparse.checkpointing import snapshot_state_dict, with_metadata
+from qatsparse.log_metrics import log_to_loggers, report_metrics
 from qatsparse.pipeline import ExportSettings, export_and_validate
+from qatsparse.progress import progress_for
 from qatsparse.validation import enforce_gate
 
 
@@ -21,9 +23,12 @@ class TensorRTExport(pl.Callback):
     """Export, build and validate at the end of ``fit``; write ``report.{json,md,png}`` in ``dirpath``.
 
     Writes ``model_fp32.onnx`` (the trained model without fake quantization), ``model.onnx`` (the
-    deployable graph: Q/DQ INT8 after INT8 QAT, FP16 after FP16 QAT, else FP32), ``model.plan`` where
-    TensorRT is importable, and the report comparing every backend with ``pytorch_fp32`` -- the dense
-    FP32 model as it was just before the first pruning or quantization step.
+    deployable graph: Q/DQ INT8 after INT8 QAT, FP16 after FP16 QAT, else FP32), the TensorRT hand-off
+    bundle ``tensorrt/`` (trtexec ``build.sh``, Polygraphy ``check.sh``, a validation batch and the outputs
+    for it), ``model.plan`` where TensorRT is importable, and the report comparing every backend with
+    ``pytorch_fp32`` -- the dense FP32 model as it was just before the first pruning or quantization step.
+    The report's numbers also go to the Trainer's loggers under ``qatsparse/report/``; the export and the
+    validation show progress in the style of the Trainer's progress bar.
 
     Args:
         dirpath: output folder.
@@ -48,8 +53,9 @@ class TensorRTExport(pl.Callback):
             ``{input name: {axis: dim name}}`` (e.g. ``{"input": {2: "height", 3: "width"}}``). The ONNX
             files carry them as symbolic dims; after the export ONNX Runtime runs each at another size
             (a declared axis the graph does not accept is an error).
-        shape_ranges: TensorRT ``(min, opt, max)`` per dim name, e.g. ``{"sequence": (1, 128, 512)}``
-            (default ``(1, n, n)``, n = the example's size; the batch uses ``batch_sizes``).
+        dim_ranges: TensorRT ``(min, opt, max)`` per dynamic dim name besides the batch, e.g.
+            ``{"sequence": (1, 128, 512)}`` (without one, the profile fixes that dim at the example's size
+            and the report says so; the batch uses ``batch_sizes``).
 
     Example:
         >>> cb = TensorRTExport(dirpath="export/", max_metric_drop=0.01,
@@ -73,13 +79,13 @@ class TensorRTExport(pl.Callback):
         fp16_remainder: bool = True,
         lint: bool = True,
         dynamic_axes: Mapping[str, Mapping[int, str]] | Literal["auto"] | None = "auto",
-        shape_ranges: Mapping[str, Sequence[int]] | None = None,
+        dim_ranges: Mapping[str, Sequence[int]] | None = None,
     ) -> None:
         if on_fail not in ("raise", "warn"):
             raise ValueError(f"on_fail must be 'raise' or 'warn', got {on_fail!r}")
         if build_engine not in ("auto", True, False):
             raise ValueError(f"build_engine must be 'auto', True or False, got {build_engine!r}")
-        from qatsparse.export.shapes import check_axes_spec, check_shape_ranges
+        from qatsparse.export.shapes import check_axes_spec, check_dim_ranges
 
         if dynamic_axes is not None and dynamic_axes != "auto":
             dynamic_axes = check_axes_spec(dynamic_axes)
@@ -97,7 +103,7 @@ class TensorRTExport(pl.Callback):
             fp16_remainder=fp16_remainder,
             lint=lint,
             dynamic_axes=dynamic_axes,
-            shape_ranges=check_shape_ranges(shape_ranges) or None,
+            dim_ranges=check_dim_ranges(dim_ranges),
         )
         if metrics is not None:  # bad metric configurations fail here, before training
             from qatsparse.validation import metric_specs
@@ -131,6 +137,8 @@ class TensorRTExport(pl.Callback):
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.is_global_zero:
             self.report = self.export(trainer, pl_module)
+            # LightningModule.log is not allowed in on_fit_end: the loggers' own API (logged before the gate raises)
+            log_to_loggers(trainer, report_metrics(self.report))
         trainer.strategy.barrier()
         if self.report is not None:
             enforce_gate(self.report, self.on_fail)
@@ -160,9 +168,28 @@ class TensorRTExport(pl.Callback):
             pruned_layers=sparsity_cb.pruned_layers if sparsity_cb else [],
             skipped_layers=sparsity_cb.masks.skipped if sparsity_cb and sparsity_cb.masks else {},
             quantization=qat_cb.report(pl_module) if qat_cb else {},
+            progress=progress_for(trainer),
+            validate_command=self.validate_command(trainer),
         )
         rank_zero_info(f"qatsparse: artifacts and report in {self.settings.dirpath}")
         return report
+
+    def validate_command(self, trainer: pl.Trainer) -> str:
+        """The ``qatsparse validate ... --engine`` command that re-validates the hand-off engine of this run:
+        the config LightningCLI saved and the run's checkpoint, where they are known."""
+        import os
+
+        d = Path(self.settings.dirpath)
+        config = next(
+            (os.path.join(trainer.log_dir or ".", cb.config_filename) for cb in trainer.callbacks  # type: ignore[attr-defined]
+             if type(cb).__name__ == "SaveConfigCallback" and hasattr(cb, "config_filename")),
+            "<the run's config>",
+        )  # fmt: skip
+        ckpt_cb = trainer.checkpoint_callback
+        candidates = [d / "model.ckpt", *(Path(p) for p in (getattr(ckpt_cb, "last_model_path", ""),
+                                                         getattr(ckpt_cb, "best_model_path", "")) if p)]  # fmt: skip
+        ckpt = next((str(p) for p in candidates if p.is_file()), "<the run's checkpoint>")
+        return f"qatsparse validate --config {config} --ckpt_path {ckpt} --engine {d / 'tensorrt' / 'model.plan'}"
 
     @staticmethod
     def _val_dataloader(trainer: pl.Trainer) -> Any:

@@ -6,12 +6,13 @@ an **integer input of rank >= 2** (token ids, attention masks, position ids) get
 ``"sequence"``; float inputs (images, features) keep their other axes fixed unless declared (e.g.
 ``{"input": {2: "height", 3: "width"}}``). Inputs sharing a dim name share its size.
 
-The names are written into the ONNX graph as ``dim_param`` (read back with :func:`dynamic_axes_of`), which
-is where the TensorRT build (and anything else building engines from the file) finds them. Each named dim
-gets a (min, opt, max) range for TensorRT's optimization profile: ``"batch"`` from ``batch_sizes``, the
-others from ``shape_ranges`` or, by default, ``(1, n, n)`` with ``n`` the example's size
-(:func:`shape_profile`). After the export, :func:`check_dynamic_axes` runs ONNX Runtime at another size of
-each named dim: a graph that fixed the example's size into a reshape fails there, not in deployment.
+The names are written into the ONNX graph as ``dim_param`` (read back with :func:`dynamic_axes_of` or
+:func:`qatsparse.export.profile.onnx_input_dims`), which is where the TensorRT build, the hand-off
+``build.sh`` and anything else building engines from the file find them; each named dim gets its
+(min, opt, max) for TensorRT's optimization profile from ``dim_ranges`` (the batch from ``batch_sizes``;
+see :func:`qatsparse.export.profile.profile_shapes`). After the export, :func:`check_dynamic_axes` runs
+ONNX Runtime at another size of each named dim: a graph that fixed the example's size into a reshape fails
+there, not in deployment.
 
 Example:
     >>> conventional_axes([torch.zeros(1, 16, dtype=torch.long), torch.zeros(1, 3, 8, 8)], ["ids", "img"])
@@ -67,23 +68,17 @@ def check_axes_spec(spec: Any, what: str = "dynamic_axes") -> dict[str, dict[int
     return out
 
 
-def check_shape_ranges(ranges: Any) -> dict[str, Range]:
-    """Validate ``{dim name: (min, opt, max)}`` with ``1 <= min <= opt <= max``."""
+def check_dim_ranges(ranges: Any) -> dict[str, Range]:
+    """Validate ``{dim name: (min, opt, max)}`` (``1 <= min <= opt <= max``) for the TensorRT profile."""
+    from qatsparse.export.profile import _check_range
+
     if ranges is None:
         return {}
     if not isinstance(ranges, Mapping):
         raise ValueError(
-            f"shape_ranges must be {{dim name: (min, opt, max)}}, e.g. {{'sequence': (1, 128, 512)}}; got {ranges!r}"
+            f"dim_ranges must be {{dim name: (min, opt, max)}}, e.g. {{'sequence': (1, 128, 512)}}; got {ranges!r}"
         )
-    out = {}
-    for dim, r in ranges.items():
-        vals = tuple(r) if isinstance(r, (list, tuple)) else ()
-        if len(vals) != 3 or not all(isinstance(v, int) and not isinstance(v, bool) for v in vals) or not (
-            1 <= vals[0] <= vals[1] <= vals[2]
-        ):
-            raise ValueError(f"shape_ranges[{dim!r}] must be (min, opt, max) with 1 <= min <= opt <= max, got {r!r}")
-        out[str(dim)] = vals  # type: ignore[assignment]
-    return out
+    return {str(d): _check_range(f"dim_ranges[{d!r}]", r) for d, r in ranges.items()}
 
 
 def resolve_axes(
@@ -123,7 +118,8 @@ def onnx_dynamic_axes(names: Sequence[str], axes: Mapping[str, Mapping[int, str]
 
 
 def dynamic_axes_of(path: str | Path) -> dict[str, dict[int, str]]:
-    """``{input name: {axis: dim name}}`` of an ONNX file's symbolic input dims (``dim_param``), the batch included.
+    """``{input name: {axis: dim name}}`` of an ONNX file's named dynamic input dims, the batch included
+    (from :func:`qatsparse.export.profile.onnx_input_dims`).
 
     Example:
         >>> import tempfile
@@ -132,51 +128,13 @@ def dynamic_axes_of(path: str | Path) -> dict[str, dict[int, str]]:
         >>> dynamic_axes_of(export_onnx(nn.Linear(2, 2), [torch.zeros(1, 2)], tempfile.mkdtemp() + "/m.onnx"))
         {'input': {0: 'batch'}}
     """
-    import onnx
+    from qatsparse.export.profile import onnx_input_dims
 
-    graph = onnx.load(str(path), load_external_data=False).graph
-    inits = {i.name for i in graph.initializer}
-    out: dict[str, dict[int, str]] = {}
-    for vi in graph.input:
-        if vi.name in inits:
-            continue
-        dims = vi.type.tensor_type.shape.dim
-        named = {i: d.dim_param for i, d in enumerate(dims) if d.HasField("dim_param") and d.dim_param}
-        if named:
-            out[vi.name] = named
-    return out
-
-
-def shape_profile(
-    input_shapes: Mapping[str, Sequence[int]],
-    axes: Mapping[str, Mapping[int, str]],
-    batch_sizes: Sequence[int],
-    shape_ranges: Mapping[str, Range] | None = None,
-) -> dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]:
-    """(min, opt, max) shape of every input for one TensorRT optimization profile.
-
-    ``input_shapes`` are the example's shapes (their sizes are the default opt/max of named dims);
-    ``axes`` names the dynamic axes (:func:`dynamic_axes_of`). ``"batch"`` spans ``batch_sizes``; another
-    named dim spans ``shape_ranges[name]``, else ``(1, n, n)``.
-
-    Example:
-        >>> shape_profile({"ids": (1, 16)}, {"ids": {0: "batch", 1: "sequence"}}, (1, 8, 32), {"sequence": (4, 16, 64)})
-        {'ids': ((1, 4), (8, 16), (32, 64))}
-    """
-    bs = tuple(int(b) for b in batch_sizes)
-    if len(bs) != 3 or not 1 <= bs[0] <= bs[1] <= bs[2]:
-        raise ValueError(f"batch_sizes must be (min, opt, max) with 1 <= min <= opt <= max, got {tuple(batch_sizes)}")
-    ranges = dict(shape_ranges or {})
     out = {}
-    for name, shape in input_shapes.items():
-        lo, opt, hi = [], [], []
-        for axis, size in enumerate(shape):
-            dim = axes.get(name, {}).get(axis)
-            r = bs if dim == BATCH else ranges.get(dim, (1, int(size), int(size))) if dim else (size, size, size)
-            lo.append(int(r[0]))
-            opt.append(int(r[1]))
-            hi.append(int(r[2]))
-        out[name] = (tuple(lo), tuple(opt), tuple(hi))
+    for name, dims in onnx_input_dims(path).items():
+        named = {i: d for i, d in enumerate(dims) if isinstance(d, str) and d != "?"}
+        if named:
+            out[name] = named
     return out
 
 
