@@ -64,6 +64,9 @@ class QuantizationAwareTraining(pl.Callback):
             fast path on GPUs (see docs/BENCHMARKS.md). True uses :data:`qatsparse.compiling.DEFAULT_COMPILE_OPTIONS`,
             a string names a torch.compile mode (e.g. ``"reduce-overhead"``). The export always runs the
             plain module.
+        recompute: with ``compile``, recompute the activations' INT8 fake quantization in the backward
+            pass instead of keeping its output: less memory for some more work, the same numbers
+            (``QuantConfig.recompute``; measured in docs/BENCHMARKS.md).
         auto_exclude: keep the ``k`` layers most sensitive to quantization in higher precision
             (ranked by :func:`~qatsparse.quantization.sensitivity` on the calibration batches).
         sensitivity_metric: metric of that ranking: ``"mse"`` (to the FP32 outputs), ``"top1"``,
@@ -84,15 +87,19 @@ class QuantizationAwareTraining(pl.Callback):
         percentile: float = 99.99,
         exclude: list[str] | str | None = None,
         compile: bool | str = False,
+        recompute: bool = False,
         auto_exclude: int = 0,
         sensitivity_metric: str | Metric = "mse",
         verbose: bool = True,
     ) -> None:
+        if not isinstance(recompute, bool):
+            raise ValueError(f"recompute must be True or False, got {recompute!r}")
         self.config = QuantConfig(
             precision=precision,
             calibrator=calibrator,
             percentile=percentile,
             exclude=[exclude] if isinstance(exclude, str) else list(exclude or []),
+            recompute=recompute,
         )
         if isinstance(calib_batches, bool) or int(calib_batches) != calib_batches or calib_batches < 1:
             raise ValueError(f"calib_batches must be an integer >= 1, got {calib_batches!r}")

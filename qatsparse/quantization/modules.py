@@ -87,7 +87,9 @@ def _weight_quantizer(module: nn.Module, cfg: QuantConfig) -> TensorQuantizer:
 def _activation_quantizer(cfg: QuantConfig) -> TensorQuantizer:
     if cfg.precision == "fp16":
         return TensorQuantizer("fp16")
-    return TensorQuantizer("int8", calibrator=cfg.calibrator, calibrator_kwargs=cfg.calibrator_kwargs())
+    return TensorQuantizer(
+        "int8", calibrator=cfg.calibrator, calibrator_kwargs=cfg.calibrator_kwargs(), recompute=cfg.recompute
+    )
 
 
 def quantize_model(model: nn.Module, config: QuantConfig) -> QuantSummary:
