@@ -188,7 +188,7 @@ def paired_model_section(arch: str, name: str, run: dict[str, Any], rec: dict[st
     if skipped:
         out += ["", "Not run: " + "; ".join(f"{LANE_TEXT.get(k, k)}: {v}" for k, v in sorted(skipped.items())) + "."]
     ratio_rows = []
-    for key, s in rec.get("ratios", {}).items():
+    for s in rec.get("ratios", {}).values():
         if not s.get("n"):
             continue
         ratio_rows.append(
@@ -357,6 +357,8 @@ EARLIER = (
     ("train_eager_h200.json", "train_vit_eager_h200.json"),
 )
 EARLIER_CONFIGS = ("fp32", "amp", "amp_24", "amp_qat", "amp_24_qat")
+EARLIER_HEADER = ["model", "fp32", "amp", "amp + 2:4", "amp + INT8 QAT", "amp + 2:4 + INT8 QAT"]
+EARLIER_HEADER.append("peak GiB amp → 2:4+QAT")
 
 
 def render_earlier(results: dict[str, Any]) -> str:
@@ -396,11 +398,7 @@ def render_earlier(results: dict[str, Any]) -> str:
         out += [
             f"**{title}**, from {', '.join(dict.fromkeys(sources))}:",
             "",
-            table(
-                ["model", "fp32", "amp", "amp + 2:4", "amp + INT8 QAT", "amp + 2:4 + INT8 QAT", "peak GiB amp → 2:4+QAT"],
-                rows,
-                "lrrrrrl",
-            ),
+            table(EARLIER_HEADER, rows, "lrrrrrl"),
             "",
         ]
     if not out:

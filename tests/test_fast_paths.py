@@ -19,7 +19,6 @@ from qatsparse.quantization import (
     prepare_for_onnx_export,
     quantize_model,
 )
-from qatsparse.quantization.fakequant import PerChannelFakeQuant
 from qatsparse.quantization.quantizer import TensorQuantizer
 from qatsparse.sparsity import apply_masks, compute_2to4_mask
 
