@@ -14,8 +14,10 @@ Configurations (lanes): ``amp`` (``precision="16-mixed"``; FP32 on the CPU, a sm
 compiled (``qatsparse.compiling.compile_module``, the same settings as ``compile=True``; QAT compiles
 after calibration), so compiled is compared with compiled; ``mo_*`` are ModelOpt's eager 2:4
 (``mts.sparsify``, magnitude) and INT8 QAT (``mtq.quantize``, ``INT8_DEFAULT_CFG``), when
-``nvidia-modelopt`` is importable (else skipped with the reason). The classifier (``fc``/``heads``) is
-excluded everywhere. ``--groups`` picks lane groups, ``--lanes`` single lanes.
+``nvidia-modelopt`` is importable (else skipped with the reason); ``c_amp_24_qat_rc`` is the compiled
+QAT lane with ``recompute=True``. The classifier (``fc``/``heads``) is excluded everywhere.
+``--groups`` picks lane groups, ``--lanes`` single lanes; lanes are set up in that order, and one that
+would not finish (with its rounds) before ``--deadline-s`` is skipped with the reason in the JSON.
 
 Usage (GPU, one model at a time, most important first; stops starting work at --deadline-s):
     python benchmarks/train_overhead.py --models resnet50 resnet18 vit_b_16 --out o.json
@@ -80,12 +82,27 @@ CONFIGS: dict[str, Config] = {
     "mo_24": Config(sparsity=True, modelopt=True),
     "mo_qat": Config(qat=True, modelopt=True),
     "mo_24_qat": Config(sparsity=True, qat=True, modelopt=True),
+    "c_amp_24_qat_rc": Config(sparsity=True, qat=True, compiled=True, qat_kwargs={"recompute": True}),
 }
 GROUPS = {
-    "compiled": ["c_amp", "c_amp_24", "c_amp_24_qat"],
-    "eager": ["amp", "amp_24", "amp_24_qat"],
-    "modelopt": ["mo_24", "mo_qat", "mo_24_qat"],
+    "compiled": ["c_amp", "c_amp_24_qat", "c_amp_24"],
+    "eager": ["amp", "amp_24_qat", "amp_24"],
+    "modelopt": ["mo_24_qat", "mo_qat", "mo_24"],
+    "recompute": ["c_amp_24_qat_rc"],
 }
+#: The default lanes, in set-up order: a deadline skips the last ones first.
+DEFAULT_ORDER = [
+    "c_amp",
+    "c_amp_24_qat",
+    "c_amp_24",
+    "amp",
+    "amp_24_qat",
+    "mo_24_qat",
+    "amp_24",
+    "c_amp_24_qat_rc",
+    "mo_qat",
+    "mo_24",
+]
 #: (candidate, baseline) pairs whose paired ratio is reported when both lanes ran.
 PAIRS = [
     ("c_amp_24", "c_amp"),
@@ -98,7 +115,11 @@ PAIRS = [
     ("mo_24_qat", "amp"),
     ("amp_24_qat", "mo_24_qat"),
     ("c_amp_24_qat", "mo_24_qat"),
+    ("c_amp_24_qat_rc", "c_amp"),
+    ("c_amp_24_qat_rc", "c_amp_24_qat"),
 ]
+#: Set-up time assumed for a lane before one of its kind has been timed in this run (seconds).
+SETUP_GUESS_S = {"compiled": 150.0, "modelopt": 60.0, "eager": 20.0}
 
 
 class Endless(IterableDataset):
@@ -357,12 +378,18 @@ def run_model(
     y = torch.randint(0, 1000, (batch,), generator=g).to(device)
     left = lambda: args.deadline_s - (time.monotonic() - t_start)  # noqa: E731
     lanes: dict[str, Lane] = {}
+    setup_s: dict[str, float] = {}  # the longest set-up of each kind so far
     try:
-        for name in lane_names:
-            if left() < args.min_lane_s:
-                rec["lanes"][name] = {"error": f"not started: {left():.0f} s left before --deadline-s"}
-                continue
+        for i, name in enumerate(lane_names):
             cfg = CONFIGS[name]
+            kind = _kind(cfg)
+            # the lane's set-up, then all rounds with every lane so far and this one
+            need = setup_s.get(kind, SETUP_GUESS_S[kind]) + args.rounds * (i + 1) * args.block_steps * args.step_guess_s
+            if left() < max(need, args.min_lane_s) + args.reserve_s:
+                rec["lanes"][name] = {"error": f"not started: {left():.0f} s left, about {need:.0f} s needed"}
+                print(f"[{time.monotonic() - t_start:6.0f}s] {arch} {name}: {rec['lanes'][name]['error']}", flush=True)
+                save()
+                continue
             lane = Lane(
                 name,
                 partial(
@@ -375,6 +402,7 @@ def run_model(
             )
             print(f"[{time.monotonic() - t_start:6.0f}s] {arch} {name}: setting up", flush=True)
             lane.start()
+            setup_s[kind] = max(setup_s.get(kind, 0.0), lane.setup_s or 0.0)
             lanes[name] = lane
             rec["lanes"][name] = lane_record(lane, cfg)
             r = rec["lanes"][name]
@@ -422,6 +450,10 @@ def run_model(
     _print_table(arch, rec)
 
 
+def _kind(cfg: Config) -> str:
+    return "modelopt" if cfg.modelopt else ("compiled" if cfg.compiled else "eager")
+
+
 def _fmt(times: list[float]) -> str:
     return f"{statistics.median(times):.2f}" if times else "-"
 
@@ -448,9 +480,9 @@ def _print_table(arch: str, rec: dict[str, Any]) -> None:
 # ---------------------------------------------------------------------- main
 def _lanes_for(args: argparse.Namespace) -> list[str]:
     names = list(args.lanes or [])
-    for g in args.groups:
-        names += [n for n in GROUPS[g] if n not in names]
-    return names
+    groups = [n for g in args.groups for n in GROUPS[g]]
+    order = DEFAULT_ORDER if set(groups) == set(DEFAULT_ORDER) else groups
+    return names + [n for n in order if n not in names]
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -465,7 +497,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--image-size", type=int, default=224)
     p.add_argument("--batch", type=int, default=None, help="override the per-model default batch")
     p.add_argument("--deadline-s", type=float, default=1e9, help="start no lane or round that would end past this")
-    p.add_argument("--min-lane-s", type=float, default=30.0, help="time a lane needs at least to be started")
+    p.add_argument("--min-lane-s", type=float, default=10.0, help="time a lane needs at least to be started")
+    p.add_argument("--step-guess-s", type=float, default=0.05, help="step time assumed when planning rounds")
     p.add_argument("--reserve-s", type=float, default=5.0, help="time kept free at the end")
     p.add_argument("--profile", nargs="*", default=[], help="lanes to profile for one block after the rounds")
     p.add_argument("--cpu", action="store_true", help="run on the CPU even where CUDA is available")
@@ -476,6 +509,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         torch.set_num_threads(1)  # a smoke run on a shared CPU: no thread contention
         a.models, a.image_size, a.batch = ["resnet18"], 32, 2
         a.warmup, a.memory_steps, a.block_steps, a.rounds = 1, 1, 2, 5
+        a.step_guess_s = 1.0
         if a.groups is None and not a.lanes:
             a.groups = ["eager", "modelopt"]
     if a.groups is None:
