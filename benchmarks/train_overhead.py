@@ -237,6 +237,13 @@ def modelopt_prepare(net: torch.nn.Module, x: torch.Tensor, cfg: Config, calib_b
     return net
 
 
+def modelopt_layers(net: torch.nn.Module) -> dict[str, list[str]]:
+    """Which layers ModelOpt made sparse (a mask is set) and which quantizers it left enabled."""
+    sparse = [n for n, m in net.named_modules() if getattr(m, "_weight_mask", None) is not None]
+    quant = [n for n, m in net.named_modules() if n.endswith("quantizer") and getattr(m, "is_enabled", False)]
+    return {"sparse": sparse, "enabled_quantizers": quant}
+
+
 # ---------------------------------------------------------------------- one lane
 def fit_lane(
     lane: Lane, cfg: Config, arch: str, x: torch.Tensor, y: torch.Tensor, image_size: int, channels_last: bool
@@ -249,6 +256,7 @@ def fit_lane(
     if cfg.modelopt:
         model.to(device)
         model.net = modelopt_prepare(model.net, x.contiguous(), cfg, calib_batches=2)
+        lane.info["modelopt_layers"] = modelopt_layers(model.net)
     else:
         if cfg.sparsity:
             callbacks.append(TwoFourSparsity(start_step=0, exclude=EXCLUDE, verbose=False))
@@ -426,13 +434,14 @@ def run_model(
                 blocks[n].append(lanes[n].run_block(args.block_steps))
             round_s = time.monotonic() - t0
             rec["rounds"].append({"order": order, "seconds": round_s, "gpu": gpu_state()})
-            rec["ratios"] = paired_ratios(blocks, pairs)
             for n in live:
                 rec["lanes"][n] = lane_record(lanes[n], CONFIGS[n])
+            rec["ratios"] = paired_ratios(blocks, pairs)
+            for ratio in rec["ratios"].values():
+                pc = rec["lanes"][ratio["candidate"]]["peak_mem_gib"]
+                pb = rec["lanes"][ratio["baseline"]]["peak_mem_gib"]
+                ratio["memory_ratio"] = pc / pb if pc and pb else None
             save()
-        for ratio in rec["ratios"].values():
-            pc, pb = rec["lanes"][ratio["candidate"]]["peak_mem_gib"], rec["lanes"][ratio["baseline"]]["peak_mem_gib"]
-            ratio["memory_ratio"] = pc / pb if pc and pb else None
         for name in args.profile:
             if name in live and lanes[name].ok and left() > args.reserve_s:
                 lanes[name].info["profile_top_ms_per_step"] = lanes[name].run_profile(args.block_steps)
@@ -441,7 +450,7 @@ def run_model(
         save()
     finally:
         for lane in lanes.values():
-            lane.stop()
+            lane.stop(timeout_s=30.0)
         lanes.clear()
         gc.collect()
         if device.type == "cuda":
