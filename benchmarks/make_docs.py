@@ -430,6 +430,53 @@ def render_ddp(results: dict[str, Any], name: str = "ddp_2xh200.json") -> str:
     )
 
 
+def render_ddp_strides(results: dict[str, Any]) -> str:
+    runs = [(n, r) for n, r in results.items() if n.startswith("ddp_strides") and isinstance(r, dict)]
+    if not runs:
+        return "No run yet (`benchmarks/run_gpu.sh ddp1` writes `ddp_strides_1gpu.json`)."
+    out = []
+    for name, r in runs:
+        s = r["settings"]
+        lanes = r["lanes"]
+        out.append(
+            f"`benchmarks/results/{name}` ({r['environment']['date']}, {r['environment'].get('gpu', 'CPU')}): "
+            f"{s['model']}, batch {s['batch']}, {s['rounds']} rounds of {s['block_steps']} steps. Gradients laid "
+            f"out unlike their weight: {len(lanes['ddp_aten']['mismatched_grads'])} with ATen's backward, "
+            f"{len(lanes['ddp']['mismatched_grads'])} with `PerChannelFakeQuant`."
+        )
+        rows = [
+            [k, f"**{x(v['median'])}**", spread(v), iqr(v), str(v["n"])] for k, v in r["ratios"].items() if v.get("n")
+        ]
+        out += ["", table(["ratio (paired)", "median", "min–max", "IQR", "rounds"], rows)]
+    return "\n".join(out)
+
+
+def render_saved_tensors(results: dict[str, Any]) -> str:
+    runs = [(n, r) for n, r in results.items() if n.startswith("saved_tensors") and isinstance(r, dict)]
+    if not runs:
+        return "No run yet (`python benchmarks/saved_tensors.py --out ...`)."
+    out = []
+    for name, r in runs:
+        v = r["variants"]
+        amp = v.get("amp", {}).get("activation_bytes")
+        rows = [
+            [
+                f"`{k}`",
+                f"{d['activation_bytes'] / 2**10:.1f}",
+                x(d["activation_bytes"] / amp) if amp else "–",
+                ", ".join(f"{n} {t}" for t, n in d["activation_tensors_by_dtype"].items()),
+            ]
+            for k, d in v.items()
+        ]
+        out += [
+            f"`benchmarks/results/{name}` ({r['environment']['date']}, {r['device']}, {r['model']}, batch "
+            f"{r['batch']}, {r['image_size']}×{r['image_size']}; `{r['command']}`):",
+            "",
+            table(["variant", "activations kept, KiB", "vs AMP", "tensors kept"], rows, "lrrl"),
+        ]
+    return "\n".join(out)
+
+
 def render_gpu_tests(results: dict[str, Any]) -> str:
     runs = [(n, r) for n, r in results.items() if n.endswith(".xml")]
     if not runs:
@@ -452,6 +499,8 @@ SECTIONS = {
     "inference_reading": render_inference_reading,
     "earlier": render_earlier,
     "ddp": render_ddp,
+    "ddp_strides": render_ddp_strides,
+    "saved_tensors": render_saved_tensors,
     "gpu_tests": render_gpu_tests,
 }
 
