@@ -64,9 +64,9 @@ class QuantizationAwareTraining(pl.Callback):
             fast path on GPUs (see docs/BENCHMARKS.md). True uses :data:`qatsparse.compiling.DEFAULT_COMPILE_OPTIONS`,
             a string names a torch.compile mode (e.g. ``"reduce-overhead"``). The export always runs the
             plain module.
-        recompute: with ``compile``, recompute the activations' INT8 fake quantization in the backward
-            pass instead of keeping its output: less memory for some more work, the same numbers
-            (``QuantConfig.recompute``; measured in docs/BENCHMARKS.md).
+        recompute: with ``compile``, recompute the INT8 fake quantization of conv/linear inputs in the
+            backward pass instead of keeping its output: less memory for some more work, the same
+            numbers (``QuantConfig.recompute``; measured in docs/BENCHMARKS.md).
         auto_exclude: keep the ``k`` layers most sensitive to quantization in higher precision
             (ranked by :func:`~qatsparse.quantization.sensitivity` on the calibration batches).
         sensitivity_metric: metric of that ranking: ``"mse"`` (to the FP32 outputs), ``"top1"``,

@@ -24,8 +24,8 @@ class QuantConfig:
             of the config so that a checkpoint restores exactly the same structure.
         residual: INT8 only: quantize the residual input of ``a + b`` after a quantized conv, so
             that TensorRT fuses the add into the conv (see :mod:`qatsparse.quantization.placement`).
-        recompute: INT8 only, for a compiled model: recompute the activations' fake quantization
-            in the backward pass (``torch.utils.checkpoint`` around each activation quantizer, which
+        recompute: INT8 only, for a compiled model: recompute the fake quantization of conv/linear
+            inputs in the backward pass (``torch.utils.checkpoint`` around each input quantizer, which
             Inductor honours) instead of keeping its output and mask; less memory, some more work in
             the backward, the same numbers. No effect in eager mode.
 

@@ -84,11 +84,14 @@ def _weight_quantizer(module: nn.Module, cfg: QuantConfig) -> TensorQuantizer:
     return TensorQuantizer("int8", axis=0, num_channels=module.weight.shape[0], narrow_range=True)
 
 
-def _activation_quantizer(cfg: QuantConfig) -> TensorQuantizer:
+def _activation_quantizer(cfg: QuantConfig, recompute: bool = True) -> TensorQuantizer:
     if cfg.precision == "fp16":
         return TensorQuantizer("fp16")
     return TensorQuantizer(
-        "int8", calibrator=cfg.calibrator, calibrator_kwargs=cfg.calibrator_kwargs(), recompute=cfg.recompute
+        "int8",
+        calibrator=cfg.calibrator,
+        calibrator_kwargs=cfg.calibrator_kwargs(),
+        recompute=cfg.recompute and recompute,
     )
 
 
@@ -125,7 +128,10 @@ def quantize_model(model: nn.Module, config: QuantConfig) -> QuantSummary:
             m.add_module("weight_quantizer", _weight_quantizer(m, config).to(device))
             summary.quantized.append(name)
     if config.precision == "int8" and config.residual:
-        summary.residual, summary.notes = insert_residual_quantizers(model, lambda: _activation_quantizer(config))
+        # A residual quantizer's output goes into an add, whose backward keeps nothing: only its mask is
+        # kept, and recomputing it would keep its (wider) input instead.
+        residual = lambda: _activation_quantizer(config, recompute=False)  # noqa: E731
+        summary.residual, summary.notes = insert_residual_quantizers(model, residual)
     model._qatsparse_quant = config.to_dict()  # type: ignore[assignment]
     return summary
 
