@@ -73,6 +73,9 @@ class QuantizationAwareTraining(pl.Callback):
         attention_matmuls: INT8: also quantize the two matmuls inside ``nn.MultiheadAttention`` (Q·Kᵀ and
             softmax·V); their projections are quantized either way (default and measurement in
             docs/quantization.md).
+        recompute: with ``compile``, recompute the INT8 fake quantization of conv/linear inputs in the
+            backward pass instead of keeping its output: less memory for some more work, the same
+            numbers (``QuantConfig.recompute``; measured in docs/BENCHMARKS.md).
         auto_exclude: keep the ``k`` layers most sensitive to quantization in higher precision
             (ranked by :func:`~qatsparse.quantization.sensitivity` on the calibration batches).
         sensitivity_metric: metric of that ranking: ``"mse"`` (to the FP32 outputs), ``"top1"``,
@@ -93,6 +96,7 @@ class QuantizationAwareTraining(pl.Callback):
         percentile: float = 99.99,
         exclude: list[str] | str | None = None,
         compile: bool | str = False,
+        recompute: bool = False,
         auto_exclude: int = 0,
         sensitivity_metric: str | Metric = "mse",
         attention_matmuls: bool = False,
@@ -100,12 +104,15 @@ class QuantizationAwareTraining(pl.Callback):
     ) -> None:
         if not isinstance(attention_matmuls, bool):
             raise ValueError(f"attention_matmuls must be True or False, got {attention_matmuls!r}")
+        if not isinstance(recompute, bool):
+            raise ValueError(f"recompute must be True or False, got {recompute!r}")
         self.config = QuantConfig(
             precision=precision,
             calibrator=calibrator,
             percentile=percentile,
             exclude=[exclude] if isinstance(exclude, str) else list(exclude or []),
             attention_matmuls=attention_matmuls,
+            recompute=recompute,
         )
         if isinstance(calib_batches, bool) or int(calib_batches) != calib_batches or calib_batches < 1:
             raise ValueError(f"calib_batches must be an integer >= 1, got {calib_batches!r}")
