@@ -59,6 +59,8 @@ from qatsparse.compiling import compile_module
 PROTOCOL = "paired-rounds/1"
 DEFAULT_BATCH = {"resnet18": 128, "resnet50": 128, "vit_b_16": 64}
 EXCLUDE = ["fc$", "heads"]  # the classifier stays in higher precision and dense, in every lane
+# qatsparse rejects a pattern that matches no layer (each model has only one of the two): one alternation
+QS_EXCLUDE = ["|".join(EXCLUDE)]
 
 
 @dataclass(frozen=True)
@@ -259,14 +261,14 @@ def fit_lane(
         lane.info["modelopt_layers"] = modelopt_layers(model.net)
     else:
         if cfg.sparsity:
-            callbacks.append(TwoFourSparsity(start_step=0, exclude=EXCLUDE, verbose=False))
+            callbacks.append(TwoFourSparsity(start_step=0, exclude=QS_EXCLUDE, verbose=False))
         if cfg.qat:
             callbacks.append(
                 QuantizationAwareTraining(
                     precision="int8",
                     calib_batches=2,
                     start_step=0,
-                    exclude=EXCLUDE,
+                    exclude=QS_EXCLUDE,
                     compile=cfg.compiled,
                     verbose=False,
                     **cfg.qat_kwargs,
