@@ -19,7 +19,11 @@ from qatsparse.sparsity.record import set_pruned_record
 
 
 class TwoFourSparsity(Callback):
-    """Magnitude 2:4 pruning of every eligible Conv2d/Linear at ``start_step``; masks held afterwards.
+    """Magnitude 2:4 pruning of every eligible weight at ``start_step``; masks held afterwards.
+
+    Eligible: Conv1d/Conv2d/Linear weights, ``nn.MultiheadAttention`` input/output projections and
+    transformers ``Conv1D`` weights that TensorRT's sparse kernels can use (see
+    :mod:`qatsparse.sparsity.weights`); everything else is named in the summary with the reason.
 
     After pruning, the pruned weights are zeroed again right after every optimizer step (a post-step
     hook on each optimizer, so gradient accumulation, several optimizers, manual optimization and
@@ -29,10 +33,11 @@ class TwoFourSparsity(Callback):
     Args:
         start_step: optimizer step (``trainer.global_step``) at which to prune; 0 prunes before the
             first step. A step the Trainer never reaches is an error before the first step.
-        include: patterns of module names to consider (default: all Conv2d/Linear): regexes searched in
-            the name, or globs such as ``"*head*"`` (:mod:`qatsparse.patterns`).
-        exclude: patterns of module names never pruned (e.g. the classifier, ``["fc"]``). An ``include``
-            or ``exclude`` pattern that matches no Conv2d/Linear is an error before the first step.
+        include: patterns of weight keys to consider (default: all): regexes searched in the key, or globs
+            such as ``"*head*"`` (:mod:`qatsparse.patterns`); a key is the module name, or
+            ``module.parameter`` for attention's ``in_proj_weight``.
+        exclude: patterns of weight keys never pruned (e.g. the classifier, ``["fc"]``). An ``include`` or
+            ``exclude`` pattern that matches no prunable weight is an error before the first step.
         make_permanent: at fit end, drop the optimizer hooks and leave plain modules with the zeros in
             place (the default). ``False`` keeps the hooks, so steps of the same optimizers after ``fit``
             keep the masks too.

@@ -45,7 +45,8 @@ def run(runner: Any, inputs: Inputs) -> tuple[torch.Tensor, ...]:
 
 
 class TorchRunner:
-    """Runs an ``nn.Module`` in eval mode under ``torch.no_grad`` on ``device`` (positional or keyword inputs).
+    """Runs an ``nn.Module`` in eval mode under ``torch.no_grad`` on ``device`` (positional or keyword inputs),
+    with PyTorch's attention fast paths off (every quantized layer runs, as in training and in the export).
 
     Example:
         >>> r = TorchRunner(nn.Linear(3, 2), "pytorch_fp32"); r((torch.zeros(4, 3),))[0].shape
@@ -62,7 +63,10 @@ class TorchRunner:
 
     @torch.no_grad()
     def __call__(self, inputs: Inputs) -> tuple[torch.Tensor, ...]:
-        out = call_model(self.module, inputs_to(inputs, self.device))
+        from qatsparse.attention import fast_paths_off
+
+        with fast_paths_off():
+            out = call_model(self.module, inputs_to(inputs, self.device))
         return tuple(o.detach().float().cpu() for o in as_outputs(out))
 
 
