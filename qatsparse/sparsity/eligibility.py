@@ -81,8 +81,8 @@ def find_prunable(
 
     inc, exc = compile_patterns(include, "include"), compile_patterns(exclude, "exclude")
     weights = prunable_weights(model)
-    require_matches(inc, weights, "include", "Conv2d/Linear or other prunable weight")
-    require_matches(exc, weights, "exclude", "Conv2d/Linear or other prunable weight")
+    require_matches(inc, weights, "include", "prunable weight")
+    require_matches(exc, weights, "exclude", "prunable weight")
     result = Eligibility()
     for name, w in weights.items():
         if inc and not matches_any(inc, name):
