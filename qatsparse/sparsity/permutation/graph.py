@@ -511,6 +511,8 @@ class _Analysis:
             return self.elementwise(node, _op_name(node))
         if t in _BINARY_FUNCS or method in _BINARY_METHODS:
             return self.elementwise(node, _op_name(node))
+        if t in (torch.cat, torch.concat, torch.concatenate):
+            return self.cat(node)
         if x is None or not x.tracked:
             self.block_all(node, f"read by {_op_name(node)}")
             return self.unknown(node, x.why if x is not None and x.why else f"the output of {_op_name(node)}")
@@ -522,8 +524,6 @@ class _Analysis:
             return self.spatial(node, x, _op_name(node))
         if t in (torch.mean, torch.sum, torch.amax, torch.amin) or method in ("mean", "sum", "amax", "amin"):
             return self.reduce(node, x)
-        if t in (torch.cat, torch.concat, torch.concatenate):
-            return self.cat(node)
         if t is F.layer_norm:
             return self.layer_norm(node, x)
         if t is F.pad:

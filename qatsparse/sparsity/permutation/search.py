@@ -16,9 +16,9 @@ What is implemented (apex's ideas, re-written as batched tensor code that runs o
    that matrix whose groups changed are recomputed. For a position ``a`` whose other three group
    members have, per row, top-two sum ``T`` and second largest ``m``, the group keeps
    ``T + relu(x - m)`` when column ``x`` moves in -- so one round is a relu-sum over
-   ``C x C x rows``, computed with ``torch.cdist(p=1)``. With many rows the gains are estimated on a
-   fixed, strided subset of the rows (``max_rows``) and every chosen swap is re-checked exactly on all
-   rows before it is applied, so the objective never decreases.
+   ``C x C x rows``, computed with ``torch.cdist(p=1)``. Every chosen swap is re-checked exactly
+   before it is applied, so the objective never decreases. Matrices with more than ``max_rows`` rows
+   descend first on the ``max_rows`` rows of largest L1 norm (coarse), then on all rows (``exact``).
 3. **Exhaustive stripe-group search** (apex's ``Exhaustive_Search`` with a window of 8 columns): for a
    pair of groups, all 35 ways of splitting their 8 columns into two groups of 4 are tried at once,
    which finds the 2-for-2 exchanges single swaps cannot. Applied to the pairs of groups ranked best
@@ -27,15 +27,18 @@ What is implemented (apex's ideas, re-written as batched tensor code that runs o
 4. **Escapes** (apex's ``escape_attempts``): from the local optimum, a seeded random swap, a new
    descent; the result is kept only when it beats the best so far.
 
+What each step is worth and costs, measured: docs/sparsity.md ("Channel permutation").
+
 Every quantity is deterministic for a given input, device and configuration (seeded generator, stable
 tie-breaking, no wall-clock limit): a resumed run or another rank finds the same permutation.
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
-import math
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -62,10 +65,12 @@ class SearchConfig:
 
     Args:
         max_rounds: rounds of simultaneous swaps per descent.
-        max_rows: rows used to estimate swap gains (all rows when fewer); chosen swaps are checked
-            exactly on every row.
-        exhaustive_budget: row x partition evaluations spent per call on the 35-way search over
-            pairs of groups (0 turns it off).
+        max_rows: matrices with more rows first descend on this many rows (those of largest L1 norm);
+            0 skips that coarse descent.
+        exact: after the coarse descent, descend on all rows (gains exact). ``False`` stops after the
+            coarse descent (faster on large layers, keeps less).
+        exhaustive_budget: row x partition evaluations spent per matrix block on the 35-way search
+            over pairs of groups (0 turns it off).
         escapes: random restarts from the best order found (0 turns them off).
         max_channels: larger matrices are searched in contiguous blocks of this many columns (memory
             of the ``C x C`` gain matrix); a multiple of 4.
@@ -78,8 +83,9 @@ class SearchConfig:
 
     max_rounds: int = 200
     max_rows: int = 512
-    exhaustive_budget: float = 2e8
-    escapes: int = 20
+    exact: bool = True
+    exhaustive_budget: float = 5e7
+    escapes: int = 0
     max_channels: int = 2048
     seed: int = 0
 
@@ -148,6 +154,26 @@ def search_permutation(
     x = magnitudes.detach().abs().float()
     if x.dim() != 2 or x.shape[1] % 4:
         raise ValueError(f"expected a (rows, C) matrix with C a multiple of 4, got shape {tuple(x.shape)}")
+    with _threads_for(x):
+        return _search(x, cfg)
+
+
+@contextlib.contextmanager
+def _threads_for(x: torch.Tensor) -> Iterator[None]:
+    """One CPU thread for small matrices: the search is many small ops, whose cost on a busy machine is
+    mostly the synchronisation of the intra-op thread pool, not arithmetic."""
+    small = x.device.type == "cpu" and x.numel() * x.shape[1] < 2**24
+    before = torch.get_num_threads()
+    if small and before > 1:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() != before:
+            torch.set_num_threads(before)
+
+
+def _search(x: torch.Tensor, cfg: SearchConfig) -> tuple[torch.Tensor, SearchStats]:
     t0 = time.perf_counter()
     c = x.shape[1]
     stats = SearchStats(total=float(x.sum(dtype=torch.float64)), kept_before=kept_sum(x))
@@ -169,7 +195,17 @@ def search_permutation(
 
 def _search_block(x: torch.Tensor, cfg: SearchConfig) -> tuple[torch.Tensor, SearchStats]:
     stats = SearchStats()
-    state = _State(x, _initial_order(x), cfg)
+    perm = _initial_order(x)
+    if cfg.max_rows and x.shape[0] > cfg.max_rows:
+        # Coarse descent on the rows that carry the most magnitude, then the exact one from there:
+        # the exact descent then starts close to its optimum, and its many small updates are few.
+        rows = torch.topk(x.sum(1), cfg.max_rows).indices.sort().values
+        coarse = _State(x, perm, cfg, rows)
+        coarse.descend(stats, exhaustive=False)
+        perm = coarse.perm
+        if not cfg.exact:
+            return perm, stats
+    state = _State(x, perm, cfg)
     state.descend(stats, exhaustive=True)
     best_perm, best = state.perm.clone(), state.kept()
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -213,11 +249,12 @@ def _initial_order(x: torch.Tensor) -> torch.Tensor:
 class _State:
     """Swap descent on one block: the permutation, the estimated gain matrix, exact checks on ``x``."""
 
-    def __init__(self, x: torch.Tensor, perm: torch.Tensor, cfg: SearchConfig) -> None:
+    def __init__(
+        self, x: torch.Tensor, perm: torch.Tensor, cfg: SearchConfig, rows: torch.Tensor | None = None
+    ) -> None:
         self.x, self.cfg = x, cfg
-        rows = x.shape[0]
-        step = max(1, math.ceil(rows / cfg.max_rows)) if cfg.max_rows else 1
-        self.xs_t = x[::step].t().contiguous()  # (C, rows') by content: the swap-gain estimate's rows
+        # (C, rows') by content: the rows the swap gains are computed on (all: exact gains)
+        self.xs_t = (x if rows is None else x[rows]).t().contiguous()
         self.c = x.shape[1]
         self.s = self.c // 4
         self.tol = 1e-6 * float(x.sum()) / max(self.c, 1)
