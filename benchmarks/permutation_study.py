@@ -26,6 +26,7 @@ import datetime
 import json
 import platform
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -268,8 +269,7 @@ def main() -> None:
         "seeds": args.seeds,
         "dense_steps": args.dense_steps,
         "finetune": args.finetune,
-        "command": "PYTHONPATH=. nice -n 10 python benchmarks/permutation_study.py run "
-        + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in (("seeds", " ".join(map(str, args.seeds))),)),
+        "command": "PYTHONPATH=. nice -n 10 python benchmarks/permutation_study.py " + " ".join(sys.argv[1:]),
         "runs": [],
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)

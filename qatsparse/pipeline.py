@@ -256,6 +256,7 @@ def _validate_and_report(
     notes: list[str],
     extra: dict[str, Any],
     console: bool,
+    sparsity_extra: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     precisions = {r.name: r.precision for r in runners}
     result = validate(
@@ -268,7 +269,12 @@ def _validate_and_report(
         max_batches=settings.max_batches,
     )
     passed, failures = gate(result, settings.max_metric_drop)
-    sparsity = {**sparsity_summary(final), "pruned_layers": list(pruned_layers), "skipped": dict(skipped_layers or {})}
+    sparsity = {
+        **sparsity_summary(final),
+        "pruned_layers": list(pruned_layers),
+        "skipped": dict(skipped_layers or {}),
+        **(sparsity_extra or {}),
+    }
     report = build_report(
         result,
         passed,
@@ -314,6 +320,7 @@ def export_and_validate(
     skipped_layers: Mapping[str, str] | None = None,
     quantization: Mapping[str, Any] | None = None,
     console: bool = True,
+    sparsity: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Write the ONNX files (and engine), lint, validate every backend on ``val_loader``, write the report.
 
@@ -327,6 +334,8 @@ def export_and_validate(
         skipped_layers: layers not pruned, with the reason (for the report).
         quantization: what the QAT callback reports (its ``keep_fp32`` modules stay FP32 in FP16 graphs).
         console: print the rich table.
+        sparsity: more entries for the report's ``sparsity`` section (what
+            :meth:`~qatsparse.TwoFourSparsity.kept_magnitude` returns: magnitude kept, permutation).
 
     Returns:
         The report dictionary (also written as report.json/md/png). The gate is not enforced here:
@@ -364,6 +373,7 @@ def export_and_validate(
         notes,
         extra,
         console,
+        sparsity_extra=sparsity,
     )
 
 

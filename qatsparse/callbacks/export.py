@@ -144,6 +144,7 @@ class TensorRTExport(pl.Callback):
             pruned_layers=sparsity_cb.pruned_layers if sparsity_cb else [],
             skipped_layers=sparsity_cb.masks.skipped if sparsity_cb and sparsity_cb.masks else {},
             quantization=qat_cb.report(pl_module) if qat_cb else {},
+            sparsity=sparsity_cb.kept_magnitude() if sparsity_cb else {},
         )
         rank_zero_info(f"qatsparse: artifacts and report in {self.settings.dirpath}")
         return report

@@ -97,6 +97,8 @@ class TwoFourSparsity(pl.Callback):
         self.kept: dict[str, dict[str, float | None]] = {}
         #: what the permutation did (groups, time, layers not permuted with reasons); None if not run
         self.permutation: dict[str, Any] | None = None
+        #: the permutations applied in this process (rank 0's, on every rank); not kept in checkpoints
+        self.applied_moves: list[Move] = []
         self.masks: MaskSet | None = None
         self.pruned_at_step: int | None = None
         self._handles: list[Any] = []
@@ -224,6 +226,7 @@ class TwoFourSparsity(pl.Callback):
         if not trainer.strategy.reduce_boolean_decision(before is not None, all=True):
             return self._skip("the model's forward did not run on the example input, so the result cannot be checked")
         apply_channel_permutations(pl_module, moves, trainer.optimizers)
+        self.applied_moves = moves
         try:
             diff, scale = max_difference(before, model_outputs(pl_module, inputs))  # type: ignore[arg-type]
         except Exception:
@@ -231,6 +234,7 @@ class TwoFourSparsity(pl.Callback):
         tol = (1e-3 if next(pl_module.parameters()).dtype == torch.float32 else 5e-2) * max(scale, 1e-6)
         if not trainer.strategy.reduce_boolean_decision(diff <= tol, all=True):
             undo_channel_permutations(pl_module, moves, trainer.optimizers)
+            self.applied_moves = []
             return self._skip(f"the permuted model's outputs moved by {diff:.3g} (scale {scale:.3g}): undone")
         return {**payload["summary"], "max_output_difference": diff}
 
