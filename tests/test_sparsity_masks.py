@@ -152,10 +152,10 @@ def test_maskset_state_roundtrip_and_shape_check():
 def test_summary_and_metrics():
     model = _Zoo()
     masks = prune_2to4(model, exclude=["head"])
-    m = sparsity_metrics(model, list(masks.masks))
-    assert m["sparsity/layer/ok"] == 0.5 and m["sparsity/pruned_layers"] == 0.5
+    m = {k.removeprefix("qatsparse/sparsity/"): v for k, v in sparsity_metrics(model, list(masks.masks)).items()}
+    assert m["layer_zero_share/ok"] == 0.5 and m["pruned_layer_zero_share"] == 0.5 and m["pruned_layers"] == 1
     total = sum(p.numel() for n, p in model.named_parameters() if n.endswith("weight"))
-    assert m["sparsity/overall"] == pytest.approx(model.ok.weight.numel() / 2 / total)
+    assert m["zero_share"] == pytest.approx(model.ok.weight.numel() / 2 / total) == m["pruned_weight_share"]
     text = format_summary(masks, model)
     assert text.startswith("2:4 sparsity: pruned 1 of 7 Conv2d/Linear layers")
     assert "depthwise conv: not supported by sparse kernels: dw" in text

@@ -12,7 +12,9 @@ import torch
 from pytorch_lightning.utilities import rank_zero_info
 
 from qatsparse.callbacks._common import find_callback
+from qatsparse.log_metrics import log_to_loggers, report_metrics
 from qatsparse.pipeline import ExportSettings, export_and_validate
+from qatsparse.progress import progress_for
 from qatsparse.validation import enforce_gate
 
 
@@ -20,9 +22,12 @@ class TensorRTExport(pl.Callback):
     """Export, build and validate at the end of ``fit``; write ``report.{json,md,png}`` in ``dirpath``.
 
     Writes ``model_fp32.onnx`` (the trained model without fake quantization), ``model.onnx`` (the
-    deployable graph: Q/DQ INT8 after INT8 QAT, FP16 after FP16 QAT, else FP32), ``model.plan`` where
-    TensorRT is importable, and the report comparing every backend with ``pytorch_fp32`` -- the dense
-    FP32 model as it was just before the first pruning or quantization step.
+    deployable graph: Q/DQ INT8 after INT8 QAT, FP16 after FP16 QAT, else FP32), the TensorRT hand-off
+    bundle ``tensorrt/`` (trtexec ``build.sh``, Polygraphy ``check.sh``, a validation batch and the outputs
+    for it), ``model.plan`` where TensorRT is importable, and the report comparing every backend with
+    ``pytorch_fp32`` -- the dense FP32 model as it was just before the first pruning or quantization step.
+    The report's numbers also go to the Trainer's loggers under ``qatsparse/report/``; the export and the
+    validation show progress in the style of the Trainer's progress bar.
 
     Args:
         dirpath: output folder.
@@ -115,6 +120,8 @@ class TensorRTExport(pl.Callback):
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.is_global_zero:
             self.report = self.export(trainer, pl_module)
+            # LightningModule.log is not allowed in on_fit_end: the loggers' own API (logged before the gate raises)
+            log_to_loggers(trainer, report_metrics(self.report))
         trainer.strategy.barrier()
         if self.report is not None:
             enforce_gate(self.report, self.on_fail)
@@ -144,10 +151,29 @@ class TensorRTExport(pl.Callback):
             pruned_layers=sparsity_cb.pruned_layers if sparsity_cb else [],
             skipped_layers=sparsity_cb.masks.skipped if sparsity_cb and sparsity_cb.masks else {},
             quantization=qat_cb.report(pl_module) if qat_cb else {},
+            progress=progress_for(trainer),
+            validate_command=self.validate_command(trainer),
             sparsity=sparsity_cb.kept_magnitude() if sparsity_cb else {},
         )
         rank_zero_info(f"qatsparse: artifacts and report in {self.settings.dirpath}")
         return report
+
+    def validate_command(self, trainer: pl.Trainer) -> str:
+        """The ``qatsparse validate ... --engine`` command that re-validates the hand-off engine of this run:
+        the config LightningCLI saved and the run's checkpoint, where they are known."""
+        import os
+
+        d = Path(self.settings.dirpath)
+        config = next(
+            (os.path.join(trainer.log_dir or ".", cb.config_filename) for cb in trainer.callbacks  # type: ignore[attr-defined]
+             if type(cb).__name__ == "SaveConfigCallback" and hasattr(cb, "config_filename")),
+            "<the run's config>",
+        )  # fmt: skip
+        ckpt_cb = trainer.checkpoint_callback
+        candidates = [d / "model.ckpt", *(Path(p) for p in (getattr(ckpt_cb, "last_model_path", ""),
+                                                         getattr(ckpt_cb, "best_model_path", "")) if p)]  # fmt: skip
+        ckpt = next((str(p) for p in candidates if p.is_file()), "<the run's checkpoint>")
+        return f"qatsparse validate --config {config} --ckpt_path {ckpt} --engine {d / 'tensorrt' / 'model.plan'}"
 
     @staticmethod
     def _val_dataloader(trainer: pl.Trainer) -> Any:

@@ -19,6 +19,8 @@ from qatsparse.callbacks._common import (
     train_batches,
 )
 from qatsparse.checkpointing import CHECKPOINT_KEY
+from qatsparse.log_metrics import log_to_loggers, quantization_hparams, quantization_metrics
+from qatsparse.progress import progress_for
 from qatsparse.quantization import (
     LayerSensitivity,
     QuantConfig,
@@ -169,6 +171,9 @@ class QuantizationAwareTraining(pl.Callback):
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.applied and self.config.precision == "fp16":
             self._check_fp16(trainer, pl_module, "training")
+        if self.applied:  # identical on every rank; sync_dist only keeps Lightning's DDP warning quiet
+            pl_module.log_dict(quantization_metrics(self.report(pl_module)), on_step=False, on_epoch=True,
+                               sync_dist=True)  # fmt: skip
 
     def on_save_checkpoint(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
@@ -181,8 +186,16 @@ class QuantizationAwareTraining(pl.Callback):
         notify_before_compression(trainer, pl_module)
         self.summary = quantize_model(pl_module, self.config)
         batches = partial(train_batches, trainer, self.calib_batches)
-        forward = partial(forward_batch, pl_module)
-        with rng_isolated(pl_module.device):
+        passes = 1 if self.config.precision == "fp16" or self.config.calibrator == "max" else 2
+        what = f"calibrating INT8 ({self.config.calibrator})" if self.config.precision == "int8" else "FP16 range check"
+        task = progress_for(trainer).task(what, total=self.calib_batches * passes)
+
+        def forward(batch: Any) -> Any:
+            out = forward_batch(pl_module, batch)
+            task.advance()
+            return out
+
+        with rng_isolated(pl_module.device), task:
             if self.config.precision == "int8":
                 n = calibrate(pl_module, batches, forward)
                 if n < self.calib_batches:
@@ -204,6 +217,7 @@ class QuantizationAwareTraining(pl.Callback):
                 if self.config.precision == "fp16":
                     track_overflow(pl_module)  # requantize made fresh quantizers: keep watching them
         self.applied = True
+        log_to_loggers(trainer, {}, quantization_hparams(self.config.to_dict()))
         if self.compile:
             self._compile(pl_module)
         if self.verbose:

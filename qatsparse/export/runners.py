@@ -85,6 +85,7 @@ class OnnxRuntimeRunner:
             providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
         self.session = ort.InferenceSession(str(self.path), sess_options=opts, providers=providers)
         self.inputs = self.session.get_inputs()
+        self.device = "cuda" if self.session.get_providers()[0] == "CUDAExecutionProvider" else "cpu"
 
     def __call__(self, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
         if len(inputs) != len(self.inputs):

@@ -253,3 +253,37 @@ def sparsity_summary(model: nn.Module) -> dict[str, float | int]:
         "weights_2to4_share": in_24 / total if total else 0.0,
         "zero_share": zeros / total if total else 0.0,
     }
+
+
+def onnx_sparsity_summary(path: str | Path) -> dict[str, float | int]:
+    """:func:`sparsity_summary` measured on an ONNX graph: the share of the Conv/ConvTranspose/Gemm/MatMul weight
+    elements that sit in weights which are 2:4 along their reduction axis, and the zero share.
+
+    Weights are traced back through Q/DQ/Cast/Identity/Transpose to their constant (INT8 weights count by
+    their stored integers, whose zeros are the pruned weights); weights computed at run time are skipped.
+
+    Example:
+        >>> import tempfile, torch
+        >>> from qatsparse.export.onnx import export_onnx
+        >>> p = export_onnx(nn.Linear(8, 2), [torch.zeros(1, 8)], tempfile.mkdtemp() + "/m.onnx")
+        >>> onnx_sparsity_summary(p)["weights_2to4_share"]
+        0.0
+    """
+    import onnx
+
+    graph = onnx.load(str(path)).graph
+    total = in_24 = zeros = 0
+    for weight, axis in _weighted_nodes(graph).values():
+        found = _onnx_weight(graph, weight, axis)
+        if found is None:
+            continue
+        w, ax = found
+        total += w.size
+        zeros += int((w == 0).sum())
+        if _worst_along(w, ax)[0] <= 2:
+            in_24 += w.size
+    return {
+        "weight_params": total,
+        "weights_2to4_share": in_24 / total if total else 0.0,
+        "zero_share": zeros / total if total else 0.0,
+    }

@@ -17,26 +17,34 @@ _MAX_NAMES = 8
 
 
 @torch.no_grad()
-def sparsity_metrics(model: nn.Module, pruned: list[str], prefix: str = "sparsity/") -> dict[str, float]:
-    """Zero shares to log: ``overall`` (all Conv2d/Linear weights), ``pruned_layers`` (the pruned ones
-    together) and ``layer/<name>`` for each pruned layer (0.5 for a 2:4 layer).
+def sparsity_metrics(model: nn.Module, pruned: list[str], prefix: str = "qatsparse/sparsity/") -> dict[str, float]:
+    """What pruning did, for loggers, each named for what it is (``Conv2d``/``Linear`` weights):
+
+    * ``pruned_layers``: the number of pruned layers;
+    * ``pruned_weight_share``: the zeros inside pruned layers as a share of all weights (what pruning removed);
+    * ``zero_share``: all zeros as a share of all weights;
+    * ``pruned_layer_zero_share``: the zero share inside the pruned layers (0.5 for 2:4);
+    * ``layer_zero_share/<name>``: the zero share of each pruned layer.
 
     Example:
         >>> from qatsparse.sparsity import prune_2to4
         >>> m = nn.Sequential(nn.Linear(16, 8), nn.Linear(8, 3)); ms = prune_2to4(m)
-        >>> sparsity_metrics(m, list(ms.masks))["sparsity/layer/0"]
+        >>> sparsity_metrics(m, list(ms.masks))["qatsparse/sparsity/layer_zero_share/0"]
         0.5
     """
     modules = {n: m for n, m in model.named_modules() if isinstance(m, PRUNABLE_TYPES)}
     zeros = {n: int((m.weight == 0).sum()) for n, m in modules.items()}
     sizes = {n: m.weight.numel() for n, m in modules.items()}
-    p_zero = sum(zeros[n] for n in pruned if n in modules)
-    p_size = sum(sizes[n] for n in pruned if n in modules)
+    total = max(sum(sizes.values()), 1)
+    done = [n for n in pruned if n in modules]
+    p_zero = sum(zeros[n] for n in done)
     out = {
-        f"{prefix}overall": sum(zeros.values()) / max(sum(sizes.values()), 1),
-        f"{prefix}pruned_layers": p_zero / max(p_size, 1),
+        f"{prefix}pruned_layers": float(len(done)),
+        f"{prefix}pruned_weight_share": p_zero / total,
+        f"{prefix}zero_share": sum(zeros.values()) / total,
+        f"{prefix}pruned_layer_zero_share": p_zero / max(sum(sizes[n] for n in done), 1),
     }
-    out.update({f"{prefix}layer/{n}": zeros[n] / sizes[n] for n in pruned if n in modules})
+    out.update({f"{prefix}layer_zero_share/{n}": zeros[n] / sizes[n] for n in done})
     return out
 
 
