@@ -362,3 +362,18 @@ def test_permute_then_prune_keeps_more_and_exports_the_same_graph(tmp_path):
     assert ops[0] == ops[1]  # the permutation is in the weights, not in the graph
     dense = check_2to4(tmp_path / "permuted.onnx", layers="all")
     assert len(dense) == 2  # only the stem conv (C_in=1) and the classifier, which were not pruned
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the search on the weights' device needs CUDA here")
+def test_search_and_permutation_on_gpu():
+    torch.manual_seed(0)
+    model = torchvision.models.resnet50(num_classes=10).cuda().eval()
+    x = torch.randn(2, 3, 64, 64, device="cuda")
+    ref = model(x)
+    pruned = list(find_prunable(model, exclude=["fc"]).eligible)
+    before = overall(kept_magnitude(model, pruned))
+    result = permute_for_2to4(model, (x,), pruned)
+    assert overall(kept_magnitude(model, pruned)).share > before.share
+    assert float((model(x) - ref).abs().max()) <= 1e-4 * float(ref.abs().max())  # TF32 convs may be on
+    assert result.groups and all(g.kept_after >= g.kept_before for g in result.groups)
