@@ -63,6 +63,10 @@ class ExportSettings:
     timing_cache: Path | None = None
     #: limit validation to this many batches (None: the whole dataloader)
     max_batches: int | None = None
+    #: input axes besides the batch that may vary: ``"auto"`` (axis 1 of integer inputs is ``"sequence"``),
+    #: None (batch only) or ``{input name: {axis: dim name}}`` (see :mod:`qatsparse.export.shapes`); the
+    #: exported graphs carry them as ``dim_param`` (:func:`qatsparse.export.profile.onnx_input_dims`)
+    dynamic_axes: Any = "auto"
     #: (min, opt, max) of dynamic dims other than the batch, by their ONNX ``dim_param`` name (TensorRT profile)
     dim_ranges: dict[str, tuple[int, int, int]] = field(default_factory=dict)
     #: write the TensorRT hand-off bundle (``dirpath/tensorrt/``: build.sh, check.sh, a validation batch, outputs)
@@ -141,6 +145,46 @@ def _write_fp16(src: Path, dst: Path, keep_fp32: Sequence[str], notes: list[str]
     notes += [f"{dst.name}: {n}" for n in info.notes]
 
 
+def _dynamic_axes(
+    fp32: nn.Module,
+    inputs: Sequence[torch.Tensor],
+    in_names: list[str],
+    settings: ExportSettings,
+    path: Path,
+    notes: list[str],
+) -> dict[str, dict[int, str]]:
+    """Export the FP32 graph with the resolved dynamic axes and check them (ONNX Runtime at another size).
+
+    A declared axis the graph does not honour is an error; one found by convention is dropped (the graph is
+    exported again with the example's size there) and the notes say so. Returns the axes that hold.
+    """
+    from qatsparse.export.shapes import check_dynamic_axes, dynamic_axes_of, resolve_axes
+
+    axes, declared = resolve_axes(settings.dynamic_axes, inputs, in_names)
+    names = {"input_names": in_names, "output_names": settings.output_names}
+    export_onnx(fp32, inputs, path, opset=settings.opset, dynamic_axes=axes, **names)
+    problems = check_dynamic_axes(path, inputs, dynamic_axes_of(path)) if axes else {}
+    if problems and declared:
+        raise ValueError(
+            "the exported graph does not accept other sizes of the declared dynamic axes: "
+            + "; ".join(f"{dim}: {why}" for dim, why in problems.items())
+            + " (the model's forward fixes that size, e.g. a reshape from a Python int: drop it from dynamic_axes)"
+        )
+    if problems:
+        axes = {n: {a: dim for a, dim in ax.items() if dim not in problems} for n, ax in axes.items()}
+        axes = {n: ax for n, ax in axes.items() if ax}
+        notes.append(
+            f"dynamic axes {sorted(problems)} (found by convention) dropped: the graph fixes their size "
+            f"({next(iter(problems.values()))})"
+        )
+        export_onnx(fp32, inputs, path, opset=settings.opset, dynamic_axes=axes, **names)
+    if axes:
+        desc = ", ".join(f"{n}[{a}]={dim!r}" for n, ax in axes.items() for a, dim in ax.items())
+        how = "declared" if declared else "convention: axis 1 of integer inputs"
+        notes.append(f"dynamic axes besides the batch: {desc} ({how}); ONNX Runtime ran them at another size")
+    return axes
+
+
 def export_artifacts(
     final: nn.Module,
     inputs: Sequence[torch.Tensor],
@@ -165,8 +209,9 @@ def export_artifacts(
     precision = _precision(final)
     fp32 = remove_quantizers(copy.deepcopy(final))
     in_names = settings.input_names or list(input_names or []) or default_input_names(final, len(inputs))
-    names = {"input_names": in_names, "output_names": settings.output_names}
-    fp32_path = export_onnx(fp32, inputs, d / "model_fp32.onnx", opset=settings.opset, **names)
+    fp32_path = d / "model_fp32.onnx"
+    axes = _dynamic_axes(fp32, inputs, in_names, settings, fp32_path, notes)
+    names = {"input_names": in_names, "output_names": settings.output_names, "dynamic_axes": axes}
     deploy = d / "model.onnx"
     if precision == "int8":
         qdq = copy.deepcopy(final)
@@ -190,8 +235,8 @@ def export_artifacts(
             shutil.copyfile(fp32_path, tmp)
         notes.append("no quantization callback ran: model.onnx is the FP32 graph")
     if pruned_layers:
-        for p in (fp32_path, deploy):
-            record_pruned_layers(p, list(pruned_layers))
+        record_pruned_layers(fp32_path, list(pruned_layers), model=fp32)
+        record_pruned_layers(deploy, list(pruned_layers), model=final)
     return {"model_fp32.onnx": fp32_path, "model.onnx": deploy}
 
 

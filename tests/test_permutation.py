@@ -254,9 +254,12 @@ def test_unsupported_parts_are_listed_with_reasons():
     plan = _check_preserved(_Misc(), _image())
     assert plan.permuted_layers == ["mix", "proj", "shared"]
     why = plan.not_permuted
-    assert set(why) == {"after", "out", "attn.out_proj"}
+    assert set(why) == {"after", "out", "attn.out_proj", "attn.in_proj_weight"}
     assert "grouped conv 'grouped'" in why["after"]
     assert "MultiheadAttention 'attn'" in why["out"] and "MultiheadAttention 'attn'" in why["attn.out_proj"]
+    assert (
+        why["attn.in_proj_weight"] == "MultiheadAttention.in_proj_weight: only Conv1d/Conv2d/Linear layers are permuted"
+    )
     # calling `shared` twice ties its input and output channels to the stem's: one group
     shared = next(g for g in plan.groups if any(r.layer == "shared" for r in g.readers))
     assert {("shared.weight", 0), ("shared.weight", 1), ("stem.weight", 0)} <= {

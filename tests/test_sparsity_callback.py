@@ -208,7 +208,7 @@ def test_summary_printed_at_prune_time(caplog):
     with caplog.at_level(logging.INFO, logger="pytorch_lightning"):
         _trainer([TwoFourSparsity()], max_steps=1).fit(Tiny())
     text = "\n".join(r.getMessage() for r in caplog.records)
-    assert "2:4 sparsity: pruned 3 of 6 Conv2d/Linear layers" in text
+    assert "2:4 sparsity: pruned 3 of 6 Conv2d/Linear weights" in text
     assert "depthwise conv: not supported by sparse kernels: dw" in text
     assert "C_in=4 not a multiple of 16: conv_in" in text
 

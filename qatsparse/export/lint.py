@@ -15,6 +15,8 @@ from typing import Any, Literal
 
 import numpy as np
 
+from qatsparse.export.graph import WEIGHTED_OPS, OnnxGraph, attribute
+
 #: Operators the ONNX-TensorRT parser imports (TensorRT 10.15 support matrix, rows marked "Y").
 TENSORRT_ONNX_OPS = frozenset(
     """Abs Acos Acosh Add And ArgMax ArgMin Asin Asinh Atan Atanh Attention AveragePool BatchNormalization
@@ -41,7 +43,6 @@ TENSORRT_OPS_SINCE = {"Swish": "11.0"}
 TENSORRT_MAX_OPSET = {"10.0": 20, "10.15": 24, "11.0": 25}
 TENSORRT_MIN_OPSET = 9
 
-WEIGHTED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 #: Ops a DQ moves forward through (and a Q backward through) in TensorRT's Q/DQ propagation.
 _COMMUTING = {
     "MaxPool",
@@ -87,51 +88,15 @@ class Finding:
         return f"[{self.severity}] {self.check} {self.node}: {self.message}"
 
 
-class _Graph:
-    """Lookup tables over an ONNX graph: producers, consumers, constants."""
-
-    def __init__(self, model: Any) -> None:
-        from onnx import numpy_helper
-
-        self.model = model
-        self.graph = model.graph
-        self.producer = {o: n for n in self.graph.node for o in n.output if o}
-        self.consumers: dict[str, list[tuple[Any, int]]] = {}
-        for n in self.graph.node:
-            for i, name in enumerate(n.input):
-                if name:
-                    self.consumers.setdefault(name, []).append((n, i))
-        self.outputs = {o.name for o in self.graph.output}
-        self.inputs = {i.name for i in self.graph.input}
-        self.const: dict[str, np.ndarray] = {i.name: numpy_helper.to_array(i) for i in self.graph.initializer}
-        for n in self.graph.node:
-            if n.op_type == "Constant":
-                for a in n.attribute:
-                    if a.name == "value":
-                        self.const[n.output[0]] = numpy_helper.to_array(a.t)
-
-    def is_const(self, name: str) -> bool:
-        return name in self.const
+class _Graph(OnnxGraph):
+    """The lint's view of the graph: :class:`~qatsparse.export.graph.OnnxGraph` plus the weight test."""
 
     def traces_to_const(self, name: str) -> bool:
         """A constant possibly behind Q/DQ/Cast/Identity/Transpose (how weights reach Conv/Gemm)."""
-        for _ in range(8):
-            if self.is_const(name):
-                return True
-            p = self.producer.get(name)
-            if p is None or p.op_type not in ("QuantizeLinear", "DequantizeLinear", "Cast", "Identity", "Transpose"):
-                return False
-            name = p.input[0]
-        return False
+        return self.trace_constant(name) is not None
 
 
-def _attr(node: Any, name: str, default: Any = None) -> Any:
-    from onnx import helper
-
-    for a in node.attribute:
-        if a.name == name:
-            return helper.get_attribute_value(a)
-    return default
+_attr = attribute
 
 
 def _name(n: Any) -> str:
@@ -265,7 +230,7 @@ def _check_qdq_form(g: _Graph) -> list[Finding]:
             )
             scale = None
         else:
-            scale = g.const[scale_name]
+            scale = g.const(scale_name)
             if scale.size and not np.all(scale.astype(np.float64) > 0):
                 out.append(
                     Finding(
@@ -279,7 +244,7 @@ def _check_qdq_form(g: _Graph) -> list[Finding]:
         zp_name = n.input[2] if len(n.input) > 2 else ""
         if zp_name:
             if g.is_const(zp_name):
-                zp = g.const[zp_name]
+                zp = g.const(zp_name)
                 if zp.dtype != np.int8:
                     out.append(
                         Finding(
@@ -375,7 +340,7 @@ def _check_axis(g: _Graph, n: Any, scale: np.ndarray | None) -> list[Finding]:
         return []
     consumer, via = use
     expected = _expected_weight_axis(g, consumer, via)
-    shape = g.const[const].shape
+    shape = g.const(const).shape
     if expected is None or not shape:
         return []
     rank = len(shape)
@@ -410,14 +375,8 @@ def _check_axis(g: _Graph, n: Any, scale: np.ndarray | None) -> list[Finding]:
 
 def _const_behind(g: _Graph, name: str) -> str | None:
     """Name of the constant behind ``name`` (through Q/Cast/Identity), or None."""
-    for _ in range(8):
-        if g.is_const(name):
-            return name
-        p = g.producer.get(name)
-        if p is None or p.op_type not in ("QuantizeLinear", "Cast", "Identity"):
-            return None
-        name = p.input[0]
-    return None
+    trace = g.trace_constant(name, through=("QuantizeLinear", "Cast", "Identity"))
+    return trace.name if trace is not None else None
 
 
 def _reaches_quant_consumer(g: _Graph, name: str, depth: int = 0) -> bool:

@@ -8,6 +8,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from qatsparse.sparsity.weights import prunable_weights
+
 
 @dataclass(frozen=True)
 class KeptMagnitude:
@@ -26,8 +28,9 @@ class KeptMagnitude:
         return self.kept / self.total if self.total > 0 else 1.0
 
 
-def weight_rows(weight: torch.Tensor) -> torch.Tensor:
-    """The weight as ``(rows, input channels)``: a Conv2d ``(O, I, kh, kw)`` becomes ``(O*kh*kw, I)``.
+def weight_rows(weight: torch.Tensor, in_axis: int = 1) -> torch.Tensor:
+    """The weight as ``(rows, input channels)``, the input axis last: a Conv2d ``(O, I, kh, kw)`` becomes
+    ``(O*kh*kw, I)``, a transformers ``Conv1D`` ``(I, O)`` (``in_axis=0``) becomes ``(O, I)``.
 
     Each row then holds the weights that 2:4 groups in fours (for one output channel and kernel tap).
 
@@ -35,13 +38,13 @@ def weight_rows(weight: torch.Tensor) -> torch.Tensor:
         >>> weight_rows(torch.zeros(8, 16, 3, 3)).shape
         torch.Size([72, 16])
     """
-    w = weight.detach()
-    return w.permute(0, 2, 3, 1).reshape(-1, w.shape[1]) if w.dim() == 4 else w.reshape(w.shape[0], -1)
+    w = weight.detach().movedim(in_axis, -1)
+    return w.reshape(-1, w.shape[-1])
 
 
 @torch.no_grad()
-def kept_by_2to4(weight: torch.Tensor) -> KeptMagnitude:
-    """Magnitude that magnitude 2:4 pruning of ``weight`` (groups of 4 input channels) would keep.
+def kept_by_2to4(weight: torch.Tensor, in_axis: int = 1) -> KeptMagnitude:
+    """Magnitude that magnitude 2:4 pruning of ``weight`` (groups of 4 along ``in_axis``) would keep.
 
     Example:
         >>> kept_by_2to4(torch.tensor([[1.0, 4.0, 2.0, 3.0]]))
@@ -49,19 +52,19 @@ def kept_by_2to4(weight: torch.Tensor) -> KeptMagnitude:
     """
     from qatsparse.sparsity.permutation.search import kept_sum
 
-    rows = weight_rows(weight).abs().float()
+    rows = weight_rows(weight, in_axis).abs().float()
     return KeptMagnitude(kept_sum(rows), float(rows.sum(dtype=torch.float64)))
 
 
-def kept_magnitude(model: nn.Module, layers: Iterable[str]) -> dict[str, KeptMagnitude]:
-    """:func:`kept_by_2to4` of the weight of each named layer (Conv2d/Linear, input channels a multiple of 4).
+def kept_magnitude(model: nn.Module, keys: Iterable[str]) -> dict[str, KeptMagnitude]:
+    """:func:`kept_by_2to4` of each prunable weight named by its key (see :mod:`qatsparse.sparsity.weights`).
 
     Example:
         >>> m = nn.Sequential(nn.Linear(16, 8)); round(kept_magnitude(m, ["0"])["0"].share, 1) > 0.5
         True
     """
-    modules = dict(model.named_modules())
-    return {name: kept_by_2to4(modules[name].weight) for name in layers}
+    weights = prunable_weights(model)
+    return {key: kept_by_2to4(weights[key].weight, weights[key].in_axis) for key in keys}
 
 
 def overall(kept: Mapping[str, KeptMagnitude]) -> KeptMagnitude:

@@ -23,7 +23,7 @@ def reader_matrix(model: nn.Module, group: ChannelGroup) -> torch.Tensor:
     tensors = named_tensors(model)
     parts = []
     for r in group.readers:
-        rows = weight_rows(tensors[r.weight])
+        rows = weight_rows(tensors[r.weight], 1)  # Conv1d/Conv2d/Linear: input channels on axis 1
         parts.append(rows[:, r.offset : r.offset + group.size].abs().float())
     return torch.cat(parts)
 

@@ -37,6 +37,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
 
+from qatsparse.sparsity.weights import is_hf_conv1d, prunable_weights
+
 
 @dataclass(frozen=True)
 class Slot:
@@ -119,11 +121,16 @@ class PermutationPlan:
 
 
 # ---------------------------------------------------------------------------------------------- tracing
+#: Layers the analysis follows (their exact forward; subclasses with their own are opaque).
+_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Linear)
+_STANDARD_FORWARD = {nn.Conv1d.forward, nn.Conv2d.forward, nn.Linear.forward}
+
+
 class _Tracer(fx.Tracer):
-    """torch.nn layers are leaves (fx's default) and so is every Conv2d/Linear, subclasses included."""
+    """torch.nn layers are leaves (fx's default) and so is every Conv1d/Conv2d/Linear, subclasses included."""
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return isinstance(m, (nn.Conv2d, nn.Linear)) or super().is_leaf_module(m, module_qualified_name)
+        return isinstance(m, _LAYERS) or super().is_leaf_module(m, module_qualified_name)
 
 
 def _trace(module: nn.Module) -> fx.GraphModule:
@@ -162,8 +169,13 @@ def find_channel_groups(
     """
     params = _canonical_names(model)
     modules = dict(model.named_modules())
-    pruned = list(pruned)
     plan = PermutationPlan()
+    weights = prunable_weights(model)
+    for key in pruned:  # weights the analysis cannot follow (attention's packed projection, Conv1D, ...)
+        w = weights.get(key)
+        if w is not None and (w.param != "weight" or not isinstance(w.module, _LAYERS) or is_hf_conv1d(w.module)):
+            plan.not_permuted[key] = f"{w.kind}: only Conv1d/Conv2d/Linear layers are permuted"
+    pruned = [k for k in pruned if k not in plan.not_permuted]
     device = next((p.device for p in model.parameters()), None)
     regions, plan.notes = _traceable_regions(model)
     with _eval_no_side_effects(model, device):
@@ -216,7 +228,7 @@ def _traceable_regions(model: nn.Module) -> tuple[list[tuple[str, fx.GraphModule
     notes: dict[str, str] = {}
 
     def visit(name: str, module: nn.Module) -> None:
-        if isinstance(module, (nn.Conv2d, nn.Linear)) or not any(True for _ in module.parameters()):
+        if isinstance(module, _LAYERS) or not any(True for _ in module.parameters()):
             return  # a lone layer has nothing to permute inside
         try:
             regions.append((name, _trace(module)))
@@ -540,9 +552,9 @@ class _Analysis:
     def call_module(self, node: fx.Node, m: nn.Module, name: str) -> _Info:
         x = self.get(node.args[0]) if node.args else None
         kind = f"{type(m).__name__} {name!r}"
-        if isinstance(m, nn.Conv2d) and type(m).forward is nn.Conv2d.forward:
+        if isinstance(m, (nn.Conv1d, nn.Conv2d)) and type(m).forward in _STANDARD_FORWARD:
             return self.conv(node, m, name, x)
-        if isinstance(m, nn.Linear) and type(m).forward is nn.Linear.forward:
+        if isinstance(m, nn.Linear) and type(m).forward in _STANDARD_FORWARD:
             return self.linear(node, m, name, x)
         if x is not None and x.tracked and len(node.args) == 1 and not node.kwargs:
             nd = len(x.shape) if x.shape is not None else 0
@@ -585,7 +597,7 @@ class _Analysis:
             return self.unknown(node, x.why)  # keep saying where the unknown layout comes from
         self.opaque_modules[name] = type(m).__name__
         why = f"read by {kind}"
-        if isinstance(m, (nn.Conv2d, nn.Linear)):
+        if isinstance(m, _LAYERS):
             why = f"read by {kind}, a subclass with its own forward"
         self.block_all(node, why)
         for p in m.parameters():
@@ -611,9 +623,10 @@ class _Analysis:
                 self.readers.append((Reader(layer, weight, offset), gid))
                 offset += n
 
-    def conv(self, node: fx.Node, m: nn.Conv2d, name: str, x: _Info | None) -> _Info:
+    def conv(self, node: fx.Node, m: nn.Conv1d | nn.Conv2d, name: str, x: _Info | None) -> _Info:
         out_shape = self.shape(node)
-        axis = len(out_shape) - 3 if out_shape else 1
+        spatial = 1 if isinstance(m, nn.Conv1d) else 2
+        axis = len(out_shape) - spatial - 1 if out_shape else 1
         w, b = self.tensor_name(name, "weight"), self.tensor_name(name, "bias")
         if m.groups == 1:
             self.consume(x, node, name, w, m.in_channels, axis)
