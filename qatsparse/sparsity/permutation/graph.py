@@ -8,7 +8,7 @@ depthwise convs, per-channel scales such as ConvNeXt's ``layer_scale``). Residua
 elementwise ops merge the groups of their operands; a concatenation along the channels lays the
 groups of its inputs side by side; a depthwise conv passes its input's group through.
 
-The model is traced with ``torch.fx`` (Conv2d/Linear and ``torch.nn`` layers are leaves) and shapes
+The model is traced with ``torch.fx`` (Conv1d/Conv2d/Linear and ``torch.nn`` layers are leaves) and shapes
 are propagated on an example input, so flatten/reshape/permute/broadcasting are followed exactly.
 A group is *blocked* -- left unpermuted, with the reason -- when any of its channels reaches
 something the analysis does not understand: the model's inputs or outputs, an unknown op or module
@@ -161,8 +161,10 @@ def find_channel_groups(
     Args:
         model: the model (not changed; it runs once in eval mode on ``example_inputs``).
         example_inputs: positional inputs of ``model.forward`` (a batch of 1-2 samples is enough).
-        pruned: names of the Conv2d/Linear layers whose weights will be pruned 2:4 (the search works
-            for them; every other layer is permuted only as far as function preservation needs).
+        pruned: keys of the weights that will be pruned 2:4 (:mod:`qatsparse.sparsity.weights`; the
+            module name for a Conv1d/Conv2d/Linear). The search works for them; every other layer is
+            permuted only as far as function preservation needs. Weights of other kinds (attention's
+            packed projections, transformers' ``Conv1D``) are listed in ``not_permuted``.
         example_kwargs: keyword inputs of ``model.forward``.
 
     Every name in ``pruned`` ends either in a permutable group's readers or in ``not_permuted``.
