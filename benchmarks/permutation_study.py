@@ -227,6 +227,22 @@ def _paired(rows: list[dict[str, Any]], data: dict[str, Any]) -> list[tuple[str,
     return out
 
 
+def merge(parts: list[Path], out: Path, command: str | None = None) -> None:
+    """One JSON from runs made in parallel processes (one per seed or experiment), same settings."""
+    datas = [json.loads(p.read_text()) for p in parts]
+    keys = ("dense_steps", "finetune")
+    if any(tuple(d[k] for k in keys) != tuple(datas[0][k] for k in keys) for d in datas):
+        raise SystemExit(f"merge: the parts differ in {keys}")
+    data = {**datas[0], "seeds": sorted({s for d in datas for s in d["seeds"]}), "commands": {}, "runs": []}
+    for d in datas:
+        data["commands"].update(d.get("commands", {}))
+        data["runs"] += d["runs"]
+    if command:  # the one command that ran all the parts
+        data["commands"] = {e: command for e in data["commands"]}
+    data["machine"] = f"{datas[0]['machine']}, {len(parts)} processes in parallel"
+    out.write_text(json.dumps(data, indent=1))
+
+
 def write_table(json_path: Path, doc: Path) -> None:
     data = json.loads(json_path.read_text())
     data["json"] = str(json_path.relative_to(ROOT) if json_path.is_absolute() else json_path)
@@ -254,11 +270,18 @@ def main() -> None:
     run.add_argument("--threads", type=int, default=2)
     run.add_argument("--quick", action="store_true", help="one seed, 100 dense steps, the smaller model: a smoke test")
     tab = sub.add_parser("table")
+    mrg = sub.add_parser("merge", help="one JSON from the JSONs of runs made in parallel")
+    mrg.add_argument("parts", type=Path, nargs="+")
+    mrg.add_argument("--out", type=Path, required=True)
+    mrg.add_argument("--command", help="the command that ran all the parts, recorded instead of theirs")
     tab.add_argument("--json", type=Path, default=ROOT / "benchmarks/results/permutation_study.json")
     tab.add_argument("--doc", type=Path, default=ROOT / "docs/sparsity.md")
     args = parser.parse_args()
     if args.cmd == "table":
         write_table(args.json.resolve(), args.doc)
+        return
+    if args.cmd == "merge":
+        merge(args.parts, args.out, args.command)
         return
     torch.set_num_threads(args.threads)
     if args.quick:
