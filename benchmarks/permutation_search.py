@@ -79,7 +79,7 @@ def trained_digits() -> torch.nn.Module:
 def measure(name: str, device: str) -> dict[str, Any]:
     model, x = build(name)
     model, x = model.to(device), x.to(device)
-    pruned = list(find_prunable(model, exclude=["fc", "classifier", "heads", "head"]).eligible)
+    pruned = list(find_prunable(model, exclude=[r"^(fc|classifier|heads?)\b"]).eligible)
     plain = kept_magnitude(model, pruned)
     if device == "cuda":
         torch.cuda.synchronize()
