@@ -1,0 +1,277 @@
+"""Coverage matrix: prune -> QAT -> export -> ONNX Runtime check over torchvision, timm and transformers.
+
+Every model runs in its own process (``benchmarks/coverage_run.py``, forked from a server that imported the
+libraries once) with a time limit and a memory
+budget, so a segfault, a hang or an out-of-memory is a recorded failure and the matrix goes on. Each
+result is written to the JSON as soon as it comes (a partial run is kept), then ``docs/COVERAGE.md`` is
+regenerated from the JSON (``benchmarks/coverage_doc.py``).
+
+Re-run the whole matrix (about two hours on 2 CPU cores) and regenerate the doc::
+
+    nice -n 10 env PYTHONPATH=. .venv/bin/python benchmarks/coverage.py --fresh
+
+Some models only (results of the others are kept), models not yet in the JSON, the CI subset::
+
+    PYTHONPATH=. .venv/bin/python benchmarks/coverage.py --only 'torchvision:vit_*' swin_t
+    PYTHONPATH=. .venv/bin/python benchmarks/coverage.py --resume
+    PYTHONPATH=. .venv/bin/python benchmarks/coverage.py --subset ci --out /tmp/ci.json --doc ''
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import json
+import os
+import platform
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(HERE))
+from coverage_zoo import ModelSpec, all_specs, select  # noqa: E402
+
+DEFAULT_OUT = ROOT / "benchmarks/results/coverage_cpu.json"
+DEFAULT_DOC = ROOT / "docs/COVERAGE.md"
+
+
+def _rss_gb(pid: int) -> float:
+    try:
+        with open(f"/proc/{pid}/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**30
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
+def _stderr_tail(path: Path, n: int = 6) -> list[str]:
+    try:
+        lines = [ln for ln in path.read_text(errors="replace").splitlines() if ln.strip()]
+    except OSError:
+        return []
+    return [ln[:300] for ln in lines[-n:]]
+
+
+_CONTEXT: Any = None
+#: Imported once by the forkserver (by name: the server's sys.path holds PYTHONPATH, not benchmarks/).
+PRELOAD = (
+    "torch",
+    "torchvision",
+    "pytorch_lightning",
+    "onnx",
+    "onnx.reference",
+    "onnxruntime",
+    "matplotlib.pyplot",
+    "qatsparse.callbacks",
+    "qatsparse.pipeline",
+    "qatsparse.export.fp16",
+    "qatsparse.export.lint",
+    "qatsparse.export.tensorrt",
+    "qatsparse.report",
+    "timm",
+    "transformers",
+)
+
+
+def _context(threads: int) -> Any:
+    """A forkserver that imports torch, Lightning, qatsparse, timm and transformers once; each model runs in
+    a fresh process forked from it (isolated, without paying the imports again)."""
+    global _CONTEXT
+    if _CONTEXT is None:
+        import multiprocessing
+
+        os.environ.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), TOKENIZERS_PARALLELISM="false")
+        _CONTEXT = multiprocessing.get_context("forkserver")
+        _CONTEXT.set_forkserver_preload(list(PRELOAD))
+    return _CONTEXT
+
+
+def _child(model_id: str, workdir: str, threads: int) -> None:
+    from coverage_run import run_to_file  # heavy imports happen in the child (preloaded by the server)
+
+    run_to_file(model_id, workdir, threads)
+
+
+def run_isolated(
+    spec: ModelSpec, workdir: Path, timeout_s: float = 1200, max_rss_gb: float = 10.0, threads: int = 1
+) -> dict[str, Any]:
+    """Run one model in its own process; a crash, a timeout or a memory overrun is a failure record.
+
+    The process is killed (by its id) once it runs past ``timeout_s`` or its resident memory passes
+    ``max_rss_gb``; the stage it was in comes from the file it keeps up to date.
+    """
+    workdir.mkdir(parents=True, exist_ok=True)
+    out, stage, err = workdir / "record.json", workdir / "stage", workdir / "stderr.txt"
+    for f in (out, stage):
+        f.unlink(missing_ok=True)
+    proc = _context(threads).Process(target=_child, args=(spec.id, str(workdir), threads), daemon=True)
+    t0 = time.perf_counter()
+    peak = 0.0
+    killed = ""
+    proc.start()
+    while proc.is_alive():
+        proc.join(0.5)
+        peak = max(peak, _rss_gb(proc.pid))
+        if peak > max_rss_gb:
+            killed = f"MemoryBudget: resident memory {peak:.1f} GB > the run's budget of {max_rss_gb:g} GB"
+        elif time.perf_counter() - t0 > timeout_s:
+            killed = f"Timeout: still running after {timeout_s:g} s"
+        if killed and proc.is_alive():
+            proc.kill()
+            proc.join()
+    elapsed = round(time.perf_counter() - t0, 1)
+    if out.exists() and not killed:
+        record = json.loads(out.read_text())
+        record["wall_s"] = elapsed
+        return record
+    last_stage = stage.read_text() if stage.exists() else "start"
+    if killed:
+        kind, message = killed.split(": ", 1)
+    else:
+        rc = proc.exitcode or 0
+        kind = f"Crash ({signal.Signals(-rc).name})" if rc < 0 else f"Crash (exit {rc})"
+        message = f"the process died during {last_stage!r} without a result"
+    return {
+        "id": spec.id,
+        "zoo": spec.zoo,
+        "name": spec.name,
+        "input": spec.input_desc,
+        **({"settings": spec.note} if spec.note else {}),
+        "status": "fail",
+        "error": {"type": kind, "message": message, "stage": last_stage, "stderr_tail": _stderr_tail(err)},
+        "time_s": elapsed,
+        "wall_s": elapsed,
+        "peak_rss_gb": round(peak, 2),
+    }
+
+
+def _run_order(spec: ModelSpec) -> tuple[int, int]:
+    """Small models first (a partial run then covers the most models): transformers, timm, then torchvision
+    by its builders' parameter count."""
+    size = 0
+    if spec.zoo == "torchvision":
+        import torchvision
+
+        size = next(iter(torchvision.models.get_model_weights(spec.name))).meta.get("num_params", 0)
+    return ({"transformers": 0, "timm": 1}.get(spec.zoo, 2), size)
+
+
+def _versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version()}
+    for pkg in ("torch", "torchvision", "timm", "transformers", "pytorch-lightning", "onnx", "onnxruntime"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            out[pkg] = "missing"
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "qatsparse"], cwd=ROOT, capture_output=True, text=True)
+        out["qatsparse_commit"] = commit + (" (qatsparse/ modified)" if dirty.stdout.strip() else "")
+    except OSError:
+        out["qatsparse_commit"] = "unknown"
+    return out
+
+
+def _machine() -> dict[str, Any]:
+    cpu = platform.processor()
+    with contextlib.suppress(OSError, StopIteration), open("/proc/cpuinfo") as f:
+        cpu = next(ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name"))
+    return {"cpu": cpu, "cores": os.cpu_count(), "system": platform.platform(), "gpu": "none used (CPU run)"}
+
+
+def load(path: Path) -> dict[str, Any]:
+    if path.exists():
+        return json.loads(path.read_text())
+    return {"runs": [], "results": []}
+
+
+def save(data: dict[str, Any], path: Path) -> None:
+    """Write atomically, results sorted by zoo and name (so diffs of re-runs are readable)."""
+    from coverage_zoo import ZOOS
+
+    data["results"].sort(key=lambda r: (ZOOS.index(r["zoo"]), r["name"]))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(data, indent=1, sort_keys=False) + "\n")
+    os.replace(tmp, path)
+
+
+def _line(i: int, n: int, r: dict[str, Any]) -> str:
+    o, a = r.get("onnx") or {}, r.get("agreement") or {}
+    head = f"[{i}/{n}] {r['id']:<45} {r['status']:<4} {r.get('time_s', 0):7.1f}s"
+    if r["status"] == "pass" or o:
+        share = o.get("share_2to4")
+        cos = a.get("cosine")
+        head += f"  2:4 {share if share is None else f'{share:.2f}'}  cos {cos if cos is None else f'{cos:.4f}'}"
+    if r.get("error"):
+        head += f"  {r['error']['type']}: {r['error']['message'][:120]}"
+    return head
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--zoo", nargs="+", help="torchvision, timm and/or transformers (default: all)")
+    p.add_argument("--only", nargs="+", help="model ids or names, fnmatch patterns (e.g. 'timm:vit_*' swin_t)")
+    p.add_argument("--subset", choices=["ci"], help="the fixed CI subset")
+    p.add_argument("--resume", action="store_true", help="skip models already in the JSON")
+    p.add_argument("--fresh", action="store_true", help="start a new JSON (default: update the models run)")
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="results JSON")
+    p.add_argument("--doc", default=str(DEFAULT_DOC), help="markdown to regenerate at the end ('' for none)")
+    p.add_argument("--timeout", type=float, default=1200, help="seconds per model")
+    p.add_argument("--max-rss-gb", type=float, default=10.0, help="memory budget per model (resident GB)")
+    p.add_argument("--threads", type=int, default=1, help="torch / ONNX Runtime threads per model")
+    p.add_argument("--workdir", type=Path, help="keep each model's artifacts here (default: a temporary folder)")
+    p.add_argument("--list", action="store_true", help="print the selected models and exit")
+    args = p.parse_args(argv)
+    if args.resume and args.fresh:
+        p.error("--resume and --fresh exclude each other")
+
+    specs = sorted(select(all_specs(), args.zoo, args.only, args.subset), key=_run_order)
+    if args.list:
+        print("\n".join(f"{s.id}  ({s.input_desc}{'; ' + s.note if s.note else ''})" for s in specs))
+        return 0
+    data = {"runs": [], "results": []} if args.fresh else load(args.out)
+    done = {r["id"] for r in data["results"]}
+    if args.resume:
+        specs = [s for s in specs if s.id not in done]
+    run = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": shlex.join([Path(sys.executable).name, *sys.argv]) if argv is None else shlex.join(argv),
+        "machine": _machine(),
+        "versions": _versions(),
+        "settings": {"timeout_s": args.timeout, "max_rss_gb": args.max_rss_gb, "threads": args.threads},
+        "models": len(specs),
+    }
+    data["runs"].append(run)
+    run_index = len(data["runs"]) - 1
+    print(f"coverage: {len(specs)} model(s) -> {args.out}", flush=True)
+    root = args.workdir or Path(tempfile.mkdtemp(prefix="qatsparse-coverage-"))
+    for i, spec in enumerate(specs, 1):
+        workdir = root / spec.id.replace(":", "__")
+        record = run_isolated(spec, workdir, args.timeout, args.max_rss_gb, args.threads)
+        record["run"] = run_index
+        data["results"] = [r for r in data["results"] if r["id"] != spec.id] + [record]
+        save(data, args.out)
+        print(_line(i, len(specs), record), flush=True)
+        if args.workdir is None:
+            shutil.rmtree(workdir, ignore_errors=True)
+    if args.doc:
+        from coverage_doc import write_doc
+
+        write_doc(args.out, Path(args.doc))
+        print(f"coverage: wrote {args.doc}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
