@@ -176,9 +176,13 @@ def _versions() -> dict[str, str]:
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
         dirty = subprocess.run(["git", "status", "--porcelain", "qatsparse"], cwd=ROOT, capture_output=True, text=True)
-        out["qatsparse_commit"] = commit + (" (qatsparse/ modified)" if dirty.stdout.strip() else "")
+        last = subprocess.run(
+            ["git", "log", "-1", "--format=%h %s", "--", "qatsparse"], cwd=ROOT, capture_output=True, text=True
+        )
+        out["commit"] = commit + (" (qatsparse/ modified)" if dirty.stdout.strip() else "")
+        out["qatsparse_last_change"] = last.stdout.strip()[:100]
     except OSError:
-        out["qatsparse_commit"] = "unknown"
+        out["commit"] = "unknown"
     return out
 
 

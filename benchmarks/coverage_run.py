@@ -29,6 +29,7 @@ from coverage_onnx import agreement, summarize, weighted_layers
 from coverage_zoo import ModelSpec, build, logits_of, make_inputs
 
 STEPS = 4  #: optimizer steps: dense, prune at 1, calibrate + QAT from 2
+LR = 1e-3  #: a fine-tuning learning rate (a random-init model trained at 1e-2 can diverge by itself)
 PRUNE_STEP, QAT_STEP, CALIB_BATCHES = 1, 2, 2
 BATCH = 4
 N_TRAIN, N_VAL = 16, 8
@@ -45,6 +46,8 @@ class ZooModule(pl.LightningModule):
         self.input_names = list(input_names)
         self.example_input_array = example
         self.losses: list[float] = []  #: training loss per step (a blow-up shows here)
+        self.grad_norms: list[float] = []  #: total gradient norm per step
+        self.first_nonfinite_step: int | None = None  #: first step after which a weight is NaN/inf
 
     def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
         if self.input_names == ["x"]:
@@ -57,8 +60,21 @@ class ZooModule(pl.LightningModule):
         self.losses.append(float(loss.detach()))
         return loss
 
+    def on_before_optimizer_step(self, optimizer: Any) -> None:
+        grads = [p.grad.detach().float().norm() for p in self.parameters() if p.grad is not None]
+        self.grad_norms.append(float(torch.stack(grads).norm()) if grads else 0.0)
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self.first_nonfinite_step is None and nonfinite_parameters(self):
+            self.first_nonfinite_step = self.trainer.global_step - 1
+
     def configure_optimizers(self) -> Any:
-        return torch.optim.SGD(self.parameters(), lr=0.01, momentum=0.9)
+        return torch.optim.SGD(self.parameters(), lr=LR, momentum=0.9)
+
+
+def nonfinite_parameters(module: nn.Module) -> list[str]:
+    """Names of the parameters holding NaN or inf."""
+    return [n for n, p in module.named_parameters() if not torch.isfinite(p.detach()).all()]
 
 
 class _Samples(Dataset):
@@ -172,6 +188,9 @@ def check(record: dict[str, Any]) -> list[str]:
     """
     out = []
     o, a = record["onnx"], record["agreement"]
+    bad = record.get("nonfinite_params") or {}
+    if bad.get("count"):
+        out.append(f"{bad['count']} parameter tensor(s) NaN/inf after training (from step {bad['step']})")
     if not o["all_eligible_2to4"]:
         out.append(f"{o['eligible_not_2to4']} eligible layer(s) not 2:4 in model.onnx")
     if o["qdq_fed_share"] is None or o["qdq_fed_share"] < THRESHOLDS["qdq_fed_share"]:
@@ -225,6 +244,9 @@ def run_model(spec: ModelSpec, workdir: Path, threads: int = 1) -> dict[str, Any
         trainer.fit(module, datamodule=data)
         tracker.set("measure")
         record["losses"] = [_round(v, 4) for v in module.losses]
+        record["grad_norms"] = [_round(v, 4) for v in module.grad_norms]
+        bad = nonfinite_parameters(module)
+        record["nonfinite_params"] = {"count": len(bad), "first": bad[:5], "step": module.first_nonfinite_step}
         record["qatsparse"] = {
             "pruned_layers": len(sparsity.pruned_layers),
             "not_pruned": len(sparsity.masks.skipped) if sparsity.masks else None,
