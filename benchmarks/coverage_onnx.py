@@ -119,7 +119,12 @@ class _Graph:
             ],
             [helper.make_tensor_value_info(o, onnx.TensorProto.UNDEFINED, None) for o in node.output if o],
         )
-        model = helper.make_model(g, opset_imports=list(self.model.opset_import))
+        opsets = list(self.model.opset_import)
+        if node.op_type in ("QuantizeLinear", "DequantizeLinear"):  # the reference implements these from opset 19
+            opsets = [
+                helper.make_opsetid(o.domain, max(o.version, 19)) if o.domain in ("", "ai.onnx") else o for o in opsets
+            ]
+        model = helper.make_model(g, opset_imports=opsets)
         return ReferenceEvaluator(model).run(None, dict(zip(names, arrays)))
 
     def comes_from(self, name: str, op_type: str) -> bool:

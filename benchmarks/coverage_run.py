@@ -274,6 +274,7 @@ def run_model(spec: ModelSpec, workdir: Path, threads: int = 1) -> dict[str, Any
     except Exception as exc:  # the record says what broke; the matrix goes on
         record["status"] = "fail"
         record["error"] = error_record(exc, tracker.stage)
+        record["error"]["message"] = record["error"]["message"].replace(str(workdir), "<workdir>")
         tracker.set("done")
     record["stage_s"] = tracker.times
     record["time_s"] = round(time.perf_counter() - t0, 1)

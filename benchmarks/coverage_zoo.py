@@ -148,10 +148,29 @@ HF_MODELS: list[tuple[str, str, str, dict[str, Any], str]] = [
     ),
 ]
 
+#: Small configurations of torchvision's attention models (the builders' ones are too slow for CI); in the
+#: CI subset, not in the matrix. ``cls`` is the torchvision.models class built with ``kwargs``.
+TORCHVISION_SMALL: list[tuple[str, str, dict[str, Any], int]] = [
+    (
+        "VisionTransformer-small",
+        "VisionTransformer",
+        {"image_size": 32, "patch_size": 8, "num_layers": 2, "num_heads": 4, "hidden_dim": 64, "mlp_dim": 128},
+        32,
+    ),
+    (
+        "SwinTransformer-small",
+        "SwinTransformer",
+        {"patch_size": [4, 4], "embed_dim": 32, "depths": [1, 1], "num_heads": [2, 4], "window_size": [4, 4]},
+        32,
+    ),
+]
+
 #: The fixed CI subset (tests/test_coverage.py): small models of the three zoos, a few seconds each.
 CI_SUBSET = (
     "torchvision:mobilenet_v3_small",
     "torchvision:mnasnet0_5",
+    "torchvision:VisionTransformer-small",
+    "torchvision:SwinTransformer-small",
     "timm:vit_tiny_patch16_224",
     "transformers:bert",
     "transformers:gpt2",
@@ -173,7 +192,7 @@ class ModelSpec:
     image_size: int | None = IMAGE_SIZE  #: None for text models
     seq_len: int | None = None  #: text models: tokens per sample
     note: str = ""  #: why the settings differ from the defaults
-    classes: tuple[str, str] | None = None  #: transformers: (config class, model class)
+    classes: tuple[str, str] | None = None  #: transformers: (config class, model class); torchvision: (class, "")
 
     @property
     def id(self) -> str:
@@ -196,6 +215,14 @@ def torchvision_specs() -> list[ModelSpec]:
     return out
 
 
+def small_specs() -> list[ModelSpec]:
+    """The small torchvision attention configurations of the CI subset (not in the matrix)."""
+    return [
+        ModelSpec("torchvision", name, dict(kw), size, note="small config for CI", classes=(cls, ""))
+        for name, cls, kw, size in TORCHVISION_SMALL
+    ]
+
+
 def all_specs() -> list[ModelSpec]:
     """Every model of the matrix, zoo by zoo."""
     specs = torchvision_specs()
@@ -213,6 +240,8 @@ def build(spec: ModelSpec) -> tuple[nn.Module, list[str]]:
     if spec.zoo == "torchvision":
         import torchvision
 
+        if spec.classes is not None:
+            return getattr(torchvision.models, spec.classes[0])(num_classes=NUM_CLASSES, **spec.kwargs), ["x"]
         model = torchvision.models.get_model(spec.name, weights=None, num_classes=NUM_CLASSES, **spec.kwargs)
         return model, ["x"]
     if spec.zoo == "timm":
@@ -275,13 +304,13 @@ def select(
     if subset is not None:
         if subset != "ci":
             raise ValueError(f"unknown subset {subset!r}; the only subset is 'ci'")
-        specs = [s for s in specs if s.id in CI_SUBSET]
+        specs = [s for s in [*specs, *small_specs()] if s.id in CI_SUBSET]
     return specs
 
 
 def find(model_id: str) -> ModelSpec:
-    """The spec of ``zoo:name``."""
-    for s in all_specs():
+    """The spec of ``zoo:name`` (a matrix model or a small CI configuration)."""
+    for s in [*all_specs(), *small_specs()]:
         if s.id == model_id:
             return s
     raise KeyError(f"no model {model_id!r} in the coverage matrix")
