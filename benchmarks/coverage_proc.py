@@ -53,17 +53,28 @@ PRELOAD = (
 )
 
 
-def _context(threads: int) -> Any:
+def _context() -> Any:
     """A forkserver that imports torch, Lightning, qatsparse, timm and transformers once; each model runs in
     a fresh process forked from it (isolated, without paying the imports again)."""
     global _CONTEXT
     if _CONTEXT is None:
         import multiprocessing
 
-        os.environ.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), TOKENIZERS_PARALLELISM="false")
         _CONTEXT = multiprocessing.get_context("forkserver")
         _CONTEXT.set_forkserver_preload(list(PRELOAD))
     return _CONTEXT
+
+
+def stop_server() -> None:
+    """Stop the forkserver (it holds the preloaded libraries, about 1 GB) until the next model needs it.
+
+    The standard library has no public call for this; ``ForkServer._stop`` exists since Python 3.8.
+    """
+    from multiprocessing import forkserver
+
+    stop = getattr(forkserver._forkserver, "_stop", None)
+    if stop is not None:
+        stop()
 
 
 def _child(model_id: str, workdir: str, threads: int) -> None:
@@ -84,7 +95,7 @@ def run_isolated(
     out, stage, err = workdir / "record.json", workdir / "stage", workdir / "stderr.txt"
     for f in (out, stage):
         f.unlink(missing_ok=True)
-    proc = _context(threads).Process(target=_child, args=(spec.id, str(workdir), threads), daemon=True)
+    proc = _context().Process(target=_child, args=(spec.id, str(workdir), threads), daemon=True)
     t0 = time.perf_counter()
     peak = 0.0
     killed = ""

@@ -238,7 +238,7 @@ def run_model(spec: ModelSpec, workdir: Path, threads: int = 1) -> dict[str, Any
             num_sanity_val_steps=0,
             limit_val_batches=0,
             default_root_dir=str(workdir),
-            callbacks=[sparsity, qat, tracker, export],
+            callbacks=[tracker, sparsity, qat, export],  # tracker first: it names the step before the others act,
         )
         tracker.set("fit")
         trainer.fit(module, datamodule=data)

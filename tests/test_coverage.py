@@ -31,6 +31,12 @@ KNOWN_GAPS = {
 }
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _stop_forkserver():
+    yield
+    coverage_proc.stop_server()  # the rest of the test run does not carry the preloaded libraries
+
+
 def _ci_params() -> list:
     return [
         pytest.param(m, marks=pytest.mark.xfail(strict=True, reason=KNOWN_GAPS[m])) if m in KNOWN_GAPS else m
