@@ -21,7 +21,7 @@ demo: $(STAMP)
 	$(VENV)/bin/qatsparse fit --config recipes/digits_int8_sparse.yaml
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check qatsparse tests benchmarks
+	$(VENV)/bin/ruff check qatsparse tests benchmarks scripts
 
 test: $(STAMP) lint
 	$(PY) -m pytest -q -ra

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import copy
+from collections import OrderedDict
 from typing import Any
 
+import torch
 from torch import nn
 
 #: Top-level checkpoint key where the callbacks record what they changed in the model's structure.
@@ -35,3 +38,33 @@ def restore_structure(module: nn.Module, checkpoint: dict[str, Any]) -> bool:
         return False
     quantize_model(module, QuantConfig(**cfg))
     return True
+
+
+def snapshot_state_dict(module: nn.Module) -> OrderedDict[str, torch.Tensor]:
+    """A CPU copy of ``module.state_dict()`` that keeps its ``_metadata`` (the per-module versions some
+    layers' ``_load_from_state_dict`` check, e.g. torchvision's MNASNet: without them loading fails with
+    ``version should be set to 1 or 2``).
+
+    Example:
+        >>> snapshot_state_dict(nn.BatchNorm1d(2))._metadata[""]["version"]
+        2
+    """
+    sd = module.state_dict()
+    snap: OrderedDict[str, torch.Tensor] = OrderedDict((k, v.detach().cpu().clone()) for k, v in sd.items())
+    snap._metadata = copy.deepcopy(getattr(sd, "_metadata", OrderedDict()))  # type: ignore[attr-defined]
+    return snap
+
+
+def with_metadata(state: dict[str, Any], module: nn.Module) -> dict[str, Any]:
+    """``state`` with state-dict metadata: its own, else the metadata of ``module`` (same architecture) -- for
+    snapshots taken before :func:`snapshot_state_dict` kept it.
+
+    Example:
+        >>> with_metadata({"weight": torch.ones(2)}, nn.BatchNorm1d(2))._metadata[""]["version"]
+        2
+    """
+    if getattr(state, "_metadata", None) is not None:
+        return state
+    out: OrderedDict[str, Any] = OrderedDict(state)
+    out._metadata = copy.deepcopy(getattr(module.state_dict(), "_metadata", OrderedDict()))  # type: ignore[attr-defined]
+    return out

@@ -34,6 +34,7 @@ from jsonargparse import Namespace
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 from torch import nn
 
+from qatsparse.progress import progress_for
 from qatsparse.validation import enforce_gate
 
 #: Folder of the shipped recipes (package data; ``recipes/`` at the repository root mirrors it).
@@ -301,7 +302,9 @@ class CLITrainer(pl.Trainer):
         """Run Lightning's validation loop; with --onnx/--engine/--artifacts, re-validate exported artifacts.
 
         Artifact validation runs the ONNX file and/or TensorRT engine on the validation data and compares
-        them with the checkpoint's model and its dense reference (rewriting ``report.*`` in ``dirpath``).
+        them with the checkpoint's model and its dense reference (rewriting ``report.*`` in ``dirpath``). On a
+        TensorRT machine, ``--engine dirpath/tensorrt/model.plan`` validates the engine the hand-off bundle's
+        ``build.sh`` built: the report gets a ``tensorrt`` row.
 
         Args:
             onnx: ONNX file to validate (artifact validation).
@@ -332,6 +335,7 @@ class CLITrainer(pl.Trainer):
             pruned_layers=run.pruned_layers,
             skipped_layers=run.skipped_layers,
             quantization=run.quantization,
+            progress=progress_for(self),
         )
         enforce_gate(report, on_fail)
         return report
@@ -361,6 +365,7 @@ class CLITrainer(pl.Trainer):
             pruned_layers=run.pruned_layers,
             skipped_layers=run.skipped_layers,
             quantization=run.quantization,
+            progress=progress_for(self),
         )
         print(f"qatsparse: artifacts and report in {settings.dirpath}")
         enforce_gate(report, on_fail)

@@ -26,9 +26,10 @@ from qatsparse.export.onnx import (
     save_model,
 )
 from qatsparse.export.runners import OnnxRuntimeRunner, Runner, TorchRunner
+from qatsparse.progress import QUIET, Progress
 from qatsparse.quantization import prepare_for_onnx_export, quantizers, remove_quantizers
 from qatsparse.report import build_report, print_console, write_report
-from qatsparse.sparsity.check import sparsity_summary
+from qatsparse.sparsity.check import onnx_sparsity_summary, sparsity_summary
 from qatsparse.validation import gate, validate
 
 
@@ -62,6 +63,14 @@ class ExportSettings:
     timing_cache: Path | None = None
     #: limit validation to this many batches (None: the whole dataloader)
     max_batches: int | None = None
+    #: input axes besides the batch that may vary: ``"auto"`` (axis 1 of integer inputs is ``"sequence"``),
+    #: None (batch only) or ``{input name: {axis: dim name}}`` (see :mod:`qatsparse.export.shapes`); the
+    #: exported graphs carry them as ``dim_param`` (:func:`qatsparse.export.profile.onnx_input_dims`)
+    dynamic_axes: Any = "auto"
+    #: (min, opt, max) of dynamic dims other than the batch, by their ONNX ``dim_param`` name (TensorRT profile)
+    dim_ranges: dict[str, tuple[int, int, int]] = field(default_factory=dict)
+    #: write the TensorRT hand-off bundle (``dirpath/tensorrt/``: build.sh, check.sh, a validation batch, outputs)
+    handoff: bool = True
 
 
 def plain_copy(module: nn.Module) -> nn.Module:
@@ -136,6 +145,46 @@ def _write_fp16(src: Path, dst: Path, keep_fp32: Sequence[str], notes: list[str]
     notes += [f"{dst.name}: {n}" for n in info.notes]
 
 
+def _dynamic_axes(
+    fp32: nn.Module,
+    inputs: Sequence[torch.Tensor],
+    in_names: list[str],
+    settings: ExportSettings,
+    path: Path,
+    notes: list[str],
+) -> dict[str, dict[int, str]]:
+    """Export the FP32 graph with the resolved dynamic axes and check them (ONNX Runtime at another size).
+
+    A declared axis the graph does not honour is an error; one found by convention is dropped (the graph is
+    exported again with the example's size there) and the notes say so. Returns the axes that hold.
+    """
+    from qatsparse.export.shapes import check_dynamic_axes, dynamic_axes_of, resolve_axes
+
+    axes, declared = resolve_axes(settings.dynamic_axes, inputs, in_names)
+    names = {"input_names": in_names, "output_names": settings.output_names}
+    export_onnx(fp32, inputs, path, opset=settings.opset, dynamic_axes=axes, **names)
+    problems = check_dynamic_axes(path, inputs, dynamic_axes_of(path)) if axes else {}
+    if problems and declared:
+        raise ValueError(
+            "the exported graph does not accept other sizes of the declared dynamic axes: "
+            + "; ".join(f"{dim}: {why}" for dim, why in problems.items())
+            + " (the model's forward fixes that size, e.g. a reshape from a Python int: drop it from dynamic_axes)"
+        )
+    if problems:
+        axes = {n: {a: dim for a, dim in ax.items() if dim not in problems} for n, ax in axes.items()}
+        axes = {n: ax for n, ax in axes.items() if ax}
+        notes.append(
+            f"dynamic axes {sorted(problems)} (found by convention) dropped: the graph fixes their size "
+            f"({next(iter(problems.values()))})"
+        )
+        export_onnx(fp32, inputs, path, opset=settings.opset, dynamic_axes=axes, **names)
+    if axes:
+        desc = ", ".join(f"{n}[{a}]={dim!r}" for n, ax in axes.items() for a, dim in ax.items())
+        how = "declared" if declared else "convention: axis 1 of integer inputs"
+        notes.append(f"dynamic axes besides the batch: {desc} ({how}); ONNX Runtime ran them at another size")
+    return axes
+
+
 def export_artifacts(
     final: nn.Module,
     inputs: Sequence[torch.Tensor],
@@ -160,8 +209,9 @@ def export_artifacts(
     precision = _precision(final)
     fp32 = remove_quantizers(copy.deepcopy(final))
     in_names = settings.input_names or list(input_names or []) or default_input_names(final, len(inputs))
-    names = {"input_names": in_names, "output_names": settings.output_names}
-    fp32_path = export_onnx(fp32, inputs, d / "model_fp32.onnx", opset=settings.opset, **names)
+    fp32_path = d / "model_fp32.onnx"
+    axes = _dynamic_axes(fp32, inputs, in_names, settings, fp32_path, notes)
+    names = {"input_names": in_names, "output_names": settings.output_names, "dynamic_axes": axes}
     deploy = d / "model.onnx"
     if precision == "int8":
         qdq = copy.deepcopy(final)
@@ -185,15 +235,19 @@ def export_artifacts(
             shutil.copyfile(fp32_path, tmp)
         notes.append("no quantization callback ran: model.onnx is the FP32 graph")
     if pruned_layers:
-        for p in (fp32_path, deploy):
-            record_pruned_layers(p, list(pruned_layers))
+        record_pruned_layers(fp32_path, list(pruned_layers), model=fp32)
+        record_pruned_layers(deploy, list(pruned_layers), model=final)
     return {"model_fp32.onnx": fp32_path, "model.onnx": deploy}
 
 
-def _engine_precision(facts: Mapping[str, Any]) -> str:
-    counts = (facts.get("inspector") or {}).get("precision_counts") or {}
-    main = sorted(((v, k) for k, v in counts.items() if k not in ("unknown",)), reverse=True)
-    return "engine: " + ", ".join(f"{k} x{v}" for v, k in main[:3]) if main else "engine"
+def _profile(onnx_path: Path, settings: ExportSettings, inputs: Sequence[torch.Tensor], notes: list[str]) -> dict:
+    """The optimization profile of ``onnx_path``'s inputs (batch: ``settings.batch_sizes``; other dynamic dims:
+    ``settings.dim_ranges``, else the size they have in ``inputs``)."""
+    from qatsparse.export.profile import onnx_input_dims, profile_shapes
+
+    dims = onnx_input_dims(onnx_path)
+    example = {n: tuple(t.shape) for n, t in zip(dims, inputs)}
+    return profile_shapes(dims, settings.batch_sizes, settings.dim_ranges, example, notes)
 
 
 def _maybe_build_engine(
@@ -202,9 +256,12 @@ def _maybe_build_engine(
     settings: ExportSettings,
     precision: str,
     sparse: bool,
+    inputs: Sequence[torch.Tensor],
     notes: list[str],
     artifacts: dict[str, str],
+    progress: Progress = QUIET,
 ) -> tuple[Runner | None, dict[str, Any] | None]:
+    from qatsparse.export.engine_info import engine_precision_label
     from qatsparse.export.tensorrt import TensorRTRunner, build_engine, tensorrt_available
 
     if settings.build_engine is False:
@@ -213,7 +270,10 @@ def _maybe_build_engine(
     if not tensorrt_available():
         if settings.build_engine is True:
             raise RuntimeError("build_engine=True but TensorRT (or a CUDA device) is not available")
-        notes.append("TensorRT is not importable here: no engine was built and no TensorRT result is reported")
+        notes.append(
+            "TensorRT is not importable here: no engine was built and no TensorRT result is reported; "
+            f"{d / 'tensorrt'} holds build.sh and check.sh for a TensorRT machine"
+        )
         return None, None
     plan = d / "model.plan"
     facts = build_engine(
@@ -225,10 +285,75 @@ def _maybe_build_engine(
         precision=precision,
         timing_cache=settings.timing_cache or d / "timing.cache",
         build_json=d / "build.json",
+        dim_ranges=settings.dim_ranges,
+        example_shapes={n: tuple(t.shape) for n, t in zip(onnx_io_names(onnx_path)[0], inputs)},
+        progress=progress,
     )
+    notes += facts.get("notes", [])
     artifacts["model.plan"] = str(plan)
     artifacts["build.json"] = str(d / "build.json")
-    return TensorRTRunner(plan, "tensorrt", _engine_precision(facts)), facts
+    return TensorRTRunner(plan, "tensorrt", engine_precision_label(facts.get("inspector"))), facts
+
+
+def _validation_batch(final: nn.Module, val_loader: Any, max_batch: int) -> tuple[torch.Tensor, ...]:
+    """The inputs of the first validation batch, cut to at most ``max_batch`` rows."""
+    from qatsparse.batches import batch_inputs
+
+    return tuple(t[:max_batch] for t in batch_inputs(final, next(iter(val_loader))))
+
+
+def _write_handoff(
+    deploy: Path,
+    settings: ExportSettings,
+    final: nn.Module,
+    val_loader: Any,
+    runners: Sequence[Runner],
+    pruned_layers: Sequence[str],
+    notes: list[str],
+    artifacts: dict[str, str],
+    validate_command: str | None,
+) -> dict[str, Any] | None:
+    """Write ``dirpath/tensorrt/`` (see :mod:`qatsparse.export.handoff`); a failure is noted, not raised: the
+    validation and the report still run."""
+    from qatsparse.export.handoff import BUNDLE_DIR, write_bundle
+
+    if not settings.handoff:
+        return None
+    try:
+        batch = _validation_batch(final, val_loader, int(settings.batch_sizes[-1]))
+        shapes = _profile(deploy, settings, batch, notes)
+        by_name = {r.name: r for r in runners}
+        bundle = write_bundle(
+            Path(settings.dirpath) / BUNDLE_DIR,
+            deploy,
+            batch,
+            by_name.get("pytorch_qat") or by_name["pytorch_final"],
+            by_name["onnxruntime"],
+            shapes,
+            sparse_layers=pruned_layers,
+            precision=onnx_precision(deploy),
+            workspace_gb=settings.workspace_gb,
+            validate_command=validate_command,
+        )
+    except Exception as e:  # the bundle must not cost the user the validation and the report
+        notes.append(f"TensorRT hand-off bundle not written: {type(e).__name__}: {e}")
+        return None
+    artifacts.update({f"tensorrt/{k}": str(v) for k, v in bundle.files.items()})
+    notes += bundle.notes
+    return bundle.summary()
+
+
+def _engine_facts(plan: Path) -> dict[str, Any] | None:
+    """Build facts of an engine on disk: ``build.json`` beside it (qatsparse's build) or what build.sh left
+    (trtexec's layer information and log)."""
+    import json
+
+    from qatsparse.export.engine_info import trtexec_build_facts
+
+    build_json = plan.with_name("build.json")
+    if build_json.is_file():
+        return json.loads(build_json.read_text())
+    return trtexec_build_facts(plan.parent)
 
 
 def _lint(path: Path, settings: ExportSettings, notes: list[str]) -> list[dict[str, str]]:
@@ -256,6 +381,7 @@ def _validate_and_report(
     notes: list[str],
     extra: dict[str, Any],
     console: bool,
+    progress: Progress = QUIET,
 ) -> dict[str, Any]:
     precisions = {r.name: r.precision for r in runners}
     result = validate(
@@ -266,6 +392,7 @@ def _validate_and_report(
         output_names=output_names,
         metrics=settings.metrics,
         max_batches=settings.max_batches,
+        progress=progress,
     )
     passed, failures = gate(result, settings.max_metric_drop)
     sparsity = {**sparsity_summary(final), "pruned_layers": list(pruned_layers), "skipped": dict(skipped_layers or {})}
@@ -280,6 +407,7 @@ def _validate_and_report(
         artifacts,
         notes,
         extra,
+        backend_sparsity=_backend_sparsity(runners, extra.get("engine")),
     )
     d = Path(settings.dirpath)
     report["artifacts"].update({f"report.{k}": str(d / f"report.{k}") for k in ("json", "md", "png")})
@@ -287,6 +415,26 @@ def _validate_and_report(
     if console:
         print_console(report)
     return report
+
+
+def _backend_sparsity(runners: Sequence[Runner], engine: Mapping[str, Any] | None) -> dict[str, dict[str, Any]]:
+    """What each backend runs, measured on what it runs: the PyTorch modules, the ONNX graph ONNX Runtime
+    loads, and for TensorRT the layers its build log says picked sparse kernels."""
+    out: dict[str, dict[str, Any]] = {}
+    for r in runners:
+        if isinstance(r, TorchRunner):
+            out[r.name] = {**sparsity_summary(r.module), "measured_on": "pytorch module"}
+        elif isinstance(r, OnnxRuntimeRunner):
+            out[r.name] = {**onnx_sparsity_summary(r.path), "measured_on": f"onnx graph {r.path.name}"}
+        elif engine is not None:
+            sp = engine.get("sparsity") or {}
+            picked = sp.get("picked")
+            out[r.name] = {
+                "sparse_layers_picked": None if picked is None else len(picked),
+                "sparse_layers_eligible": None if sp.get("eligible") is None else len(sp["eligible"]),
+                "measured_on": f"engine ({sp.get('source', 'unknown')})",
+            }
+    return out
 
 
 def _torch_runners(
@@ -314,8 +462,11 @@ def export_and_validate(
     skipped_layers: Mapping[str, str] | None = None,
     quantization: Mapping[str, Any] | None = None,
     console: bool = True,
+    progress: Progress = QUIET,
+    validate_command: str | None = None,
 ) -> dict[str, Any]:
-    """Write the ONNX files (and engine), lint, validate every backend on ``val_loader``, write the report.
+    """Write the ONNX files, the TensorRT hand-off bundle (and engine), lint, validate every backend on
+    ``val_loader``, write the report.
 
     Args:
         final: the trained (possibly pruned and fake-quantized) model.
@@ -327,6 +478,8 @@ def export_and_validate(
         skipped_layers: layers not pruned, with the reason (for the report).
         quantization: what the QAT callback reports (its ``keep_fp32`` modules stay FP32 in FP16 graphs).
         console: print the rich table.
+        progress: shows the export, the engine build and each backend's validation (default: quiet).
+        validate_command: the ``qatsparse validate ... --engine`` command the bundle's README gives.
 
     Returns:
         The report dictionary (also written as report.json/md/png). The gate is not enforced here:
@@ -340,14 +493,20 @@ def export_and_validate(
     keep_fp32 = [*(quantization.get("keep_fp32") or []), *settings.keep_fp32]
     notes: list[str] = []
 
-    paths = export_artifacts(final, inputs, settings, pruned_layers, keep_fp32, notes, input_names=dict_names)
-    deploy = paths["model.onnx"]
-    _, output_names = onnx_io_names(deploy)
-    artifacts = {k: str(v) for k, v in paths.items()}
-    extra: dict[str, Any] = {"lint": _lint(deploy, settings, notes)}
-
-    runners.append(OnnxRuntimeRunner(deploy, "onnxruntime", onnx_precision(deploy)))
-    engine_runner, facts = _maybe_build_engine(deploy, d, settings, precision, bool(pruned_layers), notes, artifacts)
+    with progress.task("exporting ONNX", total=None):
+        paths = export_artifacts(final, inputs, settings, pruned_layers, keep_fp32, notes, input_names=dict_names)
+        deploy = paths["model.onnx"]
+        _, output_names = onnx_io_names(deploy)
+        artifacts = {k: str(v) for k, v in paths.items()}
+        extra: dict[str, Any] = {"lint": _lint(deploy, settings, notes)}
+        runners.append(OnnxRuntimeRunner(deploy, "onnxruntime", onnx_precision(deploy)))
+        bundle = _write_handoff(deploy, settings, final, val_loader, runners, pruned_layers, notes, artifacts,
+                                validate_command)  # fmt: skip
+    if bundle is not None:
+        extra["tensorrt_bundle"] = bundle
+    engine_runner, facts = _maybe_build_engine(
+        deploy, d, settings, precision, bool(pruned_layers), inputs, notes, artifacts, progress
+    )
     if engine_runner is not None:
         runners.append(engine_runner)
         extra["engine"] = facts
@@ -364,6 +523,7 @@ def export_and_validate(
         notes,
         extra,
         console,
+        progress,
     )
 
 
@@ -378,6 +538,7 @@ def validate_artifacts(
     skipped_layers: Mapping[str, str] | None = None,
     quantization: Mapping[str, Any] | None = None,
     console: bool = True,
+    progress: Progress = QUIET,
 ) -> dict[str, Any]:
     """Re-run validation on artifacts already on disk and rewrite ``report.{json,md,png}`` in ``settings.dirpath``.
 
@@ -391,11 +552,16 @@ def validate_artifacts(
             importable). Naming one explicitly where TensorRT is not importable is an error.
         pruned_layers, skipped_layers, quantization: as in :func:`export_and_validate` (for the report).
         console: print the rich table.
+        progress: shows each backend's validation (default: quiet).
+
+    An engine built by the hand-off bundle's ``build.sh`` (trtexec) is described in the report from the
+    layer information and log it left beside the engine; one built by qatsparse from its ``build.json``.
 
     Raises:
         FileNotFoundError: a named artifact does not exist.
         RuntimeError: ``engine_path`` was given but TensorRT or a GPU is not available.
     """
+    from qatsparse.export.engine_info import engine_precision_label
     from qatsparse.export.tensorrt import TensorRTRunner, tensorrt_available
 
     d = Path(settings.dirpath)
@@ -420,17 +586,15 @@ def validate_artifacts(
         raise FileNotFoundError(f"no TensorRT engine at {plan}")
     if plan.exists():
         if tensorrt_available():
-            runners.append(TensorRTRunner(plan, "tensorrt", "engine"))
+            facts = _engine_facts(plan)
+            runners.append(TensorRTRunner(plan, "tensorrt", engine_precision_label((facts or {}).get("inspector"))))
             artifacts["model.plan"] = str(plan)
+            if facts is not None:
+                extra["engine"] = facts
         elif engine_path:
             raise RuntimeError(f"engine {plan} given but TensorRT (or a CUDA device) is not available here")
         else:
             notes.append(f"{plan} exists but TensorRT is not importable here: not validated")
-    build_json = plan.with_name("build.json")
-    if build_json.exists() and "model.plan" in artifacts:
-        import json
-
-        extra["engine"] = json.loads(build_json.read_text())
     return _validate_and_report(
         runners,
         final,
@@ -444,4 +608,5 @@ def validate_artifacts(
         notes,
         extra,
         console,
+        progress,
     )

@@ -10,7 +10,11 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+from qatsparse.report_figure import metric_names as _metric_names
+from qatsparse.report_figure import plot
 from qatsparse.validation import ValidationResult, is_higher_better, metric_drops
+
+__all__ = ["build_report", "device_info", "library_versions", "plot", "print_console", "to_markdown", "write_report"]
 
 
 def library_versions() -> dict[str, str]:
@@ -94,8 +98,12 @@ def build_report(
     artifacts: dict[str, str],
     notes: list[str] | None = None,
     extra: dict[str, Any] | None = None,
+    backend_sparsity: dict[str, dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """Assemble the ``report.json`` dictionary (keys fixed by the public contract).
+
+    ``backend_sparsity`` is what each backend runs, measured on its own artifact (module, ONNX graph, engine);
+    it becomes the backend's ``sparsity`` entry.
 
     Example:
         >>> r = ValidationResult("pytorch_fp32", metrics={"pytorch_fp32": {"top1": 0.9}})
@@ -109,6 +117,7 @@ def build_report(
             "drop_vs_reference": drops.get(name, {}),
             "latency_ms": result.latency_ms.get(name, {}),
             "precision": precisions.get(name, ""),
+            "sparsity": (backend_sparsity or {}).get(name, {}),
         }
         for name in result.metrics
     }
@@ -140,12 +149,21 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
-def _metric_names(report: dict[str, Any]) -> list[str]:
-    return sorted({m for b in report["backends"].values() for m in b["metrics"]})
+def _share_cell(b: dict[str, Any]) -> str:
+    sp = b.get("sparsity") or {}
+    if "weights_2to4_share" in sp:
+        return _fmt(sp["weights_2to4_share"])
+    if sp.get("sparse_layers_picked") is not None:
+        return f"{sp['sparse_layers_picked']} layers picked sparse"
+    return "-"
 
 
 def report_rows(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
-    """Header and rows of the per-backend table (shared by Markdown and console output)."""
+    """Header and rows of the per-backend table (shared by Markdown and console output).
+
+    Latency and samples/s come from the same median (see :mod:`qatsparse.latency`); a ``*`` marks CPU
+    latencies, which are indicative only. The 2:4 share is measured on what each backend runs.
+    """
     metric_names = _metric_names(report)
     header = [
         "backend",
@@ -154,10 +172,9 @@ def report_rows(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
         *(f"drop {m}" for m in metric_names),
         "top-1 agreement",
         "ms/batch (median)",
-        "samples/s",
+        "samples/s (same median)",
         "2:4 weight share",
     ]
-    share = report.get("sparsity", {}).get("weights_2to4_share")
     ref = report["reference"]
     rows = []
     for name, b in report["backends"].items():
@@ -166,6 +183,7 @@ def report_rows(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
         if len(agree) == 1:
             top1 = [t.split(": ", 1)[1] for t in top1]
         lat = b.get("latency_ms", {})
+        mark = "*" if lat.get("indicative") else ""
         rows.append(
             [
                 name,
@@ -173,12 +191,29 @@ def report_rows(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
                 *(_fmt(b["metrics"].get(m, "-")) for m in metric_names),
                 *(_fmt(b["drop_vs_reference"].get(m, "-")) if name != ref else "ref" for m in metric_names),
                 "ref" if name == ref else (", ".join(top1) or "-"),
-                _fmt(lat.get("median_per_batch", "-")),
-                f"{lat['throughput_per_s']:.1f}" if "throughput_per_s" in lat else "-",
-                _fmt(share) if share is not None and name != ref else "-",
+                f"{lat['median_per_batch']:.3f}{mark}" if "median_per_batch" in lat else "-",
+                f"{lat['throughput_per_s']:.1f}{mark}" if "throughput_per_s" in lat else "-",
+                _share_cell(b),
             ]
         )
     return header, rows
+
+
+def latency_note(report: dict[str, Any]) -> str:
+    """How the table's latency was measured, in one sentence."""
+    lats = [b.get("latency_ms") or {} for b in report["backends"].values()]
+    lats = [x for x in lats if x]
+    if not lats:
+        return "No latency was measured (too few validation batches)."
+    x = lats[0]
+    text = (
+        f"Latency: median time per validation batch of {x.get('batch_size')} over {x.get('batches')} batch(es) after "
+        f"{x.get('warmup_batches', 0)} warm-up batch(es), host copies included, backends in rotating order; "
+        "samples/s is the batch size divided by that same median."
+    )
+    if any(x.get("indicative") for x in lats):
+        text += " * measured on the CPU inside the validation loop: indicative only (`qatsparse bench` measures)."
+    return text
 
 
 def _md_table(header: list[str], rows: list[list[str]]) -> list[str]:
@@ -200,8 +235,7 @@ def to_markdown(report: dict[str, Any]) -> str:
         "",
         *_md_table(header, rows),
         "",
-        "Latency and samples/s are measured during validation (per validation batch, host transfers included); "
-        "see `qatsparse bench` for device-side timings.",
+        latency_note(report),
         "",
     ]
     metrics = report.get("metrics") or {}
@@ -259,90 +293,34 @@ def to_markdown(report: dict[str, Any]) -> str:
         lines.append("")
     if report.get("engine"):
         e = report["engine"]
+        sp = e.get("sparsity") or {}
+        picked = sp.get("picked")
         lines += [
             "## TensorRT engine",
             "",
-            f"- TensorRT {e.get('tensorrt')}, strongly typed: {e.get('strongly_typed')}, "
-            f"flags: {', '.join(e.get('builder_flags', [])) or '-'}",
-            f"- build {e.get('build_seconds')} s, {e.get('engine_bytes')} bytes",
+            f"- built by {e.get('built_by', 'qatsparse')}; TensorRT {e.get('tensorrt', '-')}, strongly typed: "
+            f"{e.get('strongly_typed', '-')}, flags: {', '.join(e.get('builder_flags', [])) or '-'}",
+            f"- build {e.get('build_seconds', '-')} s, {e.get('engine_bytes', '-')} bytes",
             f"- layer precisions: {(e.get('inspector') or {}).get('precision_counts')}",
-            f"- sparse: eligible {len((e.get('sparsity_log') or {}).get('eligible', []))}, "
-            f"picked {len((e.get('sparsity_log') or {}).get('picked', []))}",
+            f"- sparse kernels picked: {'unknown (' + sp.get('source', '') + ')' if picked is None else len(picked)}; "
+            f"eligible (log): {len(sp.get('eligible') or [])}; weights qualify (inspector): "
+            f"{len(sp.get('weights_qualify') or [])}",
+            "",
+        ]
+    if report.get("tensorrt_bundle"):
+        tb = report["tensorrt_bundle"]
+        lines += [
+            "## TensorRT hand-off",
+            "",
+            f"`{tb['folder']}`: `build.sh` (trtexec, TensorRT {'-'.join(tb['targets']['tensorrt'])}), `check.sh` "
+            f"(Polygraphy {tb['targets']['polygraphy']}), `inputs.npz` and the outputs for it; its README gives the "
+            "three steps on a TensorRT machine.",
             "",
         ]
     if report.get("notes"):
         lines += ["## Notes", "", *(f"- {n}" for n in report["notes"]), ""]
     lines += ["## Artifacts", "", *(f"- {k}: `{v}`" for k, v in report["artifacts"].items()), ""]
     return "\n".join(lines)
-
-
-_COLORS = {"pytorch_fp32": "#7f7f7f", "pytorch_qat": "#4C72B0", "onnxruntime": "#DD8452", "tensorrt": "#55A868"}
-_OTHER = ["#8172B3", "#937860", "#DA8BC3", "#8C8C8C", "#CCB974", "#64B5CD"]
-
-
-def plot(report: dict[str, Any], path: Path) -> None:
-    """One panel per metric (bars per backend, the allowed drop drawn as a dashed line, failing bars red)
-    and one for the median latency; the verdict in the title."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    names = list(report["backends"])
-    metric_names = _metric_names(report)
-    panels = [*metric_names, "latency"]
-    ncols = min(len(panels), 3)
-    nrows = -(-len(panels) // ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(4.6 * ncols, 4.3 * nrows), squeeze=False)
-    ref = report["reference"]
-    bound = report["gate"]["max_metric_drop"]
-    extra = iter(_OTHER)
-    colors = [_COLORS.get(n) or next(extra, "#333333") for n in names]
-    meta = report.get("metrics") or {}
-    for k, panel in enumerate(panels):
-        ax = axes[k // ncols][k % ncols]
-        if panel == "latency":
-            vals = [report["backends"][n]["latency_ms"].get("median_per_batch", 0.0) for n in names]
-            ax.set_title("latency, ms per validation batch (median)", fontsize=10)
-            bars = ax.bar(names, vals, color=colors)
-        else:
-            vals = [report["backends"][n]["metrics"].get(panel, float("nan")) for n in names]
-            hib = meta.get(panel, {}).get("higher_is_better", True)
-            ax.set_title(f"{panel} ({'higher' if hib else 'lower'} is better)", fontsize=10)
-            b = bound.get(panel) if isinstance(bound, dict) else bound
-            drops = [report["backends"][n].get("drop_vs_reference", {}).get(panel) for n in names]
-            cols = [
-                "#C44E52" if n != ref and b is not None and d is not None and d > float(b) else c
-                for n, c, d in zip(names, colors, drops)
-            ]
-            bars = ax.bar(names, vals, color=cols)
-            ref_val = report["backends"].get(ref, {}).get("metrics", {}).get(panel)
-            limit = None
-            if b is not None and ref_val is not None and float(b) >= 0:
-                limit = ref_val - float(b) if hib else ref_val + float(b)
-            finite = [v for v in [*vals, *([limit] if limit is not None else [])] if v == v]
-            if finite:
-                lo, hi = min(finite), max(finite)
-                pad = max((hi - lo) * 0.5, 0.02 * max(abs(hi), 1e-6))
-                ax.set_ylim(max(0.0, lo - pad) if lo >= 0 else lo - pad, hi + pad)
-            if limit is not None:
-                ax.axhline(limit, color="#C44E52", ls="--", lw=1)
-                ax.annotate("allowed", (0.99, limit), xycoords=("axes fraction", "data"), ha="right", va="bottom",
-                            fontsize=7, color="#C44E52")  # fmt: skip
-        ax.bar_label(bars, fmt="%.4g", fontsize=8)
-        ax.tick_params(axis="x", rotation=15, labelsize=8)
-        ax.grid(axis="y", alpha=0.3)
-    for k in range(len(panels), nrows * ncols):
-        axes[k // ncols][k % ncols].axis("off")
-    verdict = "PASSED" if report["passed"] else "FAILED"
-    fig.suptitle(
-        f"qatsparse: {verdict} (reference {ref}, {report['samples']} samples)",
-        color="#2E7D32" if report["passed"] else "#C62828",
-        fontweight="bold",
-    )
-    fig.tight_layout()
-    fig.savefig(path, dpi=110, format="png")
-    plt.close(fig)
 
 
 def print_console(report: dict[str, Any]) -> None:
@@ -359,6 +337,7 @@ def print_console(report: dict[str, Any]) -> None:
         table.add_row(*r)
     console = Console(width=None if Console().is_terminal else 160)
     console.print(table)
+    console.print(f"[dim]{latency_note(report)}[/dim]")
     for f in report["gate"]["failures"]:
         console.print(f"[red]gate:[/red] {f}")
     errors = [f for f in report.get("lint", []) if f.get("severity") == "error"]

@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 import importlib
 import re
-import statistics
 import time
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -16,6 +15,8 @@ import torch
 
 from qatsparse.batches import batch_inputs, batch_targets
 from qatsparse.export.runners import Runner
+from qatsparse.latency import latency_summary, rotated
+from qatsparse.progress import QUIET, Progress
 
 #: A metric as users give it: an import path (``"torchmetrics.MeanSquaredError"``), a Metric class or
 #: instance, or ``{"class_path": ..., "init_args": {...}}`` (the LightningCLI/YAML form).
@@ -218,7 +219,7 @@ class _Agreement:
 @dataclass
 class ValidationResult:
     """Metrics per backend ({backend: {metric: value}}), agreement with the reference per output,
-    per-batch latency, and what each metric measures (output, direction).
+    per-batch latency (:func:`qatsparse.latency.latency_summary`), and what each metric measures.
 
     Example:
         >>> ValidationResult(reference="pytorch_fp32").reference
@@ -228,7 +229,7 @@ class ValidationResult:
     reference: str
     metrics: dict[str, dict[str, float]] = field(default_factory=dict)
     agreement: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)
-    latency_ms: dict[str, dict[str, float]] = field(default_factory=dict)
+    latency_ms: dict[str, dict[str, Any]] = field(default_factory=dict)
     samples: int = 0
     outputs: list[str] = field(default_factory=list)
     metric_outputs: dict[str, str] = field(default_factory=dict)
@@ -277,8 +278,13 @@ def validate(
     output_names: Sequence[str] | None = None,
     metrics: MetricLike | Sequence[MetricLike] | Mapping[str, Any] | None = None,
     max_batches: int | None = None,
+    progress: Progress = QUIET,
 ) -> ValidationResult:
     """Run each runner over the whole ``dataloader`` and compare it with the reference runner.
+
+    Batch by batch, every runner sees the same inputs, in a rotating order (so that none always runs first
+    after the data loader); latency is summarised by :func:`qatsparse.latency.latency_summary` (the first
+    batch is a warm-up, latency and throughput come from the same median).
 
     Args:
         runners: backends; the first is the reference unless ``reference`` names another.
@@ -289,6 +295,7 @@ def validate(
         metrics: the user's metrics (see :func:`metric_specs`); default top-1 accuracy for logits with
             class targets and MSE for float targets, per output.
         max_batches: stop after this many batches (None: the whole dataloader).
+        progress: shows one task per backend (see :mod:`qatsparse.progress`).
 
     Example:
         >>> from qatsparse.export.runners import TorchRunner
@@ -310,55 +317,65 @@ def validate(
     per_backend: dict[str, _BackendMetrics] = {}
     agreement: dict[str, list[_Agreement]] = {}
     times: dict[str, list[float]] = {n: [] for n in names}
-    ordered = sorted(runners, key=lambda r: r.name != reference)
+    sizes: list[int] = []
     outputs: list[str] | None = list(output_names) if output_names else None
-    for b, batch in enumerate(dataloader):
-        if max_batches is not None and b >= max_batches:
-            break
-        inputs = batch_inputs(module, batch)
-        targets = batch_targets(module, batch)
-        ref_out: tuple[torch.Tensor, ...] | None = None
-        for r in ordered:
-            t0 = time.perf_counter()
-            out = r(inputs)
-            times[r.name].append((time.perf_counter() - t0) * 1e3)
-            if outputs is None:
-                outputs = [f"output_{i}" for i in range(len(out))] if len(out) > 1 else ["output"]
-            if len(out) != len(outputs):
-                raise ValueError(f"{r.name} returned {len(out)} outputs, expected {len(outputs)} {outputs}")
-            if specs is None:
-                specs = metric_specs(metrics, outputs)
-            if r.name == reference:
-                ref_out = out
-            else:
-                assert ref_out is not None
-                accs = agreement.setdefault(r.name, [_Agreement() for _ in out])
-                for a, o, ro in zip(accs, out, ref_out):
-                    a.update(o, ro)
-            if targets is not None:
-                per_backend.setdefault(r.name, _BackendMetrics(specs)).update(out, targets, outputs)
-        result.samples += inputs[0].shape[0]
+    total = _length(dataloader, max_batches)
+    tasks = {r.name: progress.task(f"validating {r.name}", total=total) for r in runners}
+    try:
+        for b, batch in enumerate(dataloader):
+            if max_batches is not None and b >= max_batches:
+                break
+            inputs = batch_inputs(module, batch)
+            targets = batch_targets(module, batch)
+            outs: dict[str, tuple[torch.Tensor, ...]] = {}
+            for r in rotated(runners, b):
+                t0 = time.perf_counter()
+                outs[r.name] = r(inputs)
+                times[r.name].append((time.perf_counter() - t0) * 1e3)
+                tasks[r.name].advance()
+            sizes.append(int(inputs[0].shape[0]))
+            for r in runners:  # metrics and agreement in the runners' own order, the reference first
+                out = outs[r.name]
+                if outputs is None:
+                    outputs = [f"output_{i}" for i in range(len(out))] if len(out) > 1 else ["output"]
+                if len(out) != len(outputs):
+                    raise ValueError(f"{r.name} returned {len(out)} outputs, expected {len(outputs)} {outputs}")
+                if specs is None:
+                    specs = metric_specs(metrics, outputs)
+                if r.name != reference:
+                    accs = agreement.setdefault(r.name, [_Agreement() for _ in out])
+                    for a, o, ro in zip(accs, out, outs[reference]):
+                        a.update(o, ro)
+                if targets is not None:
+                    per_backend.setdefault(r.name, _BackendMetrics(specs)).update(out, targets, outputs)
+            result.samples += sizes[-1]
+    finally:
+        for t in tasks.values():
+            t.close()
     if result.samples == 0:
         raise ValueError("the validation dataloader is empty")
     assert outputs is not None
     result.outputs = outputs
-    for name in names:
+    for r in runners:
+        name = r.name
         bm = per_backend.get(name)
         result.metrics[name] = bm.compute() if bm else {}
         for s, _, _ in (bm.items or []) if bm else []:
             result.metric_outputs[s.name] = s.output
             result.higher_is_better[s.name] = s.higher_is_better
-        t = times[name]
-        total_s = sum(t) / 1e3
-        result.latency_ms[name] = {
-            "median_per_batch": statistics.median(t),
-            "mean_per_batch": statistics.fmean(t),
-            "batches": len(t),
-            "throughput_per_s": result.samples / total_s if total_s > 0 else float("inf"),
-        }
+        device = str(getattr(r, "device", "cpu")).split(":")[0]  # "cuda:0" -> "cuda"
+        result.latency_ms[name] = latency_summary(times[name], sizes, device)
     for name, accs in agreement.items():
         result.agreement[name] = {outputs[i]: a.result() for i, a in enumerate(accs)}
     return result
+
+
+def _length(dataloader: Any, max_batches: int | None) -> int | None:
+    try:
+        n = len(dataloader)
+    except TypeError:
+        return max_batches
+    return n if max_batches is None else min(n, max_batches)
 
 
 def is_higher_better(result: ValidationResult, metric: str) -> bool:

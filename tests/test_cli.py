@@ -169,3 +169,53 @@ def test_bench_times_the_backends(digits_run, tmp_path, capsys):
     assert out.is_file()
     assert json.loads(out.read_text())
     assert capsys.readouterr().out.strip()
+
+
+# ------------------------------------------------------------------ on a TensorRT machine (skipped elsewhere)
+def _needs_tensorrt():
+    from qatsparse.export.tensorrt import tensorrt_available
+
+    if not tensorrt_available():
+        pytest.skip("TensorRT is not importable here (needs NVIDIA's wheel and a CUDA GPU)")
+
+
+@pytest.mark.gpu
+def test_validate_engine_adds_a_tensorrt_row_to_the_same_report(digits_run):
+    """`qatsparse validate --engine` on the hand-off engine: the same report, plus a `tensorrt` row."""
+    _needs_tensorrt()
+    from qatsparse.export.tensorrt import build_engine
+
+    cfg, ckpt, fit_report = digits_run
+    out = Path(fit_report["artifacts"]["report.json"]).parent
+    plan = out / "python_build" / "model.plan"  # build.json beside it describes the engine
+    build_engine(out / "model.onnx", plan, (1, 32, 256), 1.0, timing_cache=plan.with_name("timing.cache"))
+    run_cli(["validate", "--config", str(cfg), "--ckpt_path", str(ckpt), "--engine", str(plan)])
+    report = json.loads((out / "report.json").read_text())
+    assert set(report["backends"]) == {"pytorch_fp32", "pytorch_qat", "onnxruntime", "tensorrt"}
+    trt, ort = report["backends"]["tensorrt"], report["backends"]["onnxruntime"]
+    assert abs(trt["metrics"]["top1"] - ort["metrics"]["top1"]) <= 0.01
+    assert trt["precision"].startswith("engine: ") and "int8" in trt["precision"]
+    assert report["agreement"]["tensorrt"]["output"]["top1_agreement"] >= 0.98
+    assert report["engine"]["sparsity"]["picked"] is not None
+
+
+@pytest.mark.gpu
+def test_bundle_scripts_build_check_and_validate_where_trtexec_and_polygraphy_are(digits_run):
+    """The three README steps, as a user runs them on the TensorRT machine."""
+    import shutil
+    import subprocess
+
+    _needs_tensorrt()
+    if not shutil.which("trtexec") or not shutil.which("polygraphy"):
+        pytest.skip("trtexec and polygraphy must be on PATH (TensorRT's bin/ and `pip install polygraphy`)")
+    cfg, ckpt, fit_report = digits_run
+    out = Path(fit_report["artifacts"]["report.json"]).parent
+    for script in ("build.sh", "check.sh"):
+        res = subprocess.run(["bash", str(out / "tensorrt" / script)], capture_output=True, text=True, timeout=1800)
+        assert res.returncode == 0, f"{script}:\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}"
+    assert "PASSED" in res.stdout  # Polygraphy's verdict on the engine vs ONNX Runtime
+    run_cli(["validate", "--config", str(cfg), "--ckpt_path", str(ckpt), "--engine", str(out / "tensorrt/model.plan")])
+    report = json.loads((out / "report.json").read_text())
+    assert report["engine"]["built_by"] == "trtexec (build.sh)" and report["engine"]["inspector"]["layers"]
+    top1 = {b: report["backends"][b]["metrics"]["top1"] for b in ("tensorrt", "onnxruntime")}
+    assert top1["tensorrt"] >= top1["onnxruntime"] - 0.01

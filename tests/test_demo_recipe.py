@@ -1,11 +1,14 @@
-"""`make demo`'s run, asserted against issue 2's acceptance numbers (about 25 s on 2 cores)."""
+"""`make demo`'s run, asserted against the acceptance numbers of issues 2 and 13 (about 25 s on 2 cores)."""
 
 from __future__ import annotations
 
+import csv
 import json
 from pathlib import Path
 
+import numpy as np
 import onnx
+import pytest
 import torch
 
 from qatsparse.cli import run_cli
@@ -45,3 +48,25 @@ def test_demo_recipe_meets_the_acceptance(tmp_path, monkeypatch):
         dq = producers[weight]  # weights are stored quantized: DequantizeLinear(INT8 initializer)
         assert dq.op_type == "DequantizeLinear", (node.name, weight)
         assert dq.input[0] in int8_weights or producers[dq.input[0]].op_type == "QuantizeLinear", node.name
+
+    # issue 13: the TensorRT hand-off bundle, the loggers, an honest latency column
+    bundle = out / "tensorrt"
+    assert {"build.sh", "check.sh", "inputs.npz", "outputs_pytorch_qat.npz", "outputs_onnxruntime.npz"} <= {
+        p.name for p in bundle.iterdir()
+    }
+    with np.load(bundle / "inputs.npz") as inputs, np.load(bundle / "outputs_onnxruntime.npz") as saved:
+        again = OnnxRuntimeRunner(out / "model.onnx")((torch.from_numpy(inputs["input"]),))[0]
+        np.testing.assert_array_equal(again.numpy(), saved["output"])
+        assert inputs["input"].shape == (32, 1, 8, 8)  # a real validation batch
+        np.testing.assert_array_equal(inputs["input"], x[:32].numpy())
+    (metrics_csv,) = (out / "logs").glob("version_*/metrics.csv")
+    with open(metrics_csv) as f:
+        rows = list(csv.DictReader(f))
+    for backend, b in report["backends"].items():
+        assert f"qatsparse/report/{backend}/top1" in rows[0]
+        lat = b["latency_ms"]
+        assert lat["throughput_per_s"] == pytest.approx(lat["batch_size"] * 1e3 / lat["median_per_batch"])
+    final = next(r for r in rows if r["qatsparse/report/passed"])
+    assert float(final["qatsparse/report/passed"]) == 1.0
+    assert any(r["qatsparse/sparsity/pruned_layers"] for r in rows)
+    assert any(r["qatsparse/quantization/quantized_layers"] for r in rows)

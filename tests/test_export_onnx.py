@@ -209,3 +209,26 @@ def test_pruned_layers_recorded_and_2to4_survives_int8_weights(tmp_path):
         assert check_2to4(p) == []
     with pytest.raises(ValueError, match="not found"):
         record_pruned_layers(paths["model.onnx"], ["no_such_layer"])
+
+
+class _Branchy(nn.Module):
+    """A forward whose Python branch on a tensor value the tracer freezes (TracerWarning: the trace may be wrong)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x) if bool(x.sum() > 0) else -self.fc(x)
+
+
+def test_tracer_warnings_reach_the_user_and_only_the_exporters_own_notices_are_silenced(tmp_path):
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        export_onnx(_Branchy(), [torch.ones(1, 4)], tmp_path / "b.onnx")
+        export_onnx(nn.Linear(4, 2), [torch.ones(1, 4)], tmp_path / "l.onnx")
+    kinds = [(w.category.__name__, str(w.message)) for w in caught]
+    assert any(k == "TracerWarning" and "Converting a tensor to a Python boolean" in m for k, m in kinds), kinds
+    assert not [k for k in kinds if k[0] == "DeprecationWarning"], kinds  # the legacy exporter's notices only

@@ -104,3 +104,14 @@ def test_in_place_masks_equal_weight_times_mask(device):
     assert [w.data_ptr() for w in weights] == ptrs, "masks must be applied in place"
     for w, e in zip(weights, expected):
         assert torch.equal(w, e)
+
+
+def test_torch_export_traces_the_aten_fake_quant_op_that_exporters_map_to_qdq():
+    """torch.export counts as compiling, but must keep the ATen op (the ONNX exporters' Q/DQ) not the fusable form."""
+    model = torch.nn.Sequential(torch.nn.Linear(8, 4))
+    quantize_model(model, QuantConfig())
+    calibrate(model, [torch.randn(4, 8)], model)
+    program = torch.export.export(model.eval(), (torch.randn(2, 8),))
+    ops = {str(n.target) for n in program.graph.nodes if n.op == "call_function"}
+    assert any("fake_quantize" in op for op in ops), ops
+    assert not any("round" in op for op in ops), ops

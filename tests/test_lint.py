@@ -155,6 +155,7 @@ CASES = [
     ("op TensorRT cannot parse", {"extra_nodes": [_unsupported]}, "unsupported-op", "/uniq/Unique"),
     ("custom-domain op", {"extra_nodes": [_custom]}, "unsupported-op", "/plug/MyPlugin"),
     ("opset too old for TensorRT", {"opset": 8, "act_qdq": False, "weight_qdq": False}, "opset", "<graph>"),
+    ("opset newer than TensorRT 11", {"opset": 26, "act_qdq": False, "weight_qdq": False}, "opset", "<graph>"),
 ]
 
 
@@ -206,6 +207,45 @@ def test_real_exports_pass(tmp_path):
     findings = lint(export_onnx(q, [x], tmp_path / "int8.onnx", opset=19))
     assert lint_errors(findings) == []
     assert {f.check for f in findings} <= {"fp32-remainder"}
+
+
+@pytest.mark.parametrize(("opset", "severity", "needs"), [(19, None, None), (20, None, None), (21, "warning", "10.15"),
+                                                      (25, "warning", "11.0")])  # fmt: skip
+def test_opset_bound_depends_on_the_tensorrt_release(tmp_path, opset, severity, needs):
+    """10.0's parser reads opsets up to 20, 10.15's up to 24, 11.x's up to 25: newer opsets warn with the release."""
+    found = [f for f in lint(_save(qdq_conv(opset=opset), tmp_path)) if f.check == "opset"]
+    assert [f.severity for f in found] == ([severity] if severity else [])
+    if needs:
+        assert f"needs TensorRT >= {needs}" in found[0].message
+
+
+def _swish(last):
+    return [helper.make_node("Swish", [last], ["s"], name="/act/Swish")], [], "s"
+
+
+def test_swish_is_parsed_by_tensorrt_11_only(tmp_path):
+    found = lint(_save(qdq_conv(opset=24, extra_nodes=[_swish]), tmp_path))
+    assert "unsupported-op" not in _checks(found)
+    assert [f.severity for f in found if f.check == "op-version" and f.node == "/act/Swish"] == ["warning"]
+
+
+def _qdq_avgpool(last):
+    inits = [numpy_helper.from_array(_arr(0.1), "p_scale"), numpy_helper.from_array(np.int8(0), "p_zp")]
+    nodes = [
+        helper.make_node("QuantizeLinear", [last, "p_scale", "p_zp"], ["p_q"], name="pool_Q"),
+        helper.make_node("DequantizeLinear", ["p_q", "p_scale", "p_zp"], ["p_dq"], name="pool_DQ"),
+        helper.make_node("GlobalAveragePool", ["p_dq"], ["gap"], name="/pool/GlobalAveragePool"),
+    ]
+    return nodes, inits, "gap"
+
+
+def test_qdq_before_average_pooling_is_not_dangling(tmp_path):
+    """TensorRT's average pooling is a quantizable layer: Q/DQ in front of it is used, not wasted."""
+    model = qdq_conv(extra_nodes=[_qdq_avgpool])
+    model.graph.output[0].type.tensor_type.shape.dim[2].dim_value = 1
+    model.graph.output[0].type.tensor_type.shape.dim[3].dim_value = 1
+    found = _checks(lint(_save(model, tmp_path)))
+    assert "pool_DQ" not in found.get("qdq-dangling", set()) and "qdq-orphan" not in found
 
 
 def test_missing_file_is_a_clear_error(tmp_path):

@@ -24,6 +24,9 @@ def shortened(name: str, tmp_path: Path, max_steps: int, prune: int, qat: int, *
     ``sections`` (model=..., data=..., trainer=...) update the recipe's init_args/keys."""
     cfg = load_recipe(name)
     cfg["trainer"].update(max_steps=max_steps, default_root_dir=str(tmp_path / "runs" / name))
+    logger = cfg["trainer"].get("logger")
+    if isinstance(logger, dict) and "save_dir" in logger.get("init_args", {}):
+        logger["init_args"]["save_dir"] = str(tmp_path / "runs" / name)
     cfg["trainer"].update(sections.pop("trainer", {}))
     callback(cfg, "TwoFourSparsity")["start_step"] = prune
     q = callback(cfg, "QuantizationAwareTraining")

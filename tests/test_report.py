@@ -99,3 +99,60 @@ def test_validate_artifacts_rewrites_the_report_and_the_gate_fails(exported):
     assert json.loads((d / "report.json").read_text())["passed"] is False
     with pytest.raises(FileNotFoundError, match="no TensorRT engine"):
         validate_artifacts(final, reference, loader, settings, engine_path=d / "model.plan", console=False)
+
+
+def test_latency_and_throughput_agree_on_every_row(exported):
+    """One statistic for both columns: samples/s = batch size / median ms per batch, so they rank alike."""
+    from qatsparse.report import report_rows
+
+    _, report, *_ = exported
+    lats = {n: b["latency_ms"] for n, b in report["backends"].items()}
+    for lat in lats.values():
+        assert lat["statistic"] == "median" and lat["warmup_batches"] == 1 and lat["indicative"]  # CPU here
+        assert lat["throughput_per_s"] == pytest.approx(lat["batch_size"] * 1e3 / lat["median_per_batch"])
+    by_latency = sorted(lats, key=lambda n: lats[n]["median_per_batch"])
+    assert by_latency == sorted(lats, key=lambda n: -lats[n]["throughput_per_s"])
+    header, rows = report_rows(report)
+    ms, sps = header.index("ms/batch (median)"), header.index("samples/s (same median)")
+    for row in rows:
+        assert row[ms].endswith("*") and row[sps].endswith("*")  # CPU latencies marked indicative
+        assert float(row[sps][:-1]) == pytest.approx(32 * 1e3 / float(row[ms][:-1]), rel=2e-3)
+
+
+def test_each_backends_2to4_share_is_measured_on_what_it_runs(tmp_path):
+    """The ONNX Runtime row is measured on the ONNX graph: a dense graph beside a pruned module reads 0."""
+    from qatsparse.export.onnx import export_onnx
+    from qatsparse.export.runners import OnnxRuntimeRunner, TorchRunner
+    from qatsparse.pipeline import _backend_sparsity
+    from qatsparse.sparsity import prune_2to4
+    from qatsparse.sparsity.check import onnx_sparsity_summary
+
+    dense = trained_board_net(steps=2)
+    pruned = copy.deepcopy(dense)
+    prune_2to4(pruned)
+    ex = dense.example_input_array
+    dense_onnx, pruned_onnx = export_onnx(dense, ex, tmp_path / "d.onnx"), export_onnx(pruned, ex, tmp_path / "p.onnx")
+    got = _backend_sparsity([TorchRunner(pruned, "pytorch_qat"), OnnxRuntimeRunner(dense_onnx, "onnxruntime")], None)
+    assert got["pytorch_qat"]["weights_2to4_share"] > 0.5 and got["onnxruntime"]["weights_2to4_share"] == 0.0
+    assert got["onnxruntime"]["measured_on"] == "onnx graph d.onnx"
+    share = onnx_sparsity_summary(pruned_onnx)["weights_2to4_share"]
+    assert share == pytest.approx(got["pytorch_qat"]["weights_2to4_share"], abs=0.02)
+
+
+def test_report_figure_says_which_metric_failed_against_which_bound_and_shows_compression(exported):
+    from qatsparse.report_figure import figure
+
+    _, report, *_ = exported
+    failed = copy.deepcopy(report)
+    failed["passed"] = False
+    failed["gate"] = {"max_metric_drop": {"value/mse": -1.0},
+                      "failures": ["onnxruntime: value/mse = 0.5 vs 0.4 (drop 0.1 > allowed -1.0)"]}  # fmt: skip
+    for name in ("pytorch_qat", "onnxruntime"):
+        failed["backends"][name]["drop_vs_reference"]["value/mse"] = 0.1
+    fig = figure(failed)
+    texts = [t.get_text() for ax in fig.axes for t in ax.texts] + [fig._suptitle.get_text()]
+    titles = [ax.get_title() for ax in fig.axes]
+    assert "FAILED" in fig._suptitle.get_text() and "drop 0.1 > allowed -1.0" in fig._suptitle.get_text()
+    assert any("FAILS" in t and "> -1" in t for t in texts)  # on the failing bars
+    assert any("2:4 weight share" in t for t in titles)
+    assert any("quantized: " in t and "int8" in t for t in texts)

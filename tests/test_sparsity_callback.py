@@ -190,14 +190,15 @@ def test_sparsity_is_logged_per_layer_and_overall(tmp_path):
     )
     trainer.fit(model)
     with open(trainer.logger.log_dir + "/metrics.csv") as f:
-        rows = [r for r in csv.DictReader(f) if r.get("sparsity/overall")]
+        rows = [r for r in csv.DictReader(f) if r.get("qatsparse/sparsity/zero_share")]
     assert [int(r["epoch"]) for r in rows] == [0, 1]
     for n in PRUNABLE:
-        assert {float(r[f"sparsity/layer/{n}"]) for r in rows} == {0.5}
-    assert {float(r["sparsity/pruned_layers"]) for r in rows} == {0.5}
+        assert {float(r[f"qatsparse/sparsity/layer_zero_share/{n}"]) for r in rows} == {0.5}
+    assert {float(r["qatsparse/sparsity/pruned_layer_zero_share"]) for r in rows} == {0.5}
+    assert {float(r["qatsparse/sparsity/pruned_layers"]) for r in rows} == {len(PRUNABLE)}
     weights = [m.weight for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
     overall = sum(int((w == 0).sum()) for w in weights) / sum(w.numel() for w in weights)
-    assert float(rows[-1]["sparsity/overall"]) == pytest.approx(overall)
+    assert float(rows[-1]["qatsparse/sparsity/zero_share"]) == pytest.approx(overall)
 
 
 def test_summary_printed_at_prune_time(caplog):
@@ -207,7 +208,7 @@ def test_summary_printed_at_prune_time(caplog):
     with caplog.at_level(logging.INFO, logger="pytorch_lightning"):
         _trainer([TwoFourSparsity()], max_steps=1).fit(Tiny())
     text = "\n".join(r.getMessage() for r in caplog.records)
-    assert "2:4 sparsity: pruned 3 of 6 Conv2d/Linear layers" in text
+    assert "2:4 sparsity: pruned 3 of 6 Conv2d/Linear weights" in text
     assert "depthwise conv: not supported by sparse kernels: dw" in text
     assert "C_in=4 not a multiple of 16: conv_in" in text
 

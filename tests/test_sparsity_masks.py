@@ -62,7 +62,7 @@ def test_mask_rejects_bad_shapes():
     with pytest.raises(ValueError, match="multiple of 4"):
         compute_2to4_mask(torch.ones(4, 6))
     with pytest.raises(ValueError, match="shape"):
-        compute_2to4_mask(torch.ones(4, 4, 4))
+        compute_2to4_mask(torch.ones(8))
 
 
 def test_worst_group_reports_count_and_position():
@@ -152,12 +152,12 @@ def test_maskset_state_roundtrip_and_shape_check():
 def test_summary_and_metrics():
     model = _Zoo()
     masks = prune_2to4(model, exclude=["head"])
-    m = sparsity_metrics(model, list(masks.masks))
-    assert m["sparsity/layer/ok"] == 0.5 and m["sparsity/pruned_layers"] == 0.5
+    m = {k.removeprefix("qatsparse/sparsity/"): v for k, v in sparsity_metrics(model, list(masks.masks)).items()}
+    assert m["layer_zero_share/ok"] == 0.5 and m["pruned_layer_zero_share"] == 0.5 and m["pruned_layers"] == 1
     total = sum(p.numel() for n, p in model.named_parameters() if n.endswith("weight"))
-    assert m["sparsity/overall"] == pytest.approx(model.ok.weight.numel() / 2 / total)
+    assert m["zero_share"] == pytest.approx(model.ok.weight.numel() / 2 / total) == m["pruned_weight_share"]
     text = format_summary(masks, model)
-    assert text.startswith("2:4 sparsity: pruned 1 of 7 Conv2d/Linear layers")
+    assert text.startswith("2:4 sparsity: pruned 1 of 7 Conv2d/Linear weights")
     assert "depthwise conv: not supported by sparse kernels: dw" in text
     assert "excluded by user: head" in text
     assert len(text.splitlines()) <= 12

@@ -1,4 +1,5 @@
-"""TensorRT: the pure parsers (build log, inspector JSON of 10.x and 11.x) everywhere; builds where TensorRT is."""
+"""TensorRT: the pure parsers (build log, inspector JSON of 10.x and 11.x), profiles and timing-cache handling
+everywhere; builds, the logger and the runner where TensorRT is."""
 
 from __future__ import annotations
 
@@ -9,14 +10,15 @@ import pytest
 import pytorch_lightning as pl
 import torch
 
-from qatsparse.export.tensorrt import (
+from qatsparse.export.engine_info import (
+    engine_sparsity,
     normalize_dtype,
     parse_engine_information,
     parse_sparsity_log,
-    profile_shapes,
-    tensorrt_available,
-    uses_strong_typing,
+    trtexec_build_facts,
 )
+from qatsparse.export.profile import onnx_input_dims, profile_shapes, shape_spec
+from qatsparse.export.tensorrt import attach_timing_cache, tensorrt_available
 
 # Shaped like TensorRT 10.x output (ProfilingVerbosity.DETAILED): combined "Format/Datatype", "Bindings".
 INSPECTOR_10 = {
@@ -124,7 +126,7 @@ def test_inspector_json_of_tensorrt_10():
         "/fc/Gemm": "fp32",
         "Reformatting CopyNode for Output Tensor 0": "fp32",
     }
-    assert r["sparse_layers"] == ["/layer1/conv2/Conv"]
+    assert r["sparse_weight_layers"] == ["/layer1/conv2/Conv"]
     assert r["precision_counts"] == {"int8": 2, "fp32": 2}
     assert r["layers"][1]["tactic"].startswith("sm90_xmma_fprop_sparse")
 
@@ -166,23 +168,86 @@ def test_dtype_spellings(text, name):
     assert normalize_dtype(text) == name
 
 
-def test_typing_mode_by_version():
-    assert not uses_strong_typing("10.0.1")
-    assert not uses_strong_typing("10.11.0.33")
-    assert uses_strong_typing("10.12.0")
-    assert uses_strong_typing("10.16.0")
-    assert uses_strong_typing("11.0.0")
+def test_picked_sparse_layers_come_from_the_build_log_not_the_inspector():
+    inspection = parse_engine_information(INSPECTOR_10)
+    known = engine_sparsity(BUILD_LOG, inspection)
+    assert known["picked"] == ["/layer1/conv2/Conv", "/stem/Conv"]
+    assert known["weights_qualify"] == ["/layer1/conv2/Conv"]  # HasSparseWeights: eligible, not chosen
+    unseen = engine_sparsity(None, inspection)  # log swallowed by another process-wide logger
+    assert unseen["picked"] is None and unseen["eligible"] is None and "unknown" in unseen["source"]
 
 
-def test_profile_shapes_and_their_errors():
-    shapes = profile_shapes({"planes": (-1, 6, 8, 8), "side": (-1, 5)}, (1, 32, 256))
+def test_trtexec_build_facts_read_the_layer_info_and_log_build_sh_leaves(tmp_path):
+    assert trtexec_build_facts(tmp_path) is None
+    (tmp_path / "layer_info.json").write_text(json.dumps(INSPECTOR_11))
+    (tmp_path / "build.log").write_text("\n".join(BUILD_LOG))
+    facts = trtexec_build_facts(tmp_path)
+    assert facts["inspector"]["schema"] == "11.x"
+    assert facts["sparsity"]["picked"] == ["/layer1/conv2/Conv", "/stem/Conv"]
+
+
+def test_profile_shapes_from_the_graphs_dynamic_dims_and_their_errors():
+    shapes = profile_shapes({"planes": ("batch", 6, 8, 8), "side": (-1, 5)}, (1, 32, 256))
     assert shapes["side"] == ((1, 5), (32, 5), (256, 5))
+    seq = profile_shapes({"ids": ("batch", "seq"), "mask": ("batch", "seq")}, (1, 8, 16), {"seq": (4, 64, 128)})
+    assert seq["ids"] == seq["mask"] == ((1, 4), (8, 64), (16, 128))
+    notes: list[str] = []
+    fixed = profile_shapes({"ids": ("batch", "seq")}, (1, 8, 16), example_shapes={"ids": (3, 40)}, notes=notes)
+    assert fixed["ids"] == ((1, 40), (8, 40), (16, 40)) and "example's size 40" in notes[0]
     with pytest.raises(ValueError, match="min <= opt <= max"):
-        profile_shapes({"x": (-1, 3)}, (8, 4, 16))
-    with pytest.raises(ValueError, match="dynamic batch axis"):
-        profile_shapes({"x": (4, 3)}, (1, 2, 4))
-    with pytest.raises(ValueError, match="dynamic non-batch"):
-        profile_shapes({"x": (-1, -1)}, (1, 2, 4))
+        profile_shapes({"x": ("batch", 3)}, (8, 4, 16))
+    with pytest.raises(ValueError, match=r"dim_ranges=\{'seq'"):
+        profile_shapes({"x": ("batch", "seq")}, (1, 2, 4))
+    with pytest.raises(ValueError, match="range of dim 'seq'"):
+        profile_shapes({"x": ("batch", "seq")}, (1, 2, 4), {"seq": (8, 4, 2)})
+    assert shape_spec({"ids": (8, 64), "a:0": ()}) == "ids:8x64,'a:0':scalar"
+
+
+def test_profile_reads_the_exported_graph(tmp_path):
+    from qatsparse.export.onnx import export_onnx
+    from tests.test_export_nets import BoardNet
+
+    net = BoardNet()
+    p = export_onnx(net, net.example_input_array, tmp_path / "m.onnx")
+    assert onnx_input_dims(p) == {"input_0": ("batch", 6, 8, 8), "input_1": ("batch", 5)}
+
+
+class _Cache:
+    def __init__(self, blob: bytes) -> None:
+        self.blob = blob
+
+
+class _Config:
+    """Stands in for IBuilderConfig's two timing-cache calls, returning what their documentation says they return:
+    create_timing_cache -> None for bytes it cannot read; set_timing_cache -> False for another device's cache."""
+
+    def __init__(self) -> None:
+        self.attached = None
+
+    def create_timing_cache(self, blob: bytes):
+        return None if blob.startswith(b"corrupt") else _Cache(blob)
+
+    def set_timing_cache(self, cache: _Cache, ignore_mismatch: bool) -> bool:
+        assert ignore_mismatch is False
+        if cache.blob.startswith(b"other-gpu"):
+            return False
+        self.attached = cache
+        return True
+
+
+@pytest.mark.parametrize(
+    ("content", "loaded", "ignored"),
+    [(None, False, None), (b"good", True, None), (b"corrupt", False, "corrupt"), (b"other-gpu", False, "device")],
+)
+def test_timing_cache_is_loaded_only_when_readable_and_made_for_this_device(tmp_path, content, loaded, ignored):
+    path = tmp_path / "timing.cache"
+    if content is not None:
+        path.write_bytes(content)
+    config = _Config()
+    cache, info = attach_timing_cache(config, path)
+    assert config.attached is cache and info["loaded"] is loaded
+    assert cache.blob == (content if loaded else b"")  # otherwise a fresh cache, which the build writes back
+    assert (ignored is None) == ("ignored" not in info) and (ignored is None or ignored in info["ignored"])
 
 
 @pytest.mark.skipif(tensorrt_available(), reason="checks the error raised where TensorRT is absent")
@@ -234,7 +299,16 @@ def test_build_and_run_engine_any_batch_in_profile(tmp_path):
     saved = json.loads((tmp_path / "build.json").read_text())
     assert saved["tensorrt"] == trt.__version__ and saved["engine_bytes"] == (tmp_path / "model.plan").stat().st_size
     assert facts["inspector"]["layers"] and "SPARSE_WEIGHTS" in facts["builder_flags"]
+    assert facts["strongly_typed"] and facts["network_flags"] in (["STRONGLY_TYPED"], [])
+    assert facts["sparsity"]["picked"] is not None  # the process-wide logger saw the build log
     assert (tmp_path / "timing.cache").stat().st_size > 0
+    again = build_engine(onnx_path, tmp_path / "again.plan", (1, 16, 64), 1.0, timing_cache=tmp_path / "timing.cache",
+                         build_json=tmp_path / "again.json")  # fmt: skip
+    assert again["timing_cache"]["loaded"] and again["sparsity"]["picked"] is not None  # a second build still logs
+    (tmp_path / "timing.cache").write_bytes(b"not a timing cache")
+    third = build_engine(onnx_path, tmp_path / "third.plan", (1, 16, 64), 1.0, timing_cache=tmp_path / "timing.cache",
+                         build_json=tmp_path / "third.json")  # fmt: skip
+    assert not third["timing_cache"]["loaded"] and "ignored" in third["timing_cache"]
     runner, ort_runner = TensorRTRunner(tmp_path / "model.plan"), OnnxRuntimeRunner(onnx_path)
     for n in (1, 7, 64):
         data = BoardData(n, seed=n)
@@ -244,6 +318,9 @@ def test_build_and_run_engine_any_batch_in_profile(tmp_path):
             np.testing.assert_allclose(g.numpy(), w.numpy(), rtol=1e-2, atol=1e-2)
     with pytest.raises(ValueError, match="outside the engine's profile"):
         runner((torch.zeros(65, 6, 8, 8), torch.zeros(65, 5)))
-    fn, _ = runner.timed_callable([torch.zeros(16, 6, 8, 8).cuda(), torch.zeros(16, 5).cuda()])
+    data = BoardData(16, seed=3)
+    fn, _ = runner.timed_callable([data.planes, data.side])  # CPU inputs: copied, then enqueued on another stream
     fn()
     torch.cuda.synchronize()
+    for g, w in zip(runner._bench_buffers[1], ort_runner((data.planes, data.side))):
+        np.testing.assert_allclose(g.float().cpu().numpy(), w.numpy(), rtol=1e-2, atol=1e-2)

@@ -129,7 +129,7 @@ def test_default_metrics_top1_and_mse_per_output():
     net = trained_board_net(steps=3)
     r = validate([TorchRunner(net, "a")], board_loader(32, 16), output_names=["policy", "value"])
     assert set(r.metrics["a"]) == {"policy/top1", "value/mse"}
-    assert r.latency_ms["a"]["batches"] == 2 and r.samples == 32
+    assert r.latency_ms["a"]["batches"] == 1 and r.latency_ms["a"]["warmup_batches"] == 1 and r.samples == 32
 
 
 def test_validate_input_errors():
@@ -146,3 +146,55 @@ def test_gate_fails_when_no_metric_was_computed():
     passed, failures = gate(ValidationResult("pytorch_fp32", metrics={"pytorch_fp32": {}, "onnxruntime": {}}), 0.01)
     assert not passed
     assert "checked nothing" in failures[0]
+
+
+class _Clock:
+    """A simulated time.perf_counter: runners advance it by what they 'cost'."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class _Costly:
+    """A runner that costs ``ms`` per call, +``first_ms`` on its very first call, +``cold_ms`` when it is the first
+    backend to touch a new batch (cold caches after the data loader)."""
+
+    def __init__(self, name: str, clock: _Clock, batches: list, ms: float, first_ms: float = 0.0, cold_ms: float = 0.0):
+        self.name, self.precision, self.clock, self.batches = name, "fp32", clock, batches
+        self.ms, self.first_ms, self.cold_ms, self.calls = ms, first_ms, cold_ms, 0
+
+    def __call__(self, inputs):
+        cost = self.ms + (self.first_ms if self.calls == 0 else 0.0)
+        if self.batches and self.batches[-1] is not None:  # first runner on this batch
+            cost += self.cold_ms
+            self.batches[-1] = None
+        self.calls += 1
+        self.clock.now += cost / 1e3
+        return (inputs[0][:, :3],)
+
+
+def test_latency_is_one_median_after_warmup_and_not_charged_to_the_first_backend(monkeypatch):
+    import qatsparse.validation as validation
+
+    clock, seen = _Clock(), []
+    monkeypatch.setattr(validation.time, "perf_counter", clock)
+
+    def loader():
+        for i in range(10):
+            seen.append(i)  # a new batch: the next runner pays the cold cost
+            n = 16 if i < 9 else 5
+            yield (torch.randn(n, 4), torch.randint(0, 3, (n,)))
+
+    a = _Costly("a", clock, seen, ms=10.0, first_ms=500.0, cold_ms=4.0)
+    b = _Costly("b", clock, seen, ms=10.0, first_ms=500.0, cold_ms=4.0)
+    r = validate([a, b], loader())
+    la, lb = r.latency_ms["a"], r.latency_ms["b"]
+    assert la["warmup_batches"] == 1 and la["batch_size"] == 16 and la["batches"] == 8  # the batch of 5 not mixed in
+    # each runs first after the data loader on half the batches: neither is charged for it more than the other
+    assert la["median_per_batch"] == pytest.approx(12.0) and lb["median_per_batch"] == pytest.approx(12.0)
+    for lat in (la, lb):  # throughput is the same median's, so both columns rank backends alike
+        assert lat["throughput_per_s"] == pytest.approx(16 * 1e3 / lat["median_per_batch"])
+        assert lat["indicative"] is True and lat["statistic"] == "median"

@@ -12,7 +12,10 @@ import torch
 from pytorch_lightning.utilities import rank_zero_info
 
 from qatsparse.callbacks._common import find_callback
+from qatsparse.checkpointing import snapshot_state_dict, with_metadata
+from qatsparse.log_metrics import log_to_loggers, report_metrics
 from qatsparse.pipeline import ExportSettings, export_and_validate
+from qatsparse.progress import progress_for
 from qatsparse.validation import enforce_gate
 
 
@@ -20,9 +23,12 @@ class TensorRTExport(pl.Callback):
     """Export, build and validate at the end of ``fit``; write ``report.{json,md,png}`` in ``dirpath``.
 
     Writes ``model_fp32.onnx`` (the trained model without fake quantization), ``model.onnx`` (the
-    deployable graph: Q/DQ INT8 after INT8 QAT, FP16 after FP16 QAT, else FP32), ``model.plan`` where
-    TensorRT is importable, and the report comparing every backend with ``pytorch_fp32`` -- the dense
-    FP32 model as it was just before the first pruning or quantization step.
+    deployable graph: Q/DQ INT8 after INT8 QAT, FP16 after FP16 QAT, else FP32), the TensorRT hand-off
+    bundle ``tensorrt/`` (trtexec ``build.sh``, Polygraphy ``check.sh``, a validation batch and the outputs
+    for it), ``model.plan`` where TensorRT is importable, and the report comparing every backend with
+    ``pytorch_fp32`` -- the dense FP32 model as it was just before the first pruning or quantization step.
+    The report's numbers also go to the Trainer's loggers under ``qatsparse/report/``; the export and the
+    validation show progress in the style of the Trainer's progress bar.
 
     Args:
         dirpath: output folder.
@@ -42,6 +48,14 @@ class TensorRTExport(pl.Callback):
         keep_fp32: module names kept in FP32 in FP16 graphs (added to the QAT report's ``keep_fp32``).
         fp16_remainder: INT8 graphs run everything not quantized in FP16 (cast in the graph).
         lint: lint ``model.onnx`` before any build; findings go to the report.
+        dynamic_axes: input axes besides the batch that may vary: ``"auto"`` (default: axis 1 of every
+            integer input, e.g. token ids, is ``"sequence"``), None (batch only), or
+            ``{input name: {axis: dim name}}`` (e.g. ``{"input": {2: "height", 3: "width"}}``). The ONNX
+            files carry them as symbolic dims; after the export ONNX Runtime runs each at another size
+            (a declared axis the graph does not accept is an error).
+        dim_ranges: TensorRT ``(min, opt, max)`` per dynamic dim name besides the batch, e.g.
+            ``{"sequence": (1, 128, 512)}`` (without one, the profile fixes that dim at the example's size
+            and the report says so; the batch uses ``batch_sizes``).
 
     Example:
         >>> cb = TensorRTExport(dirpath="export/", max_metric_drop=0.01,
@@ -64,11 +78,17 @@ class TensorRTExport(pl.Callback):
         keep_fp32: list[str] | None = None,
         fp16_remainder: bool = True,
         lint: bool = True,
+        dynamic_axes: Mapping[str, Mapping[int, str]] | Literal["auto"] | None = "auto",
+        dim_ranges: Mapping[str, Sequence[int]] | None = None,
     ) -> None:
         if on_fail not in ("raise", "warn"):
             raise ValueError(f"on_fail must be 'raise' or 'warn', got {on_fail!r}")
         if build_engine not in ("auto", True, False):
             raise ValueError(f"build_engine must be 'auto', True or False, got {build_engine!r}")
+        from qatsparse.export.shapes import check_axes_spec, check_dim_ranges
+
+        if dynamic_axes is not None and dynamic_axes != "auto":
+            dynamic_axes = check_axes_spec(dynamic_axes)
         self.settings = ExportSettings(
             dirpath=Path(dirpath),
             max_metric_drop=max_metric_drop,
@@ -82,6 +102,8 @@ class TensorRTExport(pl.Callback):
             keep_fp32=list(keep_fp32 or []),
             fp16_remainder=fp16_remainder,
             lint=lint,
+            dynamic_axes=dynamic_axes,
+            dim_ranges=check_dim_ranges(dim_ranges),
         )
         if metrics is not None:  # bad metric configurations fail here, before training
             from qatsparse.validation import metric_specs
@@ -110,11 +132,13 @@ class TensorRTExport(pl.Callback):
     def on_before_compression(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Snapshot the dense FP32 reference (called by the compression callbacks, once)."""
         if self.reference_state is None:
-            self.reference_state = {k: v.detach().cpu().clone() for k, v in pl_module.state_dict().items()}
+            self.reference_state = snapshot_state_dict(pl_module)
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.is_global_zero:
             self.report = self.export(trainer, pl_module)
+            # LightningModule.log is not allowed in on_fit_end: the loggers' own API (logged before the gate raises)
+            log_to_loggers(trainer, report_metrics(self.report))
         trainer.strategy.barrier()
         if self.report is not None:
             enforce_gate(self.report, self.on_fail)
@@ -127,7 +151,7 @@ class TensorRTExport(pl.Callback):
         from qatsparse.quantization import remove_quantizers
 
         ref = remove_quantizers(copy.deepcopy(pl_module).cpu())
-        ref.load_state_dict(self.reference_state)
+        ref.load_state_dict(with_metadata(self.reference_state, ref))
         return ref
 
     def export(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
@@ -144,9 +168,28 @@ class TensorRTExport(pl.Callback):
             pruned_layers=sparsity_cb.pruned_layers if sparsity_cb else [],
             skipped_layers=sparsity_cb.masks.skipped if sparsity_cb and sparsity_cb.masks else {},
             quantization=qat_cb.report(pl_module) if qat_cb else {},
+            progress=progress_for(trainer),
+            validate_command=self.validate_command(trainer),
         )
         rank_zero_info(f"qatsparse: artifacts and report in {self.settings.dirpath}")
         return report
+
+    def validate_command(self, trainer: pl.Trainer) -> str:
+        """The ``qatsparse validate ... --engine`` command that re-validates the hand-off engine of this run:
+        the config LightningCLI saved and the run's checkpoint, where they are known."""
+        import os
+
+        d = Path(self.settings.dirpath)
+        config = next(
+            (os.path.join(trainer.log_dir or ".", cb.config_filename) for cb in trainer.callbacks  # type: ignore[attr-defined]
+             if type(cb).__name__ == "SaveConfigCallback" and hasattr(cb, "config_filename")),
+            "<the run's config>",
+        )  # fmt: skip
+        ckpt_cb = trainer.checkpoint_callback
+        candidates = [d / "model.ckpt", *(Path(p) for p in (getattr(ckpt_cb, "last_model_path", ""),
+                                                         getattr(ckpt_cb, "best_model_path", "")) if p)]  # fmt: skip
+        ckpt = next((str(p) for p in candidates if p.is_file()), "<the run's checkpoint>")
+        return f"qatsparse validate --config {config} --ckpt_path {ckpt} --engine {d / 'tensorrt' / 'model.plan'}"
 
     @staticmethod
     def _val_dataloader(trainer: pl.Trainer) -> Any:

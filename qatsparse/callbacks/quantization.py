@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 from collections.abc import Callable
 from functools import partial
@@ -11,6 +12,7 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 
+from qatsparse.attention import fast_paths_off
 from qatsparse.callbacks._common import (
     forward_batch,
     load_checkpoint_for_setup,
@@ -19,6 +21,8 @@ from qatsparse.callbacks._common import (
     train_batches,
 )
 from qatsparse.checkpointing import CHECKPOINT_KEY
+from qatsparse.log_metrics import log_to_loggers, quantization_hparams, quantization_metrics
+from qatsparse.progress import progress_for
 from qatsparse.quantization import (
     LayerSensitivity,
     QuantConfig,
@@ -33,14 +37,16 @@ from qatsparse.quantization import (
     sensitivity,
     track_overflow,
 )
+from qatsparse.quantization.calibrate import unreached_layers
 from qatsparse.quantization.sensitivity import METRICS, Metric
 
 
 class QuantizationAwareTraining(pl.Callback):
     """INT8 quantization-aware (or FP16-aware) fine-tuning from ``start_step`` on.
 
-    At ``start_step`` every Conv2d/Linear not excluded gets an input and a weight quantizer
-    (INT8: per-tensor symmetric activations, per-channel symmetric weights on the output axis, as
+    At ``start_step`` every quantizable layer not excluded (Conv1d/Conv2d/ConvTranspose2d/Linear, transformers
+    ``Conv1D``, ``nn.MultiheadAttention``; see :mod:`qatsparse.quantization.layers`) gets an input and a
+    weight quantizer (INT8: per-tensor symmetric activations, per-channel symmetric weights on the output axis, as
     TensorRT's explicit quantization requires) and, for INT8, the residual input of every ``a + b``
     after a quantized conv gets one too (so TensorRT fuses the add). INT8 quantizers are calibrated on
     ``calib_batches`` training batches (eval mode, no gradients, training RNG untouched), then
@@ -64,6 +70,9 @@ class QuantizationAwareTraining(pl.Callback):
             fast path on GPUs (see docs/BENCHMARKS.md). True uses :data:`qatsparse.compiling.DEFAULT_COMPILE_OPTIONS`,
             a string names a torch.compile mode (e.g. ``"reduce-overhead"``). The export always runs the
             plain module.
+        attention_matmuls: INT8: also quantize the two matmuls inside ``nn.MultiheadAttention`` (Q·Kᵀ and
+            softmax·V); their projections are quantized either way (default and measurement in
+            docs/quantization.md).
         auto_exclude: keep the ``k`` layers most sensitive to quantization in higher precision
             (ranked by :func:`~qatsparse.quantization.sensitivity` on the calibration batches).
         sensitivity_metric: metric of that ranking: ``"mse"`` (to the FP32 outputs), ``"top1"``,
@@ -86,13 +95,17 @@ class QuantizationAwareTraining(pl.Callback):
         compile: bool | str = False,
         auto_exclude: int = 0,
         sensitivity_metric: str | Metric = "mse",
+        attention_matmuls: bool = False,
         verbose: bool = True,
     ) -> None:
+        if not isinstance(attention_matmuls, bool):
+            raise ValueError(f"attention_matmuls must be True or False, got {attention_matmuls!r}")
         self.config = QuantConfig(
             precision=precision,
             calibrator=calibrator,
             percentile=percentile,
             exclude=[exclude] if isinstance(exclude, str) else list(exclude or []),
+            attention_matmuls=attention_matmuls,
         )
         if isinstance(calib_batches, bool) or int(calib_batches) != calib_batches or calib_batches < 1:
             raise ValueError(f"calib_batches must be an integer >= 1, got {calib_batches!r}")
@@ -114,6 +127,9 @@ class QuantizationAwareTraining(pl.Callback):
         self.summary: QuantSummary | None = None
         self.sensitivity: list[LayerSensitivity] = []
         self.fp16_overflow: dict[str, float] = {}
+        # PyTorch's attention fast paths bypass the quantized modules in eval mode (Lightning's validation
+        # loop too): off from QAT start to the end of the run, the user's setting restored at teardown.
+        self._fast_paths: contextlib.ExitStack | None = None
 
     # ------------------------------------------------------------------ hooks
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -143,11 +159,27 @@ class QuantizationAwareTraining(pl.Callback):
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._remove_load_hook()  # checkpoints are restored by now; don't let deepcopies carry the hook
+        if self.applied:
+            self._hold_fast_paths_off()
         if self.applied and self.compile:  # resumed after QAT started
             self._compile(pl_module)
 
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if is_quantized(pl_module):  # trainer.validate/test/predict of a QAT model: run the real modules
+            self._hold_fast_paths_off()
+
+    on_test_start = on_predict_start = on_validation_start
+
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._remove_load_hook()
+        if self._fast_paths is not None:
+            self._fast_paths.close()
+            self._fast_paths = None
+
+    def _hold_fast_paths_off(self) -> None:
+        if self._fast_paths is None:
+            self._fast_paths = contextlib.ExitStack()
+            self._fast_paths.enter_context(fast_paths_off())
 
     def _remove_load_hook(self) -> None:
         hook = getattr(self, "_load_hook", None)
@@ -169,6 +201,9 @@ class QuantizationAwareTraining(pl.Callback):
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.applied and self.config.precision == "fp16":
             self._check_fp16(trainer, pl_module, "training")
+        if self.applied:  # identical on every rank; sync_dist only keeps Lightning's DDP warning quiet
+            pl_module.log_dict(quantization_metrics(self.report(pl_module)), on_step=False, on_epoch=True,
+                               sync_dist=True)  # fmt: skip
 
     def on_save_checkpoint(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
@@ -179,14 +214,24 @@ class QuantizationAwareTraining(pl.Callback):
     # ------------------------------------------------------------------ work
     def _apply(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         notify_before_compression(trainer, pl_module)
+        self._hold_fast_paths_off()
         self.summary = quantize_model(pl_module, self.config)
         batches = partial(train_batches, trainer, self.calib_batches)
-        forward = partial(forward_batch, pl_module)
-        with rng_isolated(pl_module.device):
+        passes = 1 if self.config.precision == "fp16" or self.config.calibrator == "max" else 2
+        what = f"calibrating INT8 ({self.config.calibrator})" if self.config.precision == "int8" else "FP16 range check"
+        task = progress_for(trainer).task(what, total=self.calib_batches * passes)
+
+        def forward(batch: Any) -> Any:
+            out = forward_batch(pl_module, batch)
+            task.advance()
+            return out
+
+        with rng_isolated(pl_module.device), task:
             if self.config.precision == "int8":
-                n = calibrate(pl_module, batches, forward)
+                n = calibrate(pl_module, batches, forward, unreached="keep")
                 if n < self.calib_batches:
                     rank_zero_info(f"calibration used {n} batches: the training dataloader has no more")
+                self._keep_unreached(pl_module)
             else:
                 track_overflow(pl_module)  # the calibration batches look for FP16 overflow
                 was = pl_module.training
@@ -204,10 +249,26 @@ class QuantizationAwareTraining(pl.Callback):
                 if self.config.precision == "fp16":
                     track_overflow(pl_module)  # requantize made fresh quantizers: keep watching them
         self.applied = True
+        log_to_loggers(trainer, {}, quantization_hparams(self.config.to_dict()))
         if self.compile:
             self._compile(pl_module)
         if self.verbose:
             rank_zero_info(self.describe(pl_module))
+
+    def _keep_unreached(self, pl_module: pl.LightningModule) -> None:
+        """Layers whose forward the calibration batches never ran stay in higher precision, named."""
+        missing = unreached_layers(pl_module)
+        if not missing:
+            return
+        for name, qs in missing.items():
+            self.config.higher_precision[name] = (
+                f"not reached by the calibration batches ({', '.join(qs)} saw no data: its forward did not run)"
+            )
+        rank_zero_warn(
+            f"qatsparse: calibration never ran {sorted(missing)}; they are kept in higher precision "
+            "(see the quantization summary)"
+        )
+        self.summary = requantize(pl_module, self.config)
 
     def _auto_exclude(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batches: list[Any]) -> None:
         rows = sensitivity(pl_module, batches, self.sensitivity_metric, forward=lambda m, b: forward_batch(m, b))

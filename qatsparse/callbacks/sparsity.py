@@ -16,7 +16,11 @@ from qatsparse.sparsity.record import set_pruned_record
 
 
 class TwoFourSparsity(pl.Callback):
-    """Magnitude 2:4 pruning of every eligible Conv2d/Linear at ``start_step``; masks held afterwards.
+    """Magnitude 2:4 pruning of every eligible weight at ``start_step``; masks held afterwards.
+
+    Eligible: Conv1d/Conv2d/Linear weights, ``nn.MultiheadAttention`` input/output projections and
+    transformers ``Conv1D`` weights that TensorRT's sparse kernels can use (see
+    :mod:`qatsparse.sparsity.weights`); everything else is named in the summary with the reason.
 
     After pruning, the pruned weights are zeroed again right after every optimizer step (a post-step
     hook on each optimizer, so gradient accumulation, several optimizers, manual optimization and
@@ -26,9 +30,10 @@ class TwoFourSparsity(pl.Callback):
     Args:
         start_step: optimizer step (``trainer.global_step``) at which to prune; 0 prunes before the
             first step.
-        include: regexes (``re.search``) of module names to consider (default: all Conv2d/Linear). A
-            pattern matching no Conv2d/Linear raises ``ValueError`` at setup, before any step.
-        exclude: regexes of module names never pruned (e.g. the classifier, ``["fc"]``).
+        include: regexes (``re.search``) of weight keys to consider (default: all); a key is the module
+            name, or ``module.parameter`` for attention's ``in_proj_weight``. A pattern matching no
+            prunable weight raises ``ValueError`` at setup, before any step.
+        exclude: regexes of weight keys never pruned (e.g. the classifier, ``["fc"]``).
         make_permanent: at fit end, drop the optimizer hooks and leave plain modules with the zeros in
             place (the default). ``False`` keeps the hooks, so steps of the same optimizers after ``fit``
             keep the masks too.

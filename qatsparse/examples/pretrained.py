@@ -94,7 +94,10 @@ def load_init_ckpt(module: nn.Module, path: str | Path, strict: bool = True) -> 
             if keys
         ]
         raise ValueError(f"init_ckpt {str(path)!r} does not fit {type(module).__name__}: " + "; ".join(parts))
-    module.load_state_dict({k: v for k, v in state.items() if k not in shape}, strict=False)
+    from qatsparse.checkpointing import with_metadata
+
+    # the filtered dict has no state-dict metadata: take the module's (some layers check their version)
+    module.load_state_dict(with_metadata({k: v for k, v in state.items() if k not in shape}, module), strict=False)
 
 
 def setup_init_ckpt(module: Any, path: str | Path | None) -> bool:

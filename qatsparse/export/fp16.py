@@ -15,7 +15,9 @@ pass driven by the ONNX operator schemas:
 * graph inputs and outputs keep FP32 (``keep_io_types``), with a ``Cast`` after each input and before
   each output;
 * constants are converted once, at conversion time (clamped to the FP16 range, reported), so no cast
-  of a weight is left for the runtime.
+  of a weight is left for the runtime;
+* a ``Transpose`` feeding a ``MatMul`` with a 2-D constant weight is moved below it (exact; ONNX Runtime's
+  CPU optimizer crashes on that pattern in FP16, see :mod:`qatsparse.export.rewrites`).
 """
 
 from __future__ import annotations
@@ -108,10 +110,17 @@ def convert_to_fp16(
     from onnx import TensorProto, helper, numpy_helper
 
     from qatsparse.export.onnx import nodes_of_modules
+    from qatsparse.export.rewrites import sink_transposes_below_matmuls
 
     FLOAT, HALF = TensorProto.FLOAT, TensorProto.FLOAT16
     conv = FP16Conversion()
     model = copy.deepcopy(model)
+    moved = sink_transposes_below_matmuls(model)
+    if moved:
+        conv.notes.append(
+            f"{moved} Transpose(s) moved below their MatMul (same values; avoids an ONNX Runtime crash on FP16 "
+            "Transpose->MatMul, see qatsparse.export.rewrites)"
+        )
     opset = _opset(model)
     inferred = onnx.shape_inference.infer_shapes(model)
     graph = model.graph

@@ -2,7 +2,8 @@
 
 Each :class:`Finding` names the node and says why it costs speed or accuracy. The rules are TensorRT's
 explicit-quantization rules ("Working with Quantized Types" in the TensorRT developer guide) and the
-ONNX-TensorRT operator support matrix (``docs/operators.md`` of onnx/onnx-tensorrt, TensorRT 10.15).
+ONNX-TensorRT operator support matrix (``docs/operators.md`` of onnx/onnx-tensorrt, TensorRT 10.15; ops
+added later are listed in :data:`TENSORRT_OPS_SINCE` with the release that added them).
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
+
+from qatsparse.export.graph import WEIGHTED_OPS, OnnxGraph, attribute
 
 #: Operators the ONNX-TensorRT parser imports (TensorRT 10.15 support matrix, rows marked "Y").
 TENSORRT_ONNX_OPS = frozenset(
@@ -29,12 +32,17 @@ TENSORRT_ONNX_OPS = frozenset(
     Reshape Resize ReverseSequence RMSNormalization RNN RoiAlign RotaryEmbedding Round STFT ScaledTanh Scan
     Scatter ScatterElements ScatterND Selu Shape Shrink Sigmoid Sign Sin Sinh Size Slice Softmax Softplus
     Softsign SpaceToDepth Split Sqrt Squeeze Sub Sum Tan Tanh TensorScatter ThresholdedRelu Tile TopK Transpose
-    Trilu Unsqueeze Upsample Where Xor""".split()  # noqa: SIM905 (a word list reads like the source table)
+    Trilu Unsqueeze Upsample Where Xor Swish""".split()  # noqa: SIM905 (a word list reads like the source table)
 )
-#: Opsets the TensorRT 10.x/11.x parsers accept (10.0: 9-20; 10.15: 9-24).
-TENSORRT_OPSETS = (9, 24)
+#: Operators whose importer is newer than TensorRT 10.0: {op: first release} (TensorRT CHANGELOG.md, "Parsers").
+TENSORRT_OPS_SINCE = {"Swish": "11.0"}
+#: The highest ONNX opset each TensorRT release's parser accepts (the lowest is 9 throughout): 10.0 from
+#: onnx-tensorrt's docs/operators.md at release/10.0-GA ("opset 9 to opset 20"), 10.15 from the same file at
+#: 10.15 ("opset 9 to opset 24"), 11.x: opset 25 (the review of the 11.x parser in issue 13). Releases in
+#: between are bounded by the older entry: the lint warns rather than guesses.
+TENSORRT_MAX_OPSET = {"10.0": 20, "10.15": 24, "11.0": 25}
+TENSORRT_MIN_OPSET = 9
 
-WEIGHTED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 #: Ops a DQ moves forward through (and a Q backward through) in TensorRT's Q/DQ propagation.
 _COMMUTING = {
     "MaxPool",
@@ -51,8 +59,10 @@ _COMMUTING = {
     "Concat",
     "Pad",
 }
-#: Consumers that can take a dequantized INT8 tensor into a fused INT8 kernel.
-_QUANT_CONSUMERS = {*WEIGHTED_OPS, "Add"}
+#: Consumers that can take a dequantized INT8 tensor into a fused INT8 kernel: the weighted ops, the residual
+#: Add, and average pooling (a quantizable layer in TensorRT: it runs in INT8 between Q/DQ pairs).
+_POOLS = ("AveragePool", "GlobalAveragePool")
+_QUANT_CONSUMERS = {*WEIGHTED_OPS, "Add", *_POOLS}
 
 Severity = Literal["error", "warning"]
 
@@ -78,51 +88,15 @@ class Finding:
         return f"[{self.severity}] {self.check} {self.node}: {self.message}"
 
 
-class _Graph:
-    """Lookup tables over an ONNX graph: producers, consumers, constants."""
-
-    def __init__(self, model: Any) -> None:
-        from onnx import numpy_helper
-
-        self.model = model
-        self.graph = model.graph
-        self.producer = {o: n for n in self.graph.node for o in n.output if o}
-        self.consumers: dict[str, list[tuple[Any, int]]] = {}
-        for n in self.graph.node:
-            for i, name in enumerate(n.input):
-                if name:
-                    self.consumers.setdefault(name, []).append((n, i))
-        self.outputs = {o.name for o in self.graph.output}
-        self.inputs = {i.name for i in self.graph.input}
-        self.const: dict[str, np.ndarray] = {i.name: numpy_helper.to_array(i) for i in self.graph.initializer}
-        for n in self.graph.node:
-            if n.op_type == "Constant":
-                for a in n.attribute:
-                    if a.name == "value":
-                        self.const[n.output[0]] = numpy_helper.to_array(a.t)
-
-    def is_const(self, name: str) -> bool:
-        return name in self.const
+class _Graph(OnnxGraph):
+    """The lint's view of the graph: :class:`~qatsparse.export.graph.OnnxGraph` plus the weight test."""
 
     def traces_to_const(self, name: str) -> bool:
         """A constant possibly behind Q/DQ/Cast/Identity/Transpose (how weights reach Conv/Gemm)."""
-        for _ in range(8):
-            if self.is_const(name):
-                return True
-            p = self.producer.get(name)
-            if p is None or p.op_type not in ("QuantizeLinear", "DequantizeLinear", "Cast", "Identity", "Transpose"):
-                return False
-            name = p.input[0]
-        return False
+        return self.trace_constant(name) is not None
 
 
-def _attr(node: Any, name: str, default: Any = None) -> Any:
-    from onnx import helper
-
-    for a in node.attribute:
-        if a.name == name:
-            return helper.get_attribute_value(a)
-    return default
+_attr = attribute
 
 
 def _name(n: Any) -> str:
@@ -172,16 +146,31 @@ def lint_errors(findings: Iterable[Finding]) -> list[Finding]:
 def _check_ops(g: _Graph) -> list[Finding]:
     out = []
     opset = next((o.version for o in g.model.opset_import if o.domain in ("", "ai.onnx")), 0)
-    lo, hi = TENSORRT_OPSETS
-    if not lo <= opset <= hi:
+    newest = max(TENSORRT_MAX_OPSET.values())
+    if not TENSORRT_MIN_OPSET <= opset <= newest:
         out.append(
             Finding(
                 "opset",
                 "<graph>",
                 "error",
-                f"opset {opset} is outside what TensorRT's ONNX parser accepts ({lo}-{hi}): the engine build fails",
+                f"opset {opset} is outside what any TensorRT 10.x/11.x ONNX parser accepts ({TENSORRT_MIN_OPSET}-"
+                f"{newest}): the engine build fails",
             )
         )
+    else:
+        too_old = [v for v, hi in TENSORRT_MAX_OPSET.items() if opset > hi]
+        if too_old:
+            first = min((v for v, hi in TENSORRT_MAX_OPSET.items() if opset <= hi), key=_version_key)
+            out.append(
+                Finding(
+                    "opset",
+                    "<graph>",
+                    "warning",
+                    f"opset {opset} needs TensorRT >= {first} (TensorRT {', '.join(too_old)} parse opsets up to "
+                    f"{', '.join(str(TENSORRT_MAX_OPSET[v]) for v in too_old)}): older TensorRT fails to build "
+                    "(export at a lower opset to deploy there)",
+                )
+            )
     for n in g.graph.node:
         if n.domain not in ("", "ai.onnx"):
             out.append(
@@ -203,7 +192,21 @@ def _check_ops(g: _Graph) -> list[Finding]:
                     "(replace it in the model or provide a plugin)",
                 )
             )
+        elif n.op_type in TENSORRT_OPS_SINCE:
+            out.append(
+                Finding(
+                    "op-version",
+                    _name(n),
+                    "warning",
+                    f"{n.op_type} is imported by TensorRT >= {TENSORRT_OPS_SINCE[n.op_type]} only: an older TensorRT "
+                    "fails to build (replace it, e.g. Swish by x * Sigmoid(x), to deploy there)",
+                )
+            )
     return out
+
+
+def _version_key(v: str) -> tuple[int, ...]:
+    return tuple(int(p) for p in v.split("."))
 
 
 def _check_qdq_form(g: _Graph) -> list[Finding]:
@@ -227,7 +230,7 @@ def _check_qdq_form(g: _Graph) -> list[Finding]:
             )
             scale = None
         else:
-            scale = g.const[scale_name]
+            scale = g.const(scale_name)
             if scale.size and not np.all(scale.astype(np.float64) > 0):
                 out.append(
                     Finding(
@@ -241,7 +244,7 @@ def _check_qdq_form(g: _Graph) -> list[Finding]:
         zp_name = n.input[2] if len(n.input) > 2 else ""
         if zp_name:
             if g.is_const(zp_name):
-                zp = g.const[zp_name]
+                zp = g.const(zp_name)
                 if zp.dtype != np.int8:
                     out.append(
                         Finding(
@@ -337,7 +340,7 @@ def _check_axis(g: _Graph, n: Any, scale: np.ndarray | None) -> list[Finding]:
         return []
     consumer, via = use
     expected = _expected_weight_axis(g, consumer, via)
-    shape = g.const[const].shape
+    shape = g.const(const).shape
     if expected is None or not shape:
         return []
     rank = len(shape)
@@ -372,14 +375,8 @@ def _check_axis(g: _Graph, n: Any, scale: np.ndarray | None) -> list[Finding]:
 
 def _const_behind(g: _Graph, name: str) -> str | None:
     """Name of the constant behind ``name`` (through Q/Cast/Identity), or None."""
-    for _ in range(8):
-        if g.is_const(name):
-            return name
-        p = g.producer.get(name)
-        if p is None or p.op_type not in ("QuantizeLinear", "Cast", "Identity"):
-            return None
-        name = p.input[0]
-    return None
+    trace = g.trace_constant(name, through=("QuantizeLinear", "Cast", "Identity"))
+    return trace.name if trace is not None else None
 
 
 def _reaches_quant_consumer(g: _Graph, name: str, depth: int = 0) -> bool:
@@ -419,7 +416,7 @@ def _check_qdq_placement(g: _Graph, intended: set[str]) -> list[Finding]:
                 src = g.producer.get(src.input[0]) or src
             if src is not None and src.op_type in WEIGHTED_OPS and n.name not in intended:
                 dq_cons = [c for dq, _ in cons for c, _ in g.consumers.get(dq.output[0], [])]
-                feeds_weighted = dq_cons and all(c.op_type in WEIGHTED_OPS for c in dq_cons)
+                feeds_weighted = dq_cons and all(c.op_type in (*WEIGHTED_OPS, *_POOLS) for c in dq_cons)
                 # The residual quantizer of a block whose shortcut is a (downsample) conv: TensorRT's rule is
                 # a Q/DQ on the residual input of the Add, so the add fuses into the other conv's epilogue.
                 feeds_residual_add = dq_cons and all(c.op_type == "Add" for c in dq_cons)

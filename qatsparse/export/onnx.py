@@ -17,6 +17,11 @@ import torch
 from torch import nn
 
 DEFAULT_OPSET = 17
+#: The notice ``torch.onnx.export(dynamo=False)`` emits since PyTorch 2.9 (a regex for ``filterwarnings``).
+LEGACY_EXPORTER_NOTICE = r"You are using the legacy TorchScript-based ONNX export"
+#: Where the TorchScript exporter calls its own deprecated helpers (``setup_onnx_logging``): a DeprecationWarning
+#: attributed to this module is torch's, not the user's.
+LEGACY_EXPORTER_MODULE = r"torch\.onnx\._internal\.torchscript_exporter"
 #: Opset at which QuantizeLinear/DequantizeLinear take FP16 inputs and scales (used for INT8 + FP16 graphs).
 FP16_QDQ_OPSET = 19
 
@@ -96,30 +101,61 @@ def export_onnx(
     dynamic_batch: bool = True,
     metadata: Mapping[str, str] | None = None,
     fold: bool = True,
+    dynamic_axes: Mapping[str, Mapping[int, str]] | None = None,
 ) -> Path:
     """Export ``model`` to ONNX at ``path`` (atomically) and check the result.
 
-    Uses the TorchScript exporter (``dynamo=False``): it maps PyTorch's fake-quantize ops to
-    QuantizeLinear/DequantizeLinear, which the dynamo exporter does not do for quantized training
-    graphs. The model is exported on the CPU in eval mode from a copy, so the caller's model is not
-    touched. Every input and output gets a dynamic batch axis (``"batch"``) unless ``dynamic_batch``
-    is False. Output names default to the keys of a dict output, else ``output``/``output_i``.
+    Uses the TorchScript exporter (``dynamo=False``): the torch.export-based exporter cannot export
+    fake-quantized models with a dynamic batch axis in PyTorch 2.14, and its default graph optimization
+    changes the numbers of some Q/DQ graphs (``benchmarks/exporter_trial.py``; docs/design.md). Only the
+    TorchScript exporter's own deprecation notices are silenced. The model is exported on the CPU in eval mode
+    from a copy, so the caller's model is not touched; ``nn.MultiheadAttention`` is exported through
+    :func:`qatsparse.attention.attention_forward` (PyTorch's own export fixes the sequence length into its
+    reshapes) with PyTorch's attention fast paths off. Every input and output gets a dynamic batch axis
+    (``"batch"``) unless ``dynamic_batch`` is False; ``dynamic_axes`` ``{input name: {axis: dim name}}`` adds
+    more (see :mod:`qatsparse.export.shapes`). Output names default to the keys of a dict output, else
+    ``output``/``output_i``.
     With ``fold`` the constant subgraphs the exporter leaves (Q/DQ scales computed from
     buffers, quantization of constant weights) are folded (see :func:`fold_constants`), so every
-    Q/DQ scale is a constant as TensorRT requires. ``onnx.checker`` and shape inference must pass.
+    Q/DQ scale is a constant as TensorRT requires, and an INT8 weight used in parts gets one INT8
+    initializer per part (:func:`qatsparse.export.rewrites.slice_dequantized_weights`). ``onnx.checker``
+    and shape inference must pass.
 
     Example:
         >>> p = export_onnx(nn.Linear(4, 2), [torch.zeros(1, 4)], tempfile.mkdtemp() + "/m.onnx")
         >>> p.name
         'm.onnx'
     """
-    import onnx
-
     if opset < 17:
         raise ValueError(f"opset must be >= 17 (per-channel Q/DQ and TensorRT 10/11), got {opset}")
+    from qatsparse.attention import explicit_attention, fast_paths_off
+
     path = Path(path)
     inputs = tuple(t.detach().cpu() for t in inputs)
     model = copy.deepcopy(model).cpu().eval()
+    explicit_attention(model)  # plain ops with symbolic shapes instead of PyTorch's fused attention
+    with fast_paths_off():
+        names = (input_names, output_names)
+        return _export(model, inputs, path, *names, opset, dynamic_batch, metadata, fold, dynamic_axes)
+
+
+def _export(
+    model: nn.Module,
+    inputs: tuple[torch.Tensor, ...],
+    path: Path,
+    input_names: Sequence[str] | None,
+    output_names: Sequence[str] | None,
+    opset: int,
+    dynamic_batch: bool,
+    metadata: Mapping[str, str] | None,
+    fold: bool,
+    extra_axes: Mapping[str, Mapping[int, str]] | None,
+) -> Path:
+    import onnx
+
+    from qatsparse.export.rewrites import slice_dequantized_weights
+    from qatsparse.export.shapes import onnx_dynamic_axes
+
     n_out, dict_names = _output_names_of(model, inputs)
     input_names = list(input_names) if input_names else default_io_names(len(inputs), "input")
     output_names = list(output_names) if output_names else (dict_names or default_io_names(n_out, "output"))
@@ -129,9 +165,15 @@ def export_onnx(
         raise ValueError(f"{len(output_names)} output names for {n_out} outputs: {output_names}")
     if len(set(input_names) | set(output_names)) != len(input_names) + len(output_names):
         raise ValueError(f"input and output names must be unique, got {input_names} and {output_names}")
-    dynamic_axes = {n: {0: "batch"} for n in [*input_names, *output_names]} if dynamic_batch else None
+    dynamic_axes = {
+        **onnx_dynamic_axes(input_names, extra_axes or {}, dynamic_batch),
+        **({n: {0: "batch"} for n in output_names} if dynamic_batch else {}),
+    }
     with atomic_path(path) as tmp, warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
+        # Only the exporter's own deprecation notices are silenced (docs/design.md says why this exporter);
+        # tracer warnings, which signal a trace that may not generalise, reach the user.
+        warnings.filterwarnings("ignore", message=LEGACY_EXPORTER_NOTICE, category=DeprecationWarning)
+        warnings.filterwarnings("ignore", category=DeprecationWarning, module=LEGACY_EXPORTER_MODULE)
         torch.onnx.export(
             model,
             inputs,
@@ -140,12 +182,13 @@ def export_onnx(
             opset_version=opset,
             input_names=input_names,
             output_names=output_names,
-            dynamic_axes=dynamic_axes,
+            dynamic_axes=dynamic_axes or None,
             do_constant_folding=True,
         )
         proto = onnx.load(str(tmp))
         if fold:
             proto = fold_constants(proto)
+            slice_dequantized_weights(proto)
         for k, v in (metadata or {}).items():
             entry = proto.metadata_props.add()
             entry.key, entry.value = k, v
@@ -318,18 +361,35 @@ def get_metadata(path: str | Path) -> dict[str, str]:
     return {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
 
 
-def record_pruned_layers(path: str | Path, module_names: Sequence[str]) -> dict[str, str]:
-    """Store {module name: node name} of the pruned layers in the ONNX metadata and return it.
+def record_pruned_layers(
+    path: str | Path, module_names: Sequence[str], model: nn.Module | None = None
+) -> dict[str, list[str]]:
+    """Store ``{weight key: [node names]}`` of the pruned weights in the ONNX metadata and return it.
+
+    With ``model`` (the module the graph was exported from, or one with the same weights) every weighted
+    node's constant is compared with the pruned weights (:func:`qatsparse.export.locate.locate_weights`):
+    this finds weights used without their module's ``forward`` (attention projections, torchvision Swin)
+    and survives quantization and FP16. Without ``model`` a key is found by the node's scope name (the
+    first Conv/Gemm/MatMul exported from that module), which only works for ``Linear``/``Conv`` layers
+    called through their own ``forward``.
 
     Raises:
-        ValueError: a pruned module has no Conv/Gemm/MatMul node in the graph.
+        ValueError: a pruned weight has no Conv/Gemm/MatMul node in the graph.
     """
     from qatsparse.sparsity.check import PRUNED_METADATA_KEY
 
-    nodes = weighted_node_names(path)
-    missing = [m for m in module_names if m not in nodes]
+    if model is not None:
+        from qatsparse.export.locate import locate_weights
+
+        mapping, missing = locate_weights(path, model, list(module_names))
+        nodes = sorted(n for ns in mapping.values() for n in ns)
+    else:
+        by_scope = weighted_node_names(path)
+        missing = [m for m in module_names if m not in by_scope]
+        mapping = {m: [by_scope[m]] for m in module_names if m in by_scope}
+        nodes = sorted(by_scope.values())
     if missing:
-        raise ValueError(f"pruned layers not found in {path}: {missing}; nodes: {sorted(nodes)}")
-    mapping = {m: nodes[m] for m in module_names}
+        raise ValueError(f"pruned layers not found in {path}: {missing}; weighted nodes: {nodes}")
+    mapping = {m: mapping[m] for m in module_names}
     set_metadata(path, {PRUNED_METADATA_KEY: json.dumps(mapping)})
     return mapping

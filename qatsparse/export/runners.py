@@ -26,7 +26,8 @@ class Runner(Protocol):
 
 
 class TorchRunner:
-    """Runs an ``nn.Module`` in eval mode under ``torch.no_grad`` on ``device``.
+    """Runs an ``nn.Module`` in eval mode under ``torch.no_grad`` on ``device``, with PyTorch's attention
+    fast paths off (every quantized layer runs, as in training and in the export).
 
     Example:
         >>> r = TorchRunner(nn.Linear(3, 2), "pytorch_fp32"); r((torch.zeros(4, 3),))[0].shape
@@ -41,7 +42,10 @@ class TorchRunner:
 
     @torch.no_grad()
     def __call__(self, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
-        out = self.module(*(t.to(self.device) for t in inputs))
+        from qatsparse.attention import fast_paths_off
+
+        with fast_paths_off():
+            out = self.module(*(t.to(self.device) for t in inputs))
         return tuple(o.detach().float().cpu() for o in as_outputs(out))
 
 
@@ -85,6 +89,7 @@ class OnnxRuntimeRunner:
             providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
         self.session = ort.InferenceSession(str(self.path), sess_options=opts, providers=providers)
         self.inputs = self.session.get_inputs()
+        self.device = "cuda" if self.session.get_providers()[0] == "CUDAExecutionProvider" else "cpu"
 
     def __call__(self, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
         if len(inputs) != len(self.inputs):

@@ -1,207 +1,38 @@
-"""TensorRT engine build, inspection and runner, written against the documented Python API of 10.x and 11.x.
+"""TensorRT: one process-wide logger, the engine build, the engine inspector and a runner (10.x and 11.x).
 
 ``tensorrt`` is an optional dependency imported lazily: nothing here runs where it is absent, and no
-TensorRT result is ever produced by anything but TensorRT. The parsing of what TensorRT prints (build
-log lines, engine-inspector JSON) is kept in pure functions so that it is tested without TensorRT.
-Every TensorRT call used here is listed, with where it is documented, in ``docs/export.md``.
+TensorRT result is ever produced by anything but TensorRT. What TensorRT prints is parsed by the pure
+functions of :mod:`qatsparse.export.engine_info`; the optimization profile comes from
+:mod:`qatsparse.export.profile`. Every TensorRT call used here is listed, with where it is documented, in
+``docs/export.md``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
-import re
 import sys
+import threading
 import time
-from collections import Counter
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
-# ------------------------------------------------------------------------------------ pure functions
-_ELIGIBLE = re.compile(r"Layers eligible for sparse math:\s*(.*)$")
-_PICKED = re.compile(r"picked sparse implementation for layers:\s*(.*)$")
-
-
-def _split_layers(text: str) -> list[str]:
-    return [s.strip() for s in text.strip().split(", ") if s.strip()]
-
-
-def parse_sparsity_log(lines: Iterable[str]) -> dict[str, list[str]]:
-    """The layer lists of TensorRT's two sparsity log lines (any prefix, several lines are merged).
-
-    ``(Sparsity) Layers eligible for sparse math: a, b`` lists layers whose weights are 2:4;
-    ``(Sparsity) TRT inference plan picked sparse implementation for layers: b`` lists those for which
-    the sparse kernel was faster and kept -- eligible is not picked.
-
-    Example:
-        >>> parse_sparsity_log(["[I] (Sparsity) Layers eligible for sparse math: conv1, conv2",
-        ...                     "[I] (Sparsity) TRT inference plan picked sparse implementation for layers: conv2"])
-        {'eligible': ['conv1', 'conv2'], 'picked': ['conv2']}
-    """
-    out: dict[str, list[str]] = {"eligible": [], "picked": []}
-    for line in lines:
-        for key, rx in (("eligible", _ELIGIBLE), ("picked", _PICKED)):
-            m = rx.search(line.rstrip())
-            if m:
-                out[key] += [n for n in _split_layers(m.group(1)) if n not in out[key]]
-    return out
-
-
-_DTYPES = (  # order matters: the first match wins ("FP16" before "Float", "Int8" before "Int")
-    ("int8", re.compile(r"\bint8\b", re.I)),
-    ("fp16", re.compile(r"\b(fp16|half|float16)\b", re.I)),
-    ("bf16", re.compile(r"\b(bf16|bfloat16)\b", re.I)),
-    ("fp8", re.compile(r"\b(fp8|e4m3)\b", re.I)),
-    ("fp4", re.compile(r"\b(fp4|e2m1)\b", re.I)),
-    ("int4", re.compile(r"\bint4\b", re.I)),
-    ("int32", re.compile(r"\bint32\b", re.I)),
-    ("int64", re.compile(r"\bint64\b", re.I)),
-    ("bool", re.compile(r"\bbool\b", re.I)),
-    ("uint8", re.compile(r"\buint8\b", re.I)),
-    ("fp32", re.compile(r"\b(fp32|float|float32)\b", re.I)),
+from qatsparse.export.engine_info import (  # noqa: F401 -- re-exported: the parsers' historical home
+    engine_precision_label,
+    engine_sparsity,
+    normalize_dtype,
+    parse_engine_information,
+    parse_sparsity_log,
 )
+from qatsparse.export.profile import onnx_input_dims, profile_shapes
+
+#: TensorRT releases this module is written against (Python bindings and headers read for each).
+SUPPORTED_TENSORRT = ("10.0", "11.1")
 
 
-def normalize_dtype(text: str | None) -> str:
-    """TensorRT's data type spellings (``"Row major linear FP32"``, ``"Half"``, ``"Int8"``, ``"kHALF"``) -> a
-    short name (``fp32``, ``fp16``, ``int8``, ...), ``"unknown"`` when none is recognised.
-
-    Example:
-        >>> normalize_dtype("Thirty-two wide channel vectorized row major Int8 format"), normalize_dtype("Half")
-        ('int8', 'fp16')
-    """
-    if not text:
-        return "unknown"
-    t = str(text).replace("kHALF", "Half").replace("kFLOAT", "Float").replace("kINT8", "Int8")
-    for name, rx in _DTYPES:
-        if rx.search(t):
-            return name
-    return "unknown"
-
-
-def _tensor_dtype(t: Any) -> str:
-    """Data type of one tensor entry: 10.x ``"Format/Datatype"``, 11.x ``"Datatype"``/``"DataType"``."""
-    if not isinstance(t, Mapping):
-        return normalize_dtype(str(t))
-    for key in ("Datatype", "DataType", "Format/Datatype"):
-        if key in t:
-            return normalize_dtype(str(t[key]))
-    return "unknown"
-
-
-def parse_engine_information(info: str | Mapping[str, Any]) -> dict[str, Any]:
-    """Per-layer precision and sparse weights from ``IEngineInspector.get_engine_information(JSON)``.
-
-    Handles both layouts: 10.x gives each tensor a combined ``"Format/Datatype"`` string and lists the
-    I/O names under ``"Bindings"``; 11.x gives separate ``"Datatype"`` and ``"Format"`` keys and an
-    ``"I/O Tensors"`` list of objects. Without ``ProfilingVerbosity.DETAILED`` layers are bare names.
-
-    A layer's precision is ``int8`` when any of its inputs or weights are INT8 (TensorRT ran an INT8
-    kernel), else the type of its first output.
-
-    Example:
-        >>> r = parse_engine_information({"Layers": [{"Name": "conv", "LayerType": "CaskConvolution",
-        ...     "Inputs": [{"Name": "x", "Format/Datatype": "Int8"}], "Outputs": [{"Name": "y",
-        ...     "Format/Datatype": "Half"}], "HasSparseWeights": 1}], "Bindings": ["x", "y"]})
-        >>> r["schema"], r["layers"][0]["precision"], r["sparse_layers"]
-        ('10.x', 'int8', ['conv'])
-    """
-    data = json.loads(info) if isinstance(info, (str, bytes)) else dict(info)
-    if "I/O Tensors" in data:
-        schema = "11.x"
-        io = [
-            {
-                "name": t.get("Name") if isinstance(t, Mapping) else str(t),
-                "mode": t.get("IOMode", t.get("Mode")) if isinstance(t, Mapping) else None,
-                "dtype": _tensor_dtype(t),
-            }
-            for t in data["I/O Tensors"]
-        ]
-    elif "Bindings" in data:
-        schema = "10.x"
-        io = [{"name": str(b), "mode": None, "dtype": "unknown"} for b in data["Bindings"]]
-    else:
-        schema, io = "unknown", []
-    layers = []
-    for layer in data.get("Layers", []):
-        if not isinstance(layer, Mapping):  # names only (ProfilingVerbosity below DETAILED)
-            layers.append({"name": str(layer), "type": None, "precision": "unknown", "sparse_weights": None})
-            continue
-        ins = [_tensor_dtype(t) for t in layer.get("Inputs", [])]
-        outs = [_tensor_dtype(t) for t in layer.get("Outputs", [])]
-        weights = layer.get("Weights")
-        wtype = normalize_dtype(weights.get("Type")) if isinstance(weights, Mapping) else None
-        first = outs[0] if outs else (ins[0] if ins else "unknown")
-        precision = "int8" if "int8" in ins or wtype == "int8" else first
-        sparse = layer.get("HasSparseWeights")
-        layers.append(
-            {
-                "name": str(layer.get("Name", "")),
-                "type": layer.get("LayerType"),
-                "inputs": ins,
-                "outputs": outs,
-                "weights": wtype,
-                "precision": precision,
-                "sparse_weights": None if sparse is None else bool(int(sparse)),
-                "tactic": layer.get("TacticName"),
-            }
-        )
-    if schema == "unknown" and layers and any(isinstance(x, Mapping) for x in data.get("Layers", [])):
-        schema = "11.x" if any("Datatype" in str(x) or "DataType" in str(x) for x in data["Layers"]) else "10.x"
-    counts = Counter(layer["precision"] for layer in layers)
-    return {
-        "schema": schema,
-        "io_tensors": io,
-        "layers": layers,
-        "precision_counts": dict(counts),
-        "sparse_layers": [layer["name"] for layer in layers if layer.get("sparse_weights")],
-    }
-
-
-def _version_tuple(v: str) -> tuple[int, ...]:
-    return tuple(int(p) for p in v.split(".")[:2] if p.isdigit())
-
-
-def uses_strong_typing(version: str) -> bool:
-    """Strongly typed networks on TensorRT >= 10.12 and 11.x; weak typing (FP16/INT8 flags) below.
-
-    Example:
-        >>> uses_strong_typing("10.11.0"), uses_strong_typing("10.12.0.36"), uses_strong_typing("11.1.0")
-        (False, True, True)
-    """
-    return _version_tuple(version) >= (10, 12)
-
-
-def profile_shapes(
-    input_shapes: Mapping[str, Sequence[int]], batch_sizes: Sequence[int]
-) -> dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]:
-    """(min, opt, max) shape of every input for an optimization profile over the batch axis.
-
-    Raises:
-        ValueError: ``batch_sizes`` is not (min, opt, max) ordered, or an input has a dynamic non-batch
-            axis or a static batch axis.
-
-    Example:
-        >>> profile_shapes({"planes": (-1, 18, 8, 8)}, (1, 32, 256))["planes"][2]
-        (256, 18, 8, 8)
-    """
-    bs = tuple(int(b) for b in batch_sizes)
-    if len(bs) != 3 or not 1 <= bs[0] <= bs[1] <= bs[2]:
-        raise ValueError(f"batch_sizes must be (min, opt, max) with 1 <= min <= opt <= max, got {tuple(batch_sizes)}")
-    out = {}
-    for name, shape in input_shapes.items():
-        shape = tuple(int(d) for d in shape)
-        if not shape or shape[0] != -1:
-            raise ValueError(f"input {name!r} has shape {shape}: export it with a dynamic batch axis (dims[0] = -1)")
-        if any(d < 0 for d in shape[1:]):
-            raise ValueError(f"input {name!r} has dynamic non-batch dims {shape}; only the batch axis may vary")
-        out[name] = tuple((b, *shape[1:]) for b in bs)  # type: ignore[assignment]
-    return out
-
-
-# ------------------------------------------------------------------------------------ TensorRT calls
 def tensorrt_available() -> bool:
     """True when ``import tensorrt`` works and a CUDA device is present."""
     try:
@@ -219,28 +50,142 @@ def _trt():
             "TensorRT is not installed: install the `tensorrt` extra from NVIDIA's package index "
             "(pip install 'qatsparse[tensorrt]' --extra-index-url https://pypi.nvidia.com)"
         ) from e
+    major = int(str(trt.__version__).split(".")[0])
+    if major < 10:
+        raise RuntimeError(f"TensorRT {trt.__version__} is too old: qatsparse needs TensorRT >= 10.0 (strong typing)")
     return trt
 
 
-def _capturing_logger(trt: Any, echo: bool) -> Any:
-    """A ``trt.ILogger`` that keeps INFO-and-above lines (for the sparsity lists) and echoes warnings."""
+# ------------------------------------------------------------------------------------ the logger
+_LOGGER: Any = None
+_LOGGER_LOCK = threading.Lock()
 
-    class CapturingLogger(trt.ILogger):
+
+def trt_logger() -> Any:
+    """The process-wide ``trt.ILogger`` every qatsparse Builder, parser and Runtime is given.
+
+    TensorRT keeps the first logger a process hands it and ignores later ones, so a second logger (one per
+    build, as before) could receive nothing. This one is created once (as Polygraphy does with its own),
+    echoes warnings and errors to stderr, and lets a build :meth:`capture` the INFO lines it needs (the
+    sparsity lists). If another library registered its logger first, a capture stays empty and the build
+    facts say the log was not seen instead of reporting empty lists.
+    """
+    global _LOGGER
+    with _LOGGER_LOCK:
+        if _LOGGER is None:
+            _LOGGER = _make_logger(_trt())
+        return _LOGGER
+
+
+def _make_logger(trt: Any) -> Any:
+    severity = trt.ILogger.Severity
+
+    class QatsparseTrtLogger(trt.ILogger):
         def __init__(self) -> None:
             trt.ILogger.__init__(self)  # required by the Python API for custom loggers
-            self.lines: list[str] = []
-            self.errors: list[str] = []
+            self._sinks: list[list[str]] = []
+            self._lock = threading.Lock()
+            self.echo_level = int(severity.WARNING)
 
-        def log(self, severity: Any, msg: str) -> None:
-            level = int(severity)
-            if level <= int(trt.ILogger.Severity.INFO):
-                self.lines.append(msg)
-            if level <= int(trt.ILogger.Severity.ERROR):
-                self.errors.append(msg)
-            if echo or level <= int(trt.ILogger.Severity.WARNING):
-                print(f"[TensorRT] {severity.name}: {msg}", file=sys.stderr)
+        def log(self, sev: Any, msg: str) -> None:  # called from TensorRT's threads; must not raise
+            try:
+                level = int(sev)
+                if level <= int(severity.INFO):
+                    with self._lock:
+                        for sink in self._sinks:
+                            sink.append(msg)
+                if level <= self.echo_level:
+                    print(f"[TensorRT] {getattr(sev, 'name', level)}: {msg}", file=sys.stderr)
+            except Exception:  # pragma: no cover - nothing may escape into TensorRT
+                pass
 
-    return CapturingLogger()
+        @contextlib.contextmanager
+        def capture(self, verbose: bool = False) -> Iterator[list[str]]:
+            """Collect the INFO-and-above lines logged inside the block (and echo them with ``verbose``)."""
+            sink: list[str] = []
+            old = self.echo_level
+            with self._lock:
+                self._sinks.append(sink)
+                if verbose:
+                    self.echo_level = int(severity.INFO)
+            try:
+                yield sink
+            finally:
+                with self._lock:
+                    self._sinks.remove(sink)
+                    self.echo_level = old
+
+    return QatsparseTrtLogger()
+
+
+# ------------------------------------------------------------------------------------ the build
+def attach_timing_cache(config: Any, cache_path: Path | None) -> tuple[Any, dict[str, Any]]:
+    """Give ``config`` a timing cache: the one at ``cache_path`` when it loads and fits this device, else a
+    fresh one. Returns the cache (keep it alive until the build ends) and what happened.
+
+    ``create_timing_cache`` returns None for bytes it cannot read (a corrupt or truncated file) and
+    ``set_timing_cache(cache, ignore_mismatch=False)`` returns False for a cache made on another device or
+    TensorRT version; both fall back to a fresh cache, which the build then writes back.
+    """
+    info: dict[str, Any] = {"path": str(cache_path) if cache_path else None, "loaded": False}
+    cache = None
+    if cache_path is not None and cache_path.is_file() and cache_path.stat().st_size:
+        try:
+            cache = config.create_timing_cache(cache_path.read_bytes())
+        except Exception as e:
+            cache, info["error"] = None, f"{type(e).__name__}: {e}"
+        if cache is None:
+            info["ignored"] = "TensorRT could not read the timing cache (corrupt?); a fresh one is used"
+        elif not config.set_timing_cache(cache, ignore_mismatch=False):
+            cache = None
+            info["ignored"] = "the timing cache was made on another device or TensorRT version; a fresh one is used"
+        else:
+            info["loaded"] = True
+    if cache is None:
+        cache = config.create_timing_cache(b"")
+        if cache is None or not config.set_timing_cache(cache, ignore_mismatch=False):
+            raise RuntimeError("TensorRT could not create an empty timing cache")
+    return cache, info
+
+
+def _progress_monitor(trt: Any, advance: Callable[[str, int, int], None]) -> Any | None:
+    """A ``trt.IProgressMonitor`` reporting the top-level build phases through ``advance(phase, step, steps)``."""
+    base = getattr(trt, "IProgressMonitor", None)
+    if base is None:
+        return None
+
+    class Monitor(base):  # type: ignore[misc, valid-type]
+        def __init__(self) -> None:
+            base.__init__(self)
+            self.steps: dict[str, int] = {}
+            self.top: set[str] = set()
+
+        def phase_start(self, phase_name: str, parent_phase: str | None, num_steps: int) -> None:
+            try:
+                self.steps[phase_name] = int(num_steps)
+                if parent_phase is None:
+                    self.top.add(phase_name)
+                    advance(phase_name, 0, int(num_steps))
+            except Exception:  # pragma: no cover
+                pass
+
+        def step_complete(self, phase_name: str, step: int) -> bool:
+            try:
+                if phase_name in self.top:
+                    advance(phase_name, int(step) + 1, self.steps.get(phase_name, 0))
+            except Exception:  # pragma: no cover
+                pass
+            return True  # keep building
+
+        def phase_finish(self, phase_name: str) -> None:
+            try:
+                if phase_name in self.top:
+                    n = self.steps.get(phase_name, 0)
+                    advance(phase_name, n, n)
+            except Exception:  # pragma: no cover
+                pass
+
+    return Monitor()
 
 
 def build_engine(
@@ -253,18 +198,23 @@ def build_engine(
     timing_cache: str | Path | None = None,
     build_json: str | Path | None = None,
     verbose: bool = False,
+    dim_ranges: Mapping[str, Sequence[int]] | None = None,
+    example_shapes: Mapping[str, Sequence[int]] | None = None,
+    progress: Any = None,
 ) -> dict[str, Any]:
     """Build ``plan_path`` from an ONNX file and write ``build.json`` beside it; returns the build facts.
 
-    Strongly typed network on TensorRT >= 10.12 and 11.x (precision comes from the graph: Q/DQ and
-    casts); below 10.12 the weakly typed path with the FP16 (and, for ``precision="int8"``, INT8)
-    builder flags. ``SPARSE_WEIGHTS`` lets TensorRT time sparse kernels for 2:4 layers. One
-    optimization profile spans ``batch_sizes = (min, opt, max)`` on every input's first axis.
-    ``ProfilingVerbosity.DETAILED`` makes the engine inspector report per-layer precision and sparse
-    weights; the timing cache at ``timing_cache`` is loaded when present and saved after the build.
+    The network is strongly typed on every supported version (10.x: ``STRONGLY_TYPED``; 11.x: always):
+    the precision comes from the graph (Q/DQ for INT8, casts and FP16 initializers for FP16), which the
+    export already writes. ``precision`` is recorded only. ``SPARSE_WEIGHTS`` lets TensorRT time sparse
+    kernels for 2:4 layers. One optimization profile: the batch axis spans ``batch_sizes = (min, opt, max)``,
+    other dynamic dims ``dim_ranges`` (see :func:`qatsparse.export.profile.profile_shapes`).
+    ``ProfilingVerbosity.DETAILED`` makes the engine inspector report per-layer precision; the timing cache
+    at ``timing_cache`` is loaded when it is readable and fits this device, and saved after the build.
 
-    Facts recorded: TensorRT/CUDA/GPU versions, network and builder flags, build seconds, engine
-    bytes, per-layer precision and sparse weights (inspector), and the two sparsity log lists.
+    Facts recorded: TensorRT/CUDA/GPU versions, network and builder flags, profile, timing cache, build
+    seconds, engine bytes, per-layer precision (inspector), and the sparse layers: ``picked`` from the
+    build log, ``eligible`` (log) and ``weights_qualify`` (inspector) separately.
     """
     from qatsparse.export.onnx import atomic_path
     from qatsparse.report import device_info
@@ -272,81 +222,94 @@ def build_engine(
     trt = _trt()
     onnx_path, plan_path = Path(onnx_path), Path(plan_path)
     build_json = Path(build_json) if build_json else plan_path.with_name("build.json")
-    logger = _capturing_logger(trt, verbose)
-    builder = trt.Builder(logger)
-    strongly_typed = uses_strong_typing(trt.__version__)
-    flag = getattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)
-    network_flags = 1 << int(flag) if strongly_typed and flag is not None else 0
-    network = builder.create_network(network_flags)
-    parser = trt.OnnxParser(network, logger)
-    if not parser.parse_from_file(str(onnx_path)):
-        errors = [str(parser.get_error(i)) for i in range(parser.num_errors)]
-        raise RuntimeError(f"TensorRT could not parse {onnx_path}:\n" + "\n".join(errors))
-    config = builder.create_builder_config()
-    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gb * (1 << 30)))
-    config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED
-    builder_flags = []
-    if sparse_weights:
-        config.set_flag(trt.BuilderFlag.SPARSE_WEIGHTS)
-        builder_flags.append("SPARSE_WEIGHTS")
-    if not strongly_typed and precision in ("fp16", "int8"):  # TensorRT < 10.12: precision from the flags
-        config.set_flag(trt.BuilderFlag.FP16)
-        builder_flags.append("FP16")
-        if precision == "int8":
-            config.set_flag(trt.BuilderFlag.INT8)
-            builder_flags.append("INT8")
-    inputs = {network.get_input(i).name: tuple(network.get_input(i).shape) for i in range(network.num_inputs)}
-    shapes = profile_shapes(inputs, batch_sizes)
-    profile = builder.create_optimization_profile()
-    for name, (lo, opt, hi) in shapes.items():
-        profile.set_shape(name, lo, opt, hi)
-    config.add_optimization_profile(profile)
-    cache_path = Path(timing_cache) if timing_cache else None
-    cache_loaded = bool(cache_path and cache_path.exists())
-    cache = config.create_timing_cache(cache_path.read_bytes() if cache_loaded else b"")  # type: ignore[union-attr]
-    config.set_timing_cache(cache, ignore_mismatch=False)
-
-    t0 = time.perf_counter()
-    plan = builder.build_serialized_network(network, config)
-    seconds = time.perf_counter() - t0
-    if plan is None:
-        raise RuntimeError(f"TensorRT failed to build an engine from {onnx_path}:\n" + "\n".join(logger.errors[-20:]))
-    with atomic_path(plan_path) as tmp:
-        tmp.write_bytes(bytes(plan))
-    if cache_path is not None:
-        with atomic_path(cache_path) as tmp:
-            tmp.write_bytes(bytes(config.get_timing_cache().serialize()))
-
-    inspection = inspect_engine(plan_path, {n: s[1] for n, s in shapes.items()}, logger)
+    logger = trt_logger()
+    notes: list[str] = []
+    with logger.capture(verbose) as log_lines:
+        builder = trt.Builder(logger)
+        flag = getattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)
+        network_flags = 1 << int(flag) if flag is not None else 0  # 11.x: exists and is ignored (always on)
+        network = builder.create_network(network_flags)
+        parser = trt.OnnxParser(network, logger)
+        if not parser.parse_from_file(str(onnx_path)):
+            errors = [str(parser.get_error(i)) for i in range(parser.num_errors)]
+            raise RuntimeError(f"TensorRT could not parse {onnx_path}:\n" + "\n".join(errors))
+        config = builder.create_builder_config()
+        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gb * (1 << 30)))
+        config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED
+        builder_flags = []
+        if sparse_weights:
+            config.set_flag(trt.BuilderFlag.SPARSE_WEIGHTS)
+            builder_flags.append("SPARSE_WEIGHTS")
+        shapes = profile_shapes(onnx_input_dims(onnx_path), batch_sizes, dim_ranges, example_shapes, notes)
+        profile = builder.create_optimization_profile()
+        for name, (lo, opt, hi) in shapes.items():
+            profile.set_shape(name, lo, opt, hi)
+        config.add_optimization_profile(profile)
+        cache_path = Path(timing_cache) if timing_cache else None
+        cache, cache_info = attach_timing_cache(config, cache_path)
+        monitor = None
+        if progress is not None:
+            task = progress.task("building the TensorRT engine", total=None)
+            monitor = _progress_monitor(
+                trt, lambda phase, step, steps: task.update(step, steps, f"TensorRT build: {phase}")
+            )
+            if monitor is not None:
+                config.progress_monitor = monitor
+        t0 = time.perf_counter()
+        try:
+            plan = builder.build_serialized_network(network, config)
+        finally:
+            if progress is not None:
+                task.close()
+        seconds = time.perf_counter() - t0
+        if plan is None:
+            errors = [line for line in log_lines if "error" in line.lower()][-20:]
+            raise RuntimeError(f"TensorRT failed to build an engine from {onnx_path}:\n" + "\n".join(errors))
+        with atomic_path(plan_path) as tmp:
+            tmp.write_bytes(bytes(plan))
+        if cache_path is not None:
+            serialized = config.get_timing_cache()
+            if serialized is not None:
+                with atomic_path(cache_path) as tmp:
+                    tmp.write_bytes(bytes(serialized.serialize()))
+        del cache
+        inspection = inspect_engine(plan_path, {n: s[1] for n, s in shapes.items()})
+    seen = bool(log_lines)  # a build always logs INFO lines; none means another logger came first
+    if not seen:
+        notes.append(
+            "TensorRT's build log did not reach qatsparse's logger (another trt.ILogger was registered first in "
+            "this process; TensorRT keeps the first): the layers that picked sparse kernels are unknown"
+        )
     facts = {
         "tensorrt": trt.__version__,
         **{k: v for k, v in device_info().items() if k in ("cuda", "gpu", "driver", "compute_capability")},
+        "built_by": "qatsparse (TensorRT Python API)",
         "onnx": str(onnx_path),
         "precision": precision,
-        "strongly_typed": strongly_typed,
+        "strongly_typed": True,
         "network_flags": ["STRONGLY_TYPED"] if network_flags else [],
         "builder_flags": builder_flags,
         "profiling_verbosity": "DETAILED",
         "batch_sizes": list(batch_sizes),
         "profile": {n: [list(s) for s in v] for n, v in shapes.items()},
         "workspace_gb": workspace_gb,
-        "timing_cache": {"path": str(cache_path) if cache_path else None, "loaded": cache_loaded},
+        "timing_cache": cache_info,
         "build_seconds": round(seconds, 3),
         "engine_bytes": plan_path.stat().st_size,
         "inspector": inspection,
-        "sparsity_log": parse_sparsity_log(logger.lines),
+        "sparsity": engine_sparsity(log_lines if seen else None, inspection),
+        "notes": notes,
     }
     with atomic_path(build_json) as tmp:
         tmp.write_text(json.dumps(facts, indent=2) + "\n")
     return facts
 
 
-def inspect_engine(plan_path: str | Path, input_shapes: Mapping[str, Sequence[int]], logger: Any = None) -> dict:
+def inspect_engine(plan_path: str | Path, input_shapes: Mapping[str, Sequence[int]]) -> dict:
     """Deserialize an engine and parse its inspector JSON (with an execution context at ``input_shapes``,
     so formats are resolved instead of "N/A due to dynamic shapes")."""
     trt = _trt()
-    logger = logger or trt.Logger(trt.Logger.WARNING)
-    runtime = trt.Runtime(logger)
+    runtime = trt.Runtime(trt_logger())
     engine = runtime.deserialize_cuda_engine(Path(plan_path).read_bytes())
     if engine is None:
         raise RuntimeError(f"TensorRT could not deserialize {plan_path}")
@@ -358,11 +321,12 @@ def inspect_engine(plan_path: str | Path, input_shapes: Mapping[str, Sequence[in
     return parse_engine_information(inspector.get_engine_information(trt.LayerInformationFormat.JSON))
 
 
+# ------------------------------------------------------------------------------------ the runner
 class TensorRTRunner:
     """Runs a serialized engine with ``execute_async_v3``, tensors bound by name, torch CUDA buffers.
 
-    Any batch inside the engine's optimization profile works; inputs are matched to the engine's
-    input tensors by position in the engine's I/O order (the ONNX input order) or by name through
+    Any shape inside the engine's optimization profile works; inputs are matched to the engine's input
+    tensors by position in the engine's I/O order (the ONNX input order) or by name through
     :meth:`run_named`.
 
     Example (needs TensorRT and a GPU):
@@ -370,12 +334,13 @@ class TensorRTRunner:
         >>> outputs = runner((torch.randn(8, 1, 8, 8),))  # doctest: +SKIP
     """
 
+    device = "cuda"
+
     def __init__(self, plan_path: str | Path, name: str = "tensorrt", precision: str = "engine") -> None:
         trt = _trt()
         self.name, self.precision = name, precision
         self._trt = trt
-        self.logger = trt.Logger(trt.Logger.WARNING)
-        self.runtime = trt.Runtime(self.logger)
+        self.runtime = trt.Runtime(trt_logger())
         self.engine = self.runtime.deserialize_cuda_engine(Path(plan_path).read_bytes())
         if self.engine is None:
             raise RuntimeError(f"TensorRT could not deserialize {plan_path}")
@@ -384,11 +349,9 @@ class TensorRTRunner:
         mode = self.engine.get_tensor_mode
         self.input_names = [n for n in names if mode(n) == trt.TensorIOMode.INPUT]
         self.output_names = [n for n in names if mode(n) == trt.TensorIOMode.OUTPUT]
-        self.batch_range = {n: self._batch_range(n) for n in self.input_names}
-
-    def _batch_range(self, name: str) -> tuple[int, int]:
-        lo, _, hi = self.engine.get_tensor_profile_shape(name, 0)
-        return int(lo[0]), int(hi[0])
+        self.profile = {n: tuple(tuple(int(d) for d in s) for s in self.engine.get_tensor_profile_shape(n, 0))
+                        for n in self.input_names}  # fmt: skip
+        self.batch_range = {n: (p[0][0], p[2][0]) for n, p in self.profile.items()}
 
     def _torch_dtype(self, name: str) -> torch.dtype:
         trt = self._trt
@@ -398,18 +361,20 @@ class TensorRTRunner:
                 table[getattr(trt, trt_name)] = torch_dtype
         return table[self.engine.get_tensor_dtype(name)]
 
-    def bind(self, inputs: Sequence[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """Set shapes and addresses for CUDA ``inputs``; returns (device inputs, fresh output buffers).
+    def _check_shape(self, name: str, shape: tuple[int, ...]) -> None:
+        lo, _, hi = self.profile[name]
+        if len(shape) != len(lo) or any(not a <= s <= b for s, a, b in zip(shape, lo, hi)):
+            what = f"batch {shape[0]}" if shape[1:] == tuple(lo[1:]) == tuple(hi[1:]) else f"shape {shape}"
+            raise ValueError(f"{what} of {name!r} is outside the engine's profile [{lo}, {hi}]")
 
-        The returned tensors must stay alive while the context runs (TensorRT keeps raw pointers).
-        """
+    def bind(self, inputs: Sequence[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Set shapes and addresses for ``inputs`` (copied to CUDA on the current stream); returns (device
+        inputs, fresh output buffers). The returned tensors must stay alive while the context runs."""
         if len(inputs) != len(self.input_names):
             raise ValueError(f"engine takes {len(self.input_names)} inputs {self.input_names}, got {len(inputs)}")
         dev_inputs = []
         for name, t in zip(self.input_names, inputs):
-            lo, hi = self.batch_range[name]
-            if not lo <= t.shape[0] <= hi:
-                raise ValueError(f"batch {t.shape[0]} of {name!r} is outside the engine's profile [{lo}, {hi}]")
+            self._check_shape(name, tuple(t.shape))
             t = t.to(device="cuda", dtype=self._torch_dtype(name)).contiguous()
             self.context.set_input_shape(name, tuple(t.shape))
             self.context.set_tensor_address(name, int(t.data_ptr()))
@@ -447,27 +412,31 @@ class TensorRTRunner:
     ) -> tuple[Callable[[], None], bool]:
         """A zero-argument function that enqueues one inference on fixed device buffers, for benchmarking.
 
-        With ``cuda_graph`` the enqueue is captured once into a CUDA graph and replayed (as trtexec does);
-        if capture fails (some layers cannot be captured) it falls back to plain enqueues. Returns the
-        function and whether a CUDA graph is used.
+        The inputs are copied on the current stream; the first enqueue (which does the setup work after a
+        shape change) runs on a side stream that waits for those copies, and is kept out of the graph. With
+        ``cuda_graph`` the enqueue is then captured once into a CUDA graph and replayed (as trtexec does); if
+        capture fails it falls back to plain enqueues. Returns the function and whether a graph is used.
         """
         self._bench_buffers = self.bind(inputs)
+        current = torch.cuda.current_stream()
         stream = torch.cuda.Stream()
+        stream.wait_stream(current)  # the input copies above were enqueued on `current`
         with torch.cuda.stream(stream):
-            self.execute(stream)  # first enqueue after a shape change does the setup work; keep it out of the graph
+            self.execute(stream)
         stream.synchronize()
         if cuda_graph:
             try:
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, stream=stream):
                     self.execute(torch.cuda.current_stream())
+                current.wait_stream(stream)
                 return graph.replay, True
             except Exception as e:  # pragma: no cover - depends on the engine
                 print(f"[qatsparse] CUDA graph capture of the TensorRT engine failed ({e}); timing plain enqueues")
+        current.wait_stream(stream)
         return (lambda: self.execute(torch.cuda.current_stream())), False
 
     def __call__(self, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
-        dev = [t.to("cuda", non_blocking=True) for t in inputs]
-        outs = self.run_device(dev)
+        outs = self.run_device([t.to("cuda") for t in inputs])
         torch.cuda.current_stream().synchronize()
         return tuple(o.float().cpu() for o in outs)

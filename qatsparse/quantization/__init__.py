@@ -1,5 +1,6 @@
 """INT8 / FP16 fake quantization placed the way TensorRT fuses it, calibration, and helpers."""
 
+from qatsparse.quantization.attention import QuantMultiheadAttention
 from qatsparse.quantization.calibrate import calibrate
 from qatsparse.quantization.calibrators import (
     CALIBRATORS,
@@ -11,13 +12,22 @@ from qatsparse.quantization.config import QuantConfig
 from qatsparse.quantization.fakequant import fake_quantize_int8, fake_quantize_int8_aten, fake_quantize_int8_fusable
 from qatsparse.quantization.fp16 import FP16_MAX, overflowing_layers, track_overflow
 from qatsparse.quantization.histogram import entropy_amax, mse_amax, percentile_amax
-from qatsparse.quantization.modules import (
+from qatsparse.quantization.layers import (
+    QuantConv1d,
     QuantConv2d,
+    QuantConvTranspose2d,
+    QuantHFConv1D,
+    QuantLayer,
     QuantLinear,
+    quant_class_for,
+)
+from qatsparse.quantization.modules import (
     QuantSummary,
     is_quantized,
+    layer_quantizers,
     prepare_for_onnx_export,
     quantize_model,
+    quantized_layers,
     quantizers,
     remove_quantizers,
     requantize,
@@ -34,8 +44,13 @@ __all__ = [
     "LayerSensitivity",
     "MaxCalibrator",
     "QuantConfig",
+    "QuantConv1d",
     "QuantConv2d",
+    "QuantConvTranspose2d",
+    "QuantHFConv1D",
+    "QuantLayer",
     "QuantLinear",
+    "QuantMultiheadAttention",
     "QuantSummary",
     "TensorQuantizer",
     "calibrate",
@@ -47,12 +62,15 @@ __all__ = [
     "format_sensitivity",
     "insert_residual_quantizers",
     "is_quantized",
+    "layer_quantizers",
     "make_calibrator",
     "mse_amax",
     "overflowing_layers",
     "percentile_amax",
     "prepare_for_onnx_export",
+    "quant_class_for",
     "quantize_model",
+    "quantized_layers",
     "quantizers",
     "remove_quantizers",
     "remove_residual_quantizers",

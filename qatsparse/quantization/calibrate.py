@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any
+from typing import Any, Literal
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
+from qatsparse.attention import fast_paths_off
+from qatsparse.quantization.layers import is_quant_layer
 from qatsparse.quantization.modules import quantizers
+from qatsparse.quantization.quantizer import TensorQuantizer
 
 Batches = Iterable[Any] | Callable[[], Iterable[Any]]
 
@@ -31,12 +35,24 @@ def _replayable_rng(devices: list[int]) -> Iterator[Callable[[], None]]:
 
 
 @torch.no_grad()
-def calibrate(model: nn.Module, batches: Batches, forward: Callable[[Any], Any]) -> int:
+def calibrate(
+    model: nn.Module,
+    batches: Batches,
+    forward: Callable[[Any], Any],
+    unreached: Literal["raise", "keep"] = "raise",
+) -> int:
     """Calibrate every INT8 quantizer of ``model``: ``forward(batch)`` for each batch, then set ``amax``.
 
     All quantizers pass their input through unchanged while calibrating (as in pytorch-quantization:
     each layer's statistics are those of the float model). Runs in eval mode (BatchNorm uses its
-    running statistics, as at deployment) and restores the previous mode.
+    running statistics, as at deployment) and restores the previous mode, with PyTorch's attention
+    fast paths off so that every quantized layer really runs (:func:`qatsparse.attention.fast_paths_off`).
+
+    A quantizer the batches never reached (its layer's ``forward`` did not run) stays uncalibrated: the
+    identity. ``unreached="raise"`` then raises ``RuntimeError`` naming those quantizers;
+    ``"keep"`` returns normally and :func:`unreached_layers` names the layers (the QAT callback keeps
+    them in higher precision). Quantizers a layer declares optional (``QuantLayer.optional_quantizers``,
+    e.g. the key/value quantizers of a self-attention) are never an error.
 
     When a histogram calibrator (entropy, percentile, mse) is present the batches are run twice:
     the first pass finds ``max |x|`` of each quantizer, so that the histograms of the second pass
@@ -57,7 +73,12 @@ def calibrate(model: nn.Module, batches: Batches, forward: Callable[[Any], Any])
         >>> calibrate(m, [torch.randn(8, 4)], m)
         1
     """
-    qs = [q for q in quantizers(model).values() if q.precision == "int8"]
+    if unreached not in ("raise", "keep"):
+        raise ValueError(f"unreached must be 'raise' or 'keep', got {unreached!r}")
+    named = {n: q for n, q in quantizers(model).items() if q.precision == "int8"}
+    qs = list(named.values())
+    seen: set[int] = set()
+    handles = [q.register_forward_pre_hook(lambda mod, _args: seen.add(id(mod))) for q in qs]
     for q in qs:
         q.start_calibration()
     cals = [q._calibrator for q in qs if q._calibrator is not None]
@@ -68,7 +89,7 @@ def calibrate(model: nn.Module, batches: Batches, forward: Callable[[Any], Any])
     was_training = model.training
     model.eval()
     try:
-        with _replayable_rng(cuda) as reset_rng:
+        with _replayable_rng(cuda) as reset_rng, fast_paths_off():
             if two_pass:
                 for c in cals:
                     if c.needs_range_pass:
@@ -87,9 +108,64 @@ def calibrate(model: nn.Module, batches: Batches, forward: Callable[[Any], Any])
         raise
     finally:
         model.train(was_training)
-    for q in qs:
-        q.finish_calibration()
+        for h in handles:
+            h.remove()
+    reached = _reached_anywhere([id(q) in seen for q in qs], qs)
+    missing = []
+    for (name, q), hit in zip(named.items(), reached):
+        if hit:
+            q.finish_calibration()
+        else:
+            q._calibrator = None
+            if not _optional(model, name):
+                missing.append(name)
+    if missing and unreached == "raise":
+        raise RuntimeError(
+            f"calibration never reached {len(missing)} quantizer(s): {missing}; the forward of their layers did "
+            "not run on the calibration batches (a branch not taken, or a weight its parent uses directly). "
+            "Exclude those layers, or let the QAT callback keep them in higher precision"
+        )
     return n
+
+
+def _optional(model: nn.Module, quantizer_name: str) -> bool:
+    owner, _, leaf = quantizer_name.rpartition(".")
+    layer = model.get_submodule(owner)
+    return leaf in getattr(layer, "optional_quantizers", ())
+
+
+def _reached_anywhere(flags: list[bool], qs: list[TensorQuantizer]) -> list[bool]:
+    """Per quantizer, whether any DDP rank reached it (every rank must agree before reducing statistics)."""
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1) or not flags:
+        return flags
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    t = torch.tensor(flags, dtype=torch.int32, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return [bool(v) for v in t.tolist()]
+
+
+def unreached_layers(model: nn.Module) -> dict[str, list[str]]:
+    """``{layer: [its INT8 quantizers left uncalibrated]}`` after :func:`calibrate` (optional ones excluded).
+
+    Example:
+        >>> from qatsparse.quantization import QuantConfig, quantize_model
+        >>> m = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4)); _ = quantize_model(m, QuantConfig())
+        >>> _ = calibrate(m, [torch.randn(2, 4)], lambda b: m[0](b), unreached="keep"); unreached_layers(m)
+        {'1': ['input_quantizer', 'weight_quantizer']}
+    """
+    out: dict[str, list[str]] = {}
+    for name, layer in model.named_modules():
+        if not is_quant_layer(layer):
+            continue
+        optional = set(getattr(layer, "optional_quantizers", ()))
+        missing = [
+            n
+            for n, q in layer.named_children()
+            if isinstance(q, TensorQuantizer) and q.precision == "int8" and not q.calibrated and n not in optional
+        ]
+        if missing:
+            out[name] = missing
+    return out
 
 
 def _run(batches: Batches, forward: Callable[[Any], Any]) -> int:

@@ -24,6 +24,9 @@ class QuantConfig:
             of the config so that a checkpoint restores exactly the same structure.
         residual: INT8 only: quantize the residual input of ``a + b`` after a quantized conv, so
             that TensorRT fuses the add into the conv (see :mod:`qatsparse.quantization.placement`).
+        attention_matmuls: INT8 only: also quantize both operands of the two attention matmuls
+            (Q·Kᵀ and softmax·V) of ``nn.MultiheadAttention`` (TensorRT's INT8 attention kernels); the
+            input and output projections are quantized either way (docs/quantization.md).
 
     Example:
         >>> QuantConfig(precision="int8", exclude=["fc"]).precision
@@ -36,6 +39,7 @@ class QuantConfig:
     exclude: list[str] = field(default_factory=list)
     higher_precision: dict[str, str] = field(default_factory=dict)
     residual: bool = True
+    attention_matmuls: bool = False
 
     def __post_init__(self) -> None:
         from qatsparse.quantization.calibrators import CALIBRATORS

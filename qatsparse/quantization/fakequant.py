@@ -70,12 +70,14 @@ def fake_quantize_int8(x: torch.Tensor, amax: torch.Tensor, axis: int | None, na
     """Symmetric INT8 fake quantization, scale = amax / 127, zero-point 0, round half to even.
 
     ``narrow_range`` clamps to [-127, 127] (TensorRT's weight range) instead of [-128, 127]. Picks the
-    ATen kernel in eager mode and the fusable formulation while ``torch.compile`` traces.
+    ATen kernel in eager mode and under ``torch.export`` (which exporters map to Q/DQ), the fusable
+    formulation while ``torch.compile`` traces.
 
     Example:
         >>> fake_quantize_int8(torch.tensor([0.26, 2.0]), torch.tensor(1.27), None, False).tolist()
         [0.25999999046325684, 1.2699999809265137]
     """
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() and not torch.compiler.is_exporting():
         return fake_quantize_int8_fusable(x, amax, axis, narrow_range)
+    # eager, and torch.export (the dynamo ONNX exporter): the ATen op, which exporters map to Q/DQ
     return fake_quantize_int8_aten(x, amax, axis, narrow_range)

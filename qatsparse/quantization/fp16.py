@@ -76,7 +76,8 @@ def overflowing_layers(model: nn.Module, reduce: bool = True) -> dict[str, float
         return {}
     peaks = []
     for m in layers.values():
-        p = m.weight.detach().abs().amax().float()
+        weights = [getattr(m, n) for n in m.weight_quantizers()] if hasattr(m, "weight_quantizers") else [m.weight]
+        p = torch.stack([w.detach().abs().amax().float() for w in weights]).amax()
         act = getattr(m, "_overflow_peak", None)
         if act is not None:
             p = torch.maximum(p, act.to(p.device))

@@ -1,65 +1,26 @@
-"""Insert and remove fake quantizers in a model without changing its parameters."""
+"""Insert and remove fake quantizers in a model without changing its parameters (twins: ``layers.py``)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from qatsparse.quantization.config import QuantConfig
-from qatsparse.quantization.fp16 import record_peak
+from qatsparse.quantization.functional import intercept_functional_linears, remove_functional_interception
+from qatsparse.quantization.layers import (
+    QuantConv2d,
+    QuantLinear,
+    activation_quantizer,
+    float_class,
+    is_quant_layer,
+    quant_class_for,
+)
 from qatsparse.quantization.placement import insert_residual_quantizers, remove_residual_quantizers
 from qatsparse.quantization.quantizer import TensorQuantizer
 
-
-class QuantConv2d(nn.Conv2d):
-    """``nn.Conv2d`` whose input and weight pass through ``input_quantizer``/``weight_quantizer``.
-
-    Made by changing the class of an existing ``nn.Conv2d`` in place (see :func:`quantize_model`),
-    so its parameters -- and the optimizer state that refers to them -- are untouched.
-
-    Example:
-        >>> m = nn.Sequential(nn.Conv2d(4, 8, 3)); _ = quantize_model(m, QuantConfig()); type(m[0]).__name__
-        'QuantConv2d'
-    """
-
-    input_quantizer: TensorQuantizer
-    weight_quantizer: TensorQuantizer
-    #: FP16 overflow tracking (see :mod:`qatsparse.quantization.fp16`); a Python flag, no GPU sync.
-    _track_overflow = False
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self._conv_forward(self.input_quantizer(x), self.weight_quantizer(self.weight), self.bias)
-        if self._track_overflow:
-            record_peak(self, x, out)
-        return out
-
-
-class QuantLinear(nn.Linear):
-    """``nn.Linear`` with input and weight quantizers (see :class:`QuantConv2d`).
-
-    Example:
-        >>> m = nn.Sequential(nn.Linear(4, 8)); _ = quantize_model(m, QuantConfig()); type(m[0]).__name__
-        'QuantLinear'
-    """
-
-    input_quantizer: TensorQuantizer
-    weight_quantizer: TensorQuantizer
-    _track_overflow = False
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.linear(self.input_quantizer(x), self.weight_quantizer(self.weight), self.bias)
-        if self._track_overflow:
-            record_peak(self, x, out)
-        return out
-
-
-#: float class -> quantized class. Only these exact types are swapped: a user subclass may have its
-#: own forward, which a class swap would silently drop.
-QUANT_CLASSES: dict[type[nn.Module], type[nn.Module]] = {nn.Conv2d: QuantConv2d, nn.Linear: QuantLinear}
-FLOAT_CLASSES = {v: k for k, v in QUANT_CLASSES.items()}
+__all__ = ["QuantConv2d", "QuantLinear", "QuantSummary", "quantize_model"]  # the twins live in layers.py
 
 
 @dataclass
@@ -78,25 +39,17 @@ class QuantSummary:
     notes: dict[str, str] = field(default_factory=dict)
 
 
-def _weight_quantizer(module: nn.Module, cfg: QuantConfig) -> TensorQuantizer:
-    if cfg.precision == "fp16":
-        return TensorQuantizer("fp16")
-    return TensorQuantizer("int8", axis=0, num_channels=module.weight.shape[0], narrow_range=True)
-
-
-def _activation_quantizer(cfg: QuantConfig) -> TensorQuantizer:
-    if cfg.precision == "fp16":
-        return TensorQuantizer("fp16")
-    return TensorQuantizer("int8", calibrator=cfg.calibrator, calibrator_kwargs=cfg.calibrator_kwargs())
-
-
 def quantize_model(model: nn.Module, config: QuantConfig) -> QuantSummary:
-    """Turn every ``nn.Conv2d``/``nn.Linear`` not excluded into its quantized twin, in place.
+    """Turn every quantizable layer not excluded into its quantized twin, in place.
 
-    Quantizers start uncalibrated (identity for INT8) until :func:`~qatsparse.quantization.calibrate`
-    runs. Each module keeps its parameters, so optimizers stay valid. For INT8 (``config.residual``),
-    the residual input of every ``a + b`` after a quantized layer gets a quantizer too
-    (:mod:`~qatsparse.quantization.placement`). The config is recorded on the model
+    Quantizable: Conv1d/Conv2d/ConvTranspose2d/Linear, transformers ``Conv1D`` and ``nn.MultiheadAttention``
+    (see :mod:`~qatsparse.quantization.layers`); a Linear whose weight its parent passes to ``F.linear``
+    directly is quantized at that call (:mod:`~qatsparse.quantization.functional`). Layers left as they
+    are -- excluded, subclasses with their own forward, LSTM, embeddings, ... -- are in
+    ``summary.skipped`` with the reason. Quantizers start uncalibrated (identity for INT8) until
+    :func:`~qatsparse.quantization.calibrate` runs. Each module keeps its parameters, so optimizers stay
+    valid. For INT8 (``config.residual``), the residual input of every ``a + b`` after a quantized layer
+    gets a quantizer too (:mod:`~qatsparse.quantization.placement`). The config is recorded on the model
     (``model._qatsparse_quant``) so that checkpoints can be restored into the same structure: the
     result depends only on the model's code and the config.
 
@@ -105,25 +58,30 @@ def quantize_model(model: nn.Module, config: QuantConfig) -> QuantSummary:
         >>> s.quantized
         ['0', '2']
     """
+    from qatsparse.inventory import not_compressed
+
     summary = QuantSummary()
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    for name, m in model.named_modules():
-        if isinstance(m, tuple(QUANT_CLASSES.values())):
+    for name, m in list(model.named_modules()):
+        if is_quant_layer(m):
             summary.quantized.append(name)
             continue
-        if not isinstance(m, tuple(QUANT_CLASSES)):
+        twin, reason = quant_class_for(m)
+        if twin is None:
+            if reason is not None:
+                summary.skipped[name] = reason
             continue
-        if type(m) not in QUANT_CLASSES:
-            summary.skipped[name] = f"subclass {type(m).__name__} of a supported layer (own forward kept)"
-        elif config.keeps(name):
+        if config.keeps(name):
             summary.skipped[name] = str(config.keeps(name))
-        else:
-            m.__class__ = QUANT_CLASSES[type(m)]
-            m.add_module("input_quantizer", _activation_quantizer(config).to(device))
-            m.add_module("weight_quantizer", _weight_quantizer(m, config).to(device))
-            summary.quantized.append(name)
+            continue
+        m.__class__ = twin
+        twin.add_quantizers(m, config, device)  # type: ignore[attr-defined]
+        summary.quantized.append(name)
+    for name, why in not_compressed(model, "quantization").items():
+        summary.skipped.setdefault(name, why)
     if config.precision == "int8" and config.residual:
-        summary.residual, summary.notes = insert_residual_quantizers(model, lambda: _activation_quantizer(config))
+        summary.residual, summary.notes = insert_residual_quantizers(model, lambda: activation_quantizer(config))
+    summary.notes.update(intercept_functional_linears(model))
     model._qatsparse_quant = config.to_dict()  # type: ignore[assignment]
     return summary
 
@@ -148,6 +106,22 @@ def requantize(model: nn.Module, config: QuantConfig) -> QuantSummary:
             q.load_amax(old[n][0])
             q.enabled = old[n][1]
     return summary
+
+
+def quantized_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """The quantized twins of a model by name (each owns its input and weight quantizers).
+
+    Example:
+        >>> m = nn.Sequential(nn.Linear(4, 4), nn.ReLU()); _ = quantize_model(m, QuantConfig())
+        >>> list(quantized_layers(m))
+        ['0']
+    """
+    return {n: m for n, m in model.named_modules() if is_quant_layer(m)}
+
+
+def layer_quantizers(layer: nn.Module) -> dict[str, TensorQuantizer]:
+    """The quantizers a layer owns directly (its children), by attribute name."""
+    return {n: c for n, c in layer.named_children() if isinstance(c, TensorQuantizer)}
 
 
 def quantizers(model: nn.Module) -> dict[str, TensorQuantizer]:
@@ -179,14 +153,17 @@ def remove_quantizers(model: nn.Module) -> nn.Module:
         >>> type(remove_quantizers(m)[0]).__name__
         'Linear'
     """
+    remove_functional_interception(model)
     remove_residual_quantizers(model)
     for m in list(model.modules()):
-        if type(m) in FLOAT_CLASSES:
-            del m.input_quantizer
-            del m.weight_quantizer
-            m.__dict__.pop("_track_overflow", None)
-            m.__dict__.pop("_overflow_peak", None)
-            m.__class__ = FLOAT_CLASSES[type(m)]
+        base = float_class(m)
+        if base is None:
+            continue
+        for qn in [n for n, c in m.named_children() if isinstance(c, TensorQuantizer)]:
+            delattr(m, qn)
+        m.__dict__.pop("_track_overflow", None)
+        m.__dict__.pop("_overflow_peak", None)
+        m.__class__ = base
     if hasattr(model, "_qatsparse_quant"):
         del model._qatsparse_quant
     return model
@@ -202,10 +179,13 @@ def prepare_for_onnx_export(model: nn.Module) -> None:
     exactly what the narrow-range fake quantization computed in training.
     """
     for m in model.modules():
-        if type(m) in FLOAT_CLASSES:
-            q = m.weight_quantizer
+        if not is_quant_layer(m):
+            continue
+        for param, q in m.weight_quantizers().items():  # type: ignore[attr-defined]
+            w = getattr(m, param)
             if q.precision == "int8" and q.calibrated and q.axis is not None:
-                shape = [-1] + [1] * (m.weight.dim() - 1)
-                amax = q.amax.reshape(shape).to(m.weight.dtype)
-                m.weight.copy_(torch.maximum(torch.minimum(m.weight, amax), -amax))
+                shape = [1] * w.dim()
+                shape[q.axis] = -1
+                amax = q.amax.reshape(shape).to(w.dtype)
+                w.copy_(torch.maximum(torch.minimum(w, amax), -amax))
                 q.narrow_range = False

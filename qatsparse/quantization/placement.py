@@ -70,10 +70,10 @@ def _trace(module: nn.Module) -> fx.Graph:
 
 
 def _ends_in_quant_layer(module: nn.Module) -> bool:
-    from qatsparse.quantization.modules import FLOAT_CLASSES
+    from qatsparse.quantization.layers import is_quant_layer
 
-    if type(module) in FLOAT_CLASSES:
-        return True
+    if is_quant_layer(module):
+        return not isinstance(module, nn.MultiheadAttention)  # a Conv/Linear output, not an attention tuple
     if isinstance(module, nn.Sequential):
         for child in reversed(list(module)):
             if not isinstance(child, TRANSPARENT):
@@ -153,7 +153,7 @@ def insert_residual_quantizers(
         >>> m = nn.Sequential(BasicBlock(8, 8)); s = quantize_model(m, QuantConfig()); list(s.residual)
         ['0.residual_quantizer']
     """
-    from qatsparse.quantization.modules import FLOAT_CLASSES
+    from qatsparse.quantization.layers import is_quant_layer
 
     placed: dict[str, str] = {}
     notes: dict[str, str] = {}
@@ -165,11 +165,11 @@ def insert_residual_quantizers(
                 if qn.startswith("residual_quantizer"):
                     placed[prefix + qn] = f"residual input of an add in {name or 'the model'}"
             continue
-        if isinstance(m, (*_CONTAINERS, TensorQuantizer, *FLOAT_CLASSES)) or not any(True for _ in m.children()):
+        if isinstance(m, (*_CONTAINERS, TensorQuantizer)) or is_quant_layer(m) or not any(True for _ in m.children()):
             continue
         if _is_lightning_module(m):
             continue
-        has_quant_child = any(type(c) in FLOAT_CLASSES for c in m.children())
+        has_quant_child = any(is_quant_layer(c) for c in m.children())
         try:
             graph = _trace(m)
         except Exception as e:  # any failure of tracing leaves the module as it is

@@ -14,7 +14,7 @@ from torch import nn
 from qatsparse.batches import as_outputs, batch_inputs, batch_targets
 from qatsparse.quantization.calibrate import calibrate
 from qatsparse.quantization.config import QuantConfig
-from qatsparse.quantization.modules import FLOAT_CLASSES, is_quantized, quantize_model, quantizers
+from qatsparse.quantization.modules import is_quantized, layer_quantizers, quantize_model, quantized_layers, quantizers
 
 #: ``metric(outputs, reference_outputs, targets) -> float``, higher is better; all are tuples of tensors
 #: (``targets`` is None when the batches have none).
@@ -76,7 +76,7 @@ def sensitivity(
     If ``model`` holds no quantizers, a copy is quantized with ``config`` (default INT8, max) and
     calibrated on the same batches; otherwise ``model`` is used as it is (its quantizers' on/off
     states are restored afterwards). The FP32 metric is measured with every quantizer off; then each
-    Conv/Linear layer in turn has its input and weight quantizers on. Residual quantizers stay off
+    quantized layer in turn has its own (input, weight, attention) quantizers on. Residual quantizers stay off
     (they are not ranked).
 
     Args:
@@ -117,7 +117,7 @@ def sensitivity(
         calibrate(work, batches, lambda b: fwd(work, _to(b, device)))
     qs = quantizers(work)
     saved = {n: q.enabled for n, q in qs.items()}
-    layers = [n for n, m in work.named_modules() if type(m) in FLOAT_CLASSES]
+    layers = {n: [f"{n}.{q}" if n else q for q in layer_quantizers(m)] for n, m in quantized_layers(work).items()}
     was_training = work.training
     work.eval()
     try:
@@ -137,12 +137,12 @@ def sensitivity(
 
         base = score()
         rows = []
-        for name in layers:
-            for suffix in ("input_quantizer", "weight_quantizer"):
-                qs[f"{name}.{suffix}"].enabled = True
+        for name, own in layers.items():
+            for q in own:
+                qs[q].enabled = True
             value = score()
-            for suffix in ("input_quantizer", "weight_quantizer"):
-                qs[f"{name}.{suffix}"].enabled = False
+            for q in own:
+                qs[q].enabled = False
             rows.append(LayerSensitivity(name, value, base - value))
     finally:
         for n, q in qs.items():

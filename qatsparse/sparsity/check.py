@@ -10,10 +10,11 @@ from typing import Literal
 import numpy as np
 from torch import nn
 
-from qatsparse.sparsity.masks import PRUNABLE_TYPES, worst_group, worst_group_nonzeros
+from qatsparse.sparsity.masks import worst_group, worst_group_nonzeros
 from qatsparse.sparsity.record import pruned_record
+from qatsparse.sparsity.weights import prunable_weights
 
-#: ONNX metadata key under which the export records the pruned layers ({module name: node name}).
+#: ONNX metadata key under which the export records the pruned weights ({weight key: [node names]}).
 PRUNED_METADATA_KEY = "qatsparse.pruned_layers"
 
 
@@ -48,12 +49,14 @@ def check_2to4(x: nn.Module | str | Path, layers: Literal["pruned", "all"] | lis
         layers: ``"pruned"`` (default) checks the layers recorded as pruned -- for an ONNX file the
             export's metadata, for a module the layers a :class:`~qatsparse.TwoFourSparsity` callback
             pruned (recorded on the module as ``_qatsparse_pruned``); ``"all"`` checks every weighted
-            Conv/Gemm/MatMul (ONNX) or Conv2d/Linear (module); a list names the layers to check
-            (module names, or ONNX node names).
+            Conv/Gemm/MatMul (ONNX) or every prunable weight (module: Conv1d/Conv2d/Linear, attention
+            projections, transformers ``Conv1D``); a list names the layers to check (weight keys, see
+            :mod:`~qatsparse.sparsity.weights`, or ONNX node names).
 
     ONNX weights are traced back through DequantizeLinear/QuantizeLinear/Cast/Identity/Transpose to a
-    constant and checked in groups of 4 along the reduction axis: Conv ``W`` axis 1, Gemm ``B`` axis 1
-    when ``transB=1`` else 0, MatMul ``B`` axis -2 (0 for a 2-D ``B``), ConvTranspose ``W`` axis 0.
+    constant (:mod:`qatsparse.export.graph`) and checked in groups of 4 along the reduction axis: Conv
+    ``W`` axis 1, Gemm ``B`` axis 1 when ``transB=1`` else 0, MatMul ``B`` axis -2 (0 for a 2-D ``B``),
+    ConvTranspose ``W`` axis 0.
 
     Raises:
         ValueError: ``layers="pruned"`` but nothing is recorded (no TwoFourSparsity record on the
@@ -70,7 +73,7 @@ def check_2to4(x: nn.Module | str | Path, layers: Literal["pruned", "all"] | lis
 
 
 def _check_module(model: nn.Module, layers: Literal["pruned", "all"] | list[str]) -> list[Violation]:
-    modules = {n: m for n, m in model.named_modules() if isinstance(m, PRUNABLE_TYPES)}
+    modules = prunable_weights(model)
     if layers == "all":
         names = list(modules)
     elif layers == "pruned":
@@ -91,59 +94,25 @@ def _check_module(model: nn.Module, layers: Literal["pruned", "all"] | list[str]
         if name not in modules:
             out.append(Violation(name, -1, "layer not found in the model"))
             continue
-        w = modules[name].weight
-        worst, index = worst_group(w)
+        pw = modules[name]
+        worst, index = worst_group(pw.weight, pw.in_axis)
         if worst > 2:
             what = (
                 f"{worst} nonzeros in the group of 4 input channels at {index}"
                 if index
-                else f"input channels ({w.shape[1]}) not a multiple of 4"
+                else f"input channels ({pw.c_in}) not a multiple of 4"
             )
             out.append(Violation(name, worst, what, index))
     return out
 
 
 # ---------------------------------------------------------------- ONNX
-#: Ops between a weight constant and its consumer that keep each element where it is (and zeros zero).
-_PASS_THROUGH = {"DequantizeLinear", "QuantizeLinear", "Cast", "Identity"}
-
-
 def _onnx_weight(graph, tensor_name: str, axis: int) -> tuple[np.ndarray, int] | None:
-    """Follow Q/DQ/Cast/Transpose producers back to a constant; return it and the reduction axis on it.
-
-    ``axis`` is the reduction axis on ``tensor_name`` (negative counts from the end). Each Transpose
-    on the way maps it: output axis ``a`` is input axis ``perm[a]`` (no ``perm``: reversed axes).
-    """
-    import onnx.numpy_helper as nh
-
-    inits = {i.name: i for i in graph.initializer}
-    producers = {o: n for n in graph.node for o in n.output}
-    perms: list[list[int] | None] = []  # consumer side first
-    name, array = tensor_name, None
-    for _ in range(32):
-        if name in inits:
-            array = nh.to_array(inits[name])
-            break
-        node = producers.get(name)
-        if node is None:
-            return None
-        if node.op_type == "Constant":
-            value = next((a.t for a in node.attribute if a.name == "value"), None)
-            if value is None:
-                return None
-            array = nh.to_array(value)
-            break
-        if node.op_type == "Transpose":
-            perms.append(next((list(a.ints) for a in node.attribute if a.name == "perm"), None))
-        elif node.op_type not in _PASS_THROUGH:
-            return None
-        name = node.input[0]
-    if array is None or array.ndim == 0:
+    """The constant behind ``tensor_name`` (see :mod:`qatsparse.export.graph`) and ``axis`` mapped onto it."""
+    trace = graph.trace_constant(tensor_name)
+    if trace is None or trace.array.ndim == 0:
         return None
-    axis = axis % array.ndim
-    for perm in perms:
-        axis = perm[axis] if perm is not None else array.ndim - 1 - axis
-    return array, axis
+    return trace.array, trace.axis_on_constant(axis)
 
 
 def _worst_along(w: np.ndarray, axis: int) -> tuple[int, tuple[int, ...]]:
@@ -161,32 +130,28 @@ def _worst_along(w: np.ndarray, axis: int) -> tuple[int, tuple[int, ...]]:
 
 
 def _weighted_nodes(graph) -> dict[str, tuple[str, int]]:
-    """node name -> (weight input name, reduction axis on that input) for Conv/Gemm/MatMul."""
-    out = {}
-    for n in graph.node:
-        if n.op_type == "Conv" and len(n.input) > 1:
-            out[n.name] = (n.input[1], 1)  # W: (M, C/group, kH, kW)
-        elif n.op_type == "ConvTranspose" and len(n.input) > 1:
-            out[n.name] = (n.input[1], 0)  # W: (C, M/group, kH, kW)
-        elif n.op_type == "Gemm":
-            trans_b = next((a.i for a in n.attribute if a.name == "transB"), 0)
-            out[n.name] = (n.input[1], 1 if trans_b else 0)  # B: (N, K) if transB else (K, N)
-        elif n.op_type == "MatMul":
-            out[n.name] = (n.input[1], -2)  # B: (..., K, N); a 1-D B is (K,)
-    return out
+    """node name -> (weight input name, reduction axis on that input) for Conv/ConvTranspose/Gemm/MatMul."""
+    from qatsparse.export.graph import weight_uses
+
+    return {n: (u.input, u.in_axis) for n, u in weight_uses(graph).items()}
 
 
-def pruned_layers_from_metadata(path: str | Path) -> dict[str, str]:
-    """The {module name: ONNX node name} map that the export stored, or {} when absent."""
+def pruned_layers_from_metadata(path: str | Path) -> dict[str, list[str]]:
+    """The ``{weight key: [ONNX node names]}`` map that the export stored, or {} when absent.
+
+    A weight maps to several nodes when the graph uses it in parts (e.g. the query and key/value rows of an
+    attention's packed input projection in cross-attention). Files written before weights could map to
+    several nodes store one node name per key; it is returned as a one-element list.
+    """
     import onnx
 
     return _metadata_record(onnx.load(str(path), load_external_data=False)) or {}
 
 
-def _metadata_record(model) -> dict[str, str] | None:
+def _metadata_record(model) -> dict[str, list[str]] | None:
     for p in model.metadata_props:
         if p.key == PRUNED_METADATA_KEY:
-            return dict(json.loads(p.value))
+            return {k: [v] if isinstance(v, str) else list(v) for k, v in json.loads(p.value).items()}
     return None
 
 
@@ -195,8 +160,10 @@ def _check_onnx(path: Path, layers: Literal["pruned", "all"] | list[str]) -> lis
 
     if not path.exists():
         raise FileNotFoundError(f"no ONNX file at {path}")
+    from qatsparse.export.graph import OnnxGraph
+
     model = onnx.load(str(path))
-    graph = model.graph
+    graph = OnnxGraph(model)
     nodes = _weighted_nodes(graph)
     if layers == "all":
         names = [n for n in nodes if _onnx_weight(graph, *nodes[n]) is not None]
@@ -207,7 +174,7 @@ def _check_onnx(path: Path, layers: Literal["pruned", "all"] | list[str]) -> lis
                 f"check_2to4({str(path)!r}): the ONNX file has no {PRUNED_METADATA_KEY!r} metadata "
                 "(qatsparse.export.onnx.record_pruned_layers writes it); pass layers='all' or a list of node names"
             )
-        names = list(recorded.values())
+        names = list(dict.fromkeys(n for nodes_of in recorded.values() for n in nodes_of))
     elif isinstance(layers, str):
         raise ValueError(f"layers must be 'pruned', 'all' or a list of node names, got {layers!r}")
     else:
@@ -234,20 +201,56 @@ def _check_onnx(path: Path, layers: Literal["pruned", "all"] | list[str]) -> lis
 
 
 def sparsity_summary(model: nn.Module) -> dict[str, float | int]:
-    """Share of Conv2d/Linear weight parameters that sit in 2:4 layers, and the overall zero share.
+    """Share of the prunable weights' parameters (Conv/Linear/attention projections) that sit in 2:4 weights,
+    and the overall zero share.
 
     Example:
         >>> sparsity_summary(nn.Linear(4, 2, bias=False))["weights_2to4_share"]
         0.0
     """
     total = in_24 = zeros = 0
-    for m in model.modules():
-        if isinstance(m, PRUNABLE_TYPES):
-            n = m.weight.numel()
-            total += n
-            zeros += int((m.weight == 0).sum())
-            if worst_group_nonzeros(m.weight) <= 2:
-                in_24 += n
+    for w in prunable_weights(model).values():
+        n = w.weight.numel()
+        total += n
+        zeros += int((w.weight == 0).sum())
+        if worst_group_nonzeros(w.weight, w.in_axis) <= 2:
+            in_24 += n
+    return {
+        "weight_params": total,
+        "weights_2to4_share": in_24 / total if total else 0.0,
+        "zero_share": zeros / total if total else 0.0,
+    }
+
+
+def onnx_sparsity_summary(path: str | Path) -> dict[str, float | int]:
+    """:func:`sparsity_summary` measured on an ONNX graph: the share of the Conv/ConvTranspose/Gemm/MatMul weight
+    elements that sit in weights which are 2:4 along their reduction axis, and the zero share.
+
+    Weights are traced back through Q/DQ/Cast/Identity/Transpose to their constant (INT8 weights count by
+    their stored integers, whose zeros are the pruned weights); weights computed at run time are skipped.
+
+    Example:
+        >>> import tempfile, torch
+        >>> from qatsparse.export.onnx import export_onnx
+        >>> p = export_onnx(nn.Linear(8, 2), [torch.zeros(1, 8)], tempfile.mkdtemp() + "/m.onnx")
+        >>> onnx_sparsity_summary(p)["weights_2to4_share"]
+        0.0
+    """
+    import onnx
+
+    from qatsparse.export.graph import OnnxGraph
+
+    graph = OnnxGraph(onnx.load(str(path)))
+    total = in_24 = zeros = 0
+    for weight, axis in _weighted_nodes(graph).values():
+        found = _onnx_weight(graph, weight, axis)
+        if found is None:
+            continue
+        w, ax = found
+        total += w.size
+        zeros += int((w == 0).sum())
+        if _worst_along(w, ax)[0] <= 2:
+            in_24 += w.size
     return {
         "weight_params": total,
         "weights_2to4_share": in_24 / total if total else 0.0,

@@ -1,4 +1,4 @@
-"""Which layers TensorRT can run with sparse kernels, and which the user wants pruned."""
+"""Which weights TensorRT can run with sparse kernels, and which the user wants pruned."""
 
 from __future__ import annotations
 
@@ -7,12 +7,15 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from qatsparse.sparsity.masks import PRUNABLE_TYPES
+from qatsparse.sparsity.weights import PrunableWeight, prunable_weights
 
 
 @dataclass
 class Eligibility:
-    """Result of :func:`find_prunable`: layers to prune and skipped layers with the reason.
+    """Result of :func:`find_prunable`: weights to prune (by key) and skipped weights or layers with the reason.
+
+    ``eligible`` maps each key to its :class:`~qatsparse.sparsity.weights.PrunableWeight` (``.weight`` is
+    the tensor); ``skipped`` also names the layers no 2:4 kernel exists for (LSTM, embeddings, ...).
 
     Example:
         >>> e = find_prunable(nn.Sequential(nn.Linear(16, 8), nn.Linear(8, 3)))
@@ -20,7 +23,7 @@ class Eligibility:
         (['0'], 'C_out=3 not a multiple of 8, C_in=8 not a multiple of 16')
     """
 
-    eligible: dict[str, nn.Module] = field(default_factory=dict)
+    eligible: dict[str, PrunableWeight] = field(default_factory=dict)
     skipped: dict[str, str] = field(default_factory=dict)
 
 
@@ -38,59 +41,75 @@ def _compile(patterns: list[str] | str | None, what: str) -> list[re.Pattern[str
     return out
 
 
-def shape_reason(module: nn.Module) -> str | None:
-    """Why a Conv2d/Linear cannot run on sparse kernels, or None when it can.
+def shape_reason(weight: PrunableWeight | nn.Module) -> str | None:
+    """Why a weight cannot run on sparse kernels, or None when it can.
 
-    TensorRT groups weights by 4 along input channels; grouped and depthwise convs are not
-    considered, and ModelOpt/TensorRT sparse kernels need C_out % 8 == 0 and C_in % 16 == 0.
+    TensorRT groups weights by 4 along input channels; grouped and depthwise convs are not considered,
+    and ModelOpt/TensorRT sparse kernels need C_out % 8 == 0 and C_in % 16 == 0. A module is read as
+    its ``weight`` (a Conv1d/Conv2d/Linear/transformers ``Conv1D``).
+
+    Example:
+        >>> shape_reason(nn.Linear(16, 8)) is None, shape_reason(nn.Conv2d(8, 8, 3, groups=8))
+        (True, 'depthwise conv: not supported by sparse kernels')
     """
-    if isinstance(module, nn.Conv2d):
-        if module.groups != 1:
-            if module.groups == module.in_channels:
-                return "depthwise conv: not supported by sparse kernels"
-            return f"grouped conv (groups={module.groups}): not supported by sparse kernels"
-        c_out, c_in = module.out_channels, module.in_channels
-    elif isinstance(module, nn.Linear):
-        c_out, c_in = module.out_features, module.in_features
-    else:
-        return f"{type(module).__name__} is not a Conv2d or Linear"
+    if isinstance(weight, nn.Module):
+        found = prunable_weights(weight).get("")
+        if found is None:
+            return f"{type(weight).__name__} has no weight 2:4 sparsity can prune"
+        weight = found
+    if weight.groups != 1:
+        m = weight.module
+        if weight.groups == getattr(m, "in_channels", None):
+            return "depthwise conv: not supported by sparse kernels"
+        return f"grouped conv (groups={weight.groups}): not supported by sparse kernels"
     problems = []
-    if c_out % 8:
-        problems.append(f"C_out={c_out} not a multiple of 8")
-    if c_in % 16:
-        problems.append(f"C_in={c_in} not a multiple of 16")
+    if weight.c_out % 8:
+        problems.append(f"C_out={weight.c_out} not a multiple of 8")
+    if weight.c_in % 16:
+        problems.append(f"C_in={weight.c_in} not a multiple of 16")
     return ", ".join(problems) or None
 
 
 def find_prunable(
     model: nn.Module, include: list[str] | str | None = None, exclude: list[str] | str | None = None
 ) -> Eligibility:
-    """Split the model's Conv2d/Linear layers into eligible and skipped (with reasons).
+    """Split the model's prunable weights into eligible and skipped (with reasons).
+
+    Candidates are the weights of Conv1d/Conv2d/Linear (subclasses included), transformers ``Conv1D``
+    and ``nn.MultiheadAttention`` input projections (see :mod:`~qatsparse.sparsity.weights`), named by
+    their key (the module name, or ``module.parameter``). Layers no sparse kernel exists for (LSTM,
+    embeddings, deconvolutions, ...) are listed in ``skipped`` with their reason
+    (:func:`qatsparse.inventory.not_compressed`).
 
     Args:
         model: the model.
-        include: regexes (``re.search`` on the module name); when given, only matching layers are
-            considered. A pattern that matches no Conv2d/Linear is an error naming it.
-        exclude: regexes of module names never pruned.
+        include: regexes (``re.search`` on the key); when given, only matching weights are considered.
+            A pattern that matches no candidate is an error naming it.
+        exclude: regexes of keys never pruned (``"attn"`` excludes every weight of a module named attn).
 
     Raises:
-        ValueError: an ``include`` pattern matches no Conv2d/Linear layer, or a pattern is invalid.
+        ValueError: an ``include`` pattern matches no candidate, or a pattern is invalid.
     """
+    from qatsparse.inventory import not_compressed
+
     inc, exc = _compile(include, "include"), _compile(exclude, "exclude")
-    layers = {n: m for n, m in model.named_modules() if isinstance(m, PRUNABLE_TYPES)}
+    weights = prunable_weights(model)
     for p in inc:
-        if not any(p.search(n) for n in layers):
+        if not any(p.search(n) for n in weights):
             raise ValueError(
-                f"include pattern {p.pattern!r} matches no Conv2d/Linear layer; layers are: {sorted(layers)}"
+                f"include pattern {p.pattern!r} matches no Conv2d/Linear or other prunable weight; "
+                f"prunable weights are: {sorted(weights)}"
             )
     result = Eligibility()
-    for name, m in layers.items():
+    for name, w in weights.items():
         if inc and not any(p.search(name) for p in inc):
             result.skipped[name] = "not matched by include"
         elif any(p.search(name) for p in exc):
             result.skipped[name] = "excluded by user"
-        elif (reason := shape_reason(m)) is not None:
+        elif (reason := shape_reason(w)) is not None:
             result.skipped[name] = reason
         else:
-            result.eligible[name] = m
+            result.eligible[name] = w
+    for name, why in not_compressed(model, "sparsity").items():
+        result.skipped.setdefault(name, why)
     return result

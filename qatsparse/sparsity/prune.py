@@ -10,11 +10,16 @@ from torch import nn
 
 from qatsparse.sparsity.eligibility import find_prunable
 from qatsparse.sparsity.masks import apply_masks, compute_2to4_mask
+from qatsparse.sparsity.weights import prunable_weights
 
 
 @dataclass
 class MaskSet:
-    """The 2:4 masks of a model, keyed by module name, and the layers skipped with reasons.
+    """The 2:4 masks of a model, keyed by weight key, and the weights or layers skipped with reasons.
+
+    A key is the module name for a layer's ``weight`` (``"layer1.0.conv1"``) and ``module.parameter`` for
+    other weights (``"encoder.0.self_attn.in_proj_weight"``), see :mod:`~qatsparse.sparsity.weights`;
+    masks saved by earlier versions (keyed by module name) load unchanged.
 
     Masks are kept as bool tensors; :meth:`apply` zeroes the pruned weights in place with one fused
     ``_foreach_mul_`` (after every optimizer step the callback calls it). Hand-written because
@@ -38,15 +43,15 @@ class MaskSet:
         keeps the binding valid; rebind after the model moves to another device or dtype.
 
         Raises:
-            KeyError: a masked layer is not in ``model``.
-            ValueError: a mask's shape differs from its layer's weight.
+            KeyError: a masked weight is not in ``model``.
+            ValueError: a mask's shape differs from its weight.
         """
-        modules = dict(model.named_modules())
+        found = prunable_weights(model)
         weights, masks = [], []
         for name, mask in self.masks.items():
-            if name not in modules or getattr(modules[name], "weight", None) is None:
-                raise KeyError(f"pruned layer {name!r} is not in the model (or has no weight)")
-            w = modules[name].weight
+            if name not in found:
+                raise KeyError(f"pruned weight {name!r} is not in the model (or is not a prunable weight)")
+            w = found[name].weight
             if mask.shape != w.shape:
                 raise ValueError(f"mask of {name!r} has shape {tuple(mask.shape)}, its weight {tuple(w.shape)}")
             if mask.device != w.device or mask.dtype != w.dtype:
@@ -82,7 +87,8 @@ def compute_masks(
     inc = list(include) if include is not None and not isinstance(include, str) else include
     exc = list(exclude) if exclude is not None and not isinstance(exclude, str) else exclude
     elig = find_prunable(model, inc, exc)
-    return MaskSet(masks={name: compute_2to4_mask(m.weight) for name, m in elig.eligible.items()}, skipped=elig.skipped)
+    masks = {name: compute_2to4_mask(w.weight, w.in_axis) for name, w in elig.eligible.items()}
+    return MaskSet(masks=masks, skipped=elig.skipped)
 
 
 @torch.no_grad()
