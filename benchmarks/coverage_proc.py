@@ -24,6 +24,15 @@ def _rss_gb(pid: int) -> float:
         return 0.0
 
 
+def _stopped(pid: int) -> bool:
+    """True when the process is stopped (state T/t in /proc)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] in ("T", "t")
+    except (OSError, IndexError):
+        return False
+
+
 def _stderr_tail(path: Path, n: int = 6) -> list[str]:
     try:
         lines = [ln for ln in path.read_text(errors="replace").splitlines() if ln.strip()]
@@ -33,6 +42,7 @@ def _stderr_tail(path: Path, n: int = 6) -> list[str]:
 
 
 _CONTEXT: Any = None
+POLL_S = 0.5
 #: Imported once by the forkserver (by name: the server's sys.path holds PYTHONPATH, not benchmarks/).
 PRELOAD = (
     "torch",
@@ -88,24 +98,31 @@ def run_isolated(
 ) -> dict[str, Any]:
     """Run one model in its own process; a crash, a timeout or a memory overrun is a failure record.
 
-    The process is killed (by its id) once it runs past ``timeout_s`` or its resident memory passes
-    ``max_rss_gb``; the stage it was in comes from the file it keeps up to date.
+    The process is killed (by its id) once it has run ``timeout_s`` (time it spent stopped does not
+    count) or its resident memory passes ``max_rss_gb``; the stage it was in comes from the file it
+    keeps up to date.
     """
     workdir.mkdir(parents=True, exist_ok=True)
     out, stage, err = workdir / "record.json", workdir / "stage", workdir / "stderr.txt"
     for f in (out, stage):
         f.unlink(missing_ok=True)
     proc = _context().Process(target=_child, args=(spec.id, str(workdir), threads), daemon=True)
-    t0 = time.perf_counter()
-    peak = 0.0
+    t0 = last = time.perf_counter()
+    active = peak = 0.0
     killed = ""
     proc.start()
     while proc.is_alive():
-        proc.join(0.5)
+        proc.join(POLL_S)
+        now = time.perf_counter()
+        # On a shared machine a scheduler may stop (SIGSTOP) the process or this one: only time during
+        # which the process could run counts, and a jump in this process's clock (it was stopped) does not.
+        if not _stopped(proc.pid):
+            active += min(now - last, 4 * POLL_S)
+        last = now
         peak = max(peak, _rss_gb(proc.pid))
         if peak > max_rss_gb:
             killed = f"MemoryBudget: resident memory {peak:.1f} GB > the run's budget of {max_rss_gb:g} GB"
-        elif time.perf_counter() - t0 > timeout_s:
+        elif active > timeout_s:
             killed = f"Timeout: still running after {timeout_s:g} s"
         if killed and proc.is_alive():
             proc.kill()

@@ -211,6 +211,8 @@ def run_model(spec: ModelSpec, workdir: Path, threads: int = 1) -> dict[str, Any
     workdir.mkdir(parents=True, exist_ok=True)
     tracker = StageTracker(workdir / "stage")
     t0 = time.perf_counter()
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    cpu0 = usage.ru_utime + usage.ru_stime
     record: dict[str, Any] = {"id": spec.id, "zoo": spec.zoo, "name": spec.name, "input": spec.input_desc}
     if spec.note:
         record["settings"] = spec.note
@@ -278,6 +280,8 @@ def run_model(spec: ModelSpec, workdir: Path, threads: int = 1) -> dict[str, Any
         tracker.set("done")
     record["stage_s"] = tracker.times
     record["time_s"] = round(time.perf_counter() - t0, 1)
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    record["cpu_s"] = round(usage.ru_utime + usage.ru_stime - cpu0, 1)  #: what a shared machine can't inflate
     record["peak_rss_gb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)
     return record
 
