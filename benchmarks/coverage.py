@@ -100,6 +100,19 @@ def save(data: dict[str, Any], path: Path) -> None:
     os.replace(tmp, path)
 
 
+def merge(parts: list[Path], out: Path) -> None:
+    """One results JSON from shards run at once (``--shard K/N``): their runs, and every model's record
+    re-pointed at its shard's run."""
+    data: dict[str, Any] = {"runs": [], "results": []}
+    for part in parts:
+        d = load(part)
+        offset = len(data["runs"])
+        data["runs"] += d["runs"]
+        for r in d["results"]:
+            data["results"] = [x for x in data["results"] if x["id"] != r["id"]] + [{**r, "run": r["run"] + offset}]
+    save(data, out)
+
+
 def _line(i: int, n: int, r: dict[str, Any]) -> str:
     o, a = r.get("onnx") or {}, r.get("agreement") or {}
     head = f"[{i}/{n}] {r['id']:<45} {r['status']:<4} {r.get('time_s', 0):7.1f}s"
@@ -126,11 +139,25 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=1, help="torch / ONNX Runtime threads per model")
     p.add_argument("--workdir", type=Path, help="keep each model's artifacts here (default: a temporary folder)")
     p.add_argument("--list", action="store_true", help="print the selected models and exit")
+    p.add_argument("--shard", help="K/N: only every N-th model starting at the K-th (0-based), for N processes at once")
+    p.add_argument("--merge", type=Path, nargs="+", help="shard JSONs: merged into --out (and the doc)")
     args = p.parse_args(argv)
+    if args.merge:
+        merge(args.merge, args.out)
+        if args.doc:
+            from coverage_doc import write_doc
+
+            write_doc(args.out, Path(args.doc))
+        return 0
     if args.resume and args.fresh:
         p.error("--resume and --fresh exclude each other")
 
     specs = sorted(select(all_specs(), args.zoo, args.only, args.subset), key=_run_order)
+    if args.shard:
+        k, n = (int(v) for v in args.shard.split("/"))
+        if not 0 <= k < n:
+            p.error(f"--shard {args.shard}: K must be in 0..N-1")
+        specs = specs[k::n]  # round robin over the size order: every shard gets small and large models
     if args.list:
         print("\n".join(f"{s.id}  ({s.input_desc}{'; ' + s.note if s.note else ''})" for s in specs))
         return 0
