@@ -63,6 +63,9 @@ def _versions() -> dict[str, str]:
             out[pkg] = version(pkg)
         except PackageNotFoundError:
             out[pkg] = "missing"
+    if os.environ.get("QATSPARSE_COMMIT"):  # a copy of the tree without .git (e.g. on a lent GPU machine)
+        out["commit"] = os.environ["QATSPARSE_COMMIT"]
+        return out
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
         dirty = subprocess.run(["git", "status", "--porcelain", "qatsparse"], cwd=ROOT, capture_output=True, text=True)

@@ -52,7 +52,7 @@ for section in "$@"; do
     coverage)  # the matrix on the host's CPUs: COV_N shards of 1 thread at once (each saves after every model), one JSON
          P=/tmp/coverage_parts; mkdir -p "$P"; N=${COV_N:-12}
          for k in $(seq 0 $((N - 1))); do
-           timeout "${COV_S:-500}" python3 benchmarks/coverage.py --fresh --shard "$k/$N" --out "$P/part_$k.json" --doc '' \
+           QATSPARSE_COMMIT=${QATSPARSE_COMMIT:-unknown} timeout "${COV_S:-500}" python3 benchmarks/coverage.py --fresh --shard "$k/$N" --out "$P/part_$k.json" --doc '' \
              --timeout 400 --max-rss-gb 8 > "$P/part_$k.log" 2>&1 &
          done
          wait; tail -q -n 1 "$P"/part_*.log

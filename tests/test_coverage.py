@@ -23,12 +23,7 @@ from qatsparse.quantization import QuantConfig, calibrate, prepare_for_onnx_expo
 from qatsparse.sparsity import compute_2to4_mask  # noqa: E402
 
 #: CI-subset models that fail today because of a known library gap (issue 11); the test flips when it is fixed.
-KNOWN_GAPS = {
-    "torchvision:mnasnet0_5": "reference snapshot drops the state-dict metadata MNASNet's loader needs",
-    "torchvision:VisionTransformer-small": "nn.MultiheadAttention: out_proj/in_proj not found in the ONNX export",
-    "torchvision:SwinTransformer-small": "Swin's qkv/proj weights are used through F.linear: no calibration data",
-    "transformers:gpt2": "transformers Conv1D is neither pruned nor quantized",
-}
+KNOWN_GAPS: dict[str, str] = {}
 
 
 @pytest.fixture(scope="module", autouse=True)
