@@ -91,9 +91,12 @@ def transform_reason(weight: PrunableWeight) -> str | None:
     m = weight.module
     if weight.param != "weight" or not _own_forward(m):
         return None
+    g = torch.Generator().manual_seed(0)  # a generator of its own: the training run's random numbers are not touched
     try:
         m = copy.deepcopy(m).eval()
-        w = m.weight.detach().clone()
+        # A made-up weight: the layer's own may make the output constant (NF-Nets start a block's last conv
+        # with gain 0), which would hide the transform.
+        w = torch.randn(m.weight.shape, generator=g).to(m.weight.device, m.weight.dtype)
         if isinstance(m, nn.Linear):
             shape = [2, m.in_features]
         else:
@@ -102,17 +105,16 @@ def transform_reason(weight: PrunableWeight) -> str | None:
                 m.in_channels,
                 *(max(16, d * (k - 1) + 1 + s) for k, d, s in zip(m.kernel_size, m.dilation, m.stride)),
             ]
-        # a generator of its own: the training run's random numbers are not touched
-        x = torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(w.device, w.dtype)
+        x = torch.randn(shape, generator=g).to(w.device, w.dtype)
         ys = []
         for scale in (0.0, 1.0, 2.0):
             m.weight.copy_(w * scale)
             ys.append(m(x).float())
     except Exception:  # a forward that needs more than a plain input: nothing can be said
         return None
-    step = ys[1] - ys[0]
-    tol = 1e-3 * float(step.abs().max().nan_to_num(0.0)) + 1e-6
-    if bool(torch.isfinite(ys[2] - ys[1]).all()) and float((ys[2] - ys[1] - step).abs().max().nan_to_num(1e30)) <= tol:
+    step, step2 = ys[1] - ys[0], ys[2] - ys[1]
+    size = float(step.abs().max().nan_to_num(0.0))
+    if size > 0 and bool(torch.isfinite(step2).all()) and float((step2 - step).abs().max()) <= 1e-3 * size:
         return None
     return (
         f"{type(weight.module).__name__} computes with a transform of its weight in forward (e.g. weight "
