@@ -302,12 +302,6 @@ class Bundle:
         }
 
 
-def _as_input_dtype(t: torch.Tensor, onnx_type: str) -> np.ndarray:
-    from qatsparse.export.runners import OnnxRuntimeRunner
-
-    return t.detach().cpu().numpy().astype(OnnxRuntimeRunner._DTYPES.get(onnx_type, np.float32), copy=False)
-
-
 def _save_npz(path: Path, arrays: Mapping[str, np.ndarray]) -> Path:
     from qatsparse.export.onnx import atomic_path
 
@@ -371,6 +365,7 @@ def write_bundle(
     import os
 
     import qatsparse
+    from qatsparse.export.runners import as_ort_input
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -378,7 +373,7 @@ def write_bundle(
     bundle = Bundle(folder, shapes=dict(shapes))
     in_specs = ort_runner.session.get_inputs()
     out_names = [o.name for o in ort_runner.session.get_outputs()]
-    feed = {s.name: _as_input_dtype(t, s.type) for s, t in zip(in_specs, inputs)}
+    feed = {s.name: as_ort_input(t, s.type) for s, t in zip(in_specs, inputs)}
     ort_out = ort_runner(tuple(torch.from_numpy(a) for a in feed.values()))
     qat_out = qat_runner(tuple(torch.from_numpy(a) for a in feed.values()))
     ort_np = {n: o.numpy() for n, o in zip(out_names, ort_out)}
