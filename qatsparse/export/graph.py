@@ -235,3 +235,26 @@ def weight_uses(graph: OnnxGraph) -> dict[str, WeightUse]:
             axes = (-2, -1)
         out[n.name] = WeightUse(n.name, n.op_type, n.input[1], *axes)
     return out
+
+
+def module_name_of_node(node_name: str) -> str:
+    """The module a TorchScript-exported node came from, read off its scope name.
+
+    The exporter names nodes ``/<scope>/.../<Op>``. A scope level is a child's attribute name, or,
+    for children of containers, ``<attribute>.<key>[.<key>...]`` where ``<attribute>`` is the last
+    level with that name: ``/features/features.1/block/block.0/Conv`` is ``features.1.block.0``.
+
+    Example:
+        >>> module_name_of_node("/layer2/layer2.0/downsample/downsample.0/Conv")
+        'layer2.0.downsample.0'
+    """
+    anchors: dict[str, str] = {}
+    full = ""
+    for part in [p for p in node_name.split("/") if p][:-1]:
+        head, _, rest = part.partition(".")
+        if rest and head in anchors:
+            full = f"{anchors[head]}.{rest}"
+        else:
+            full = f"{full}.{part}" if full else part
+            anchors[head] = full
+    return full
