@@ -222,6 +222,7 @@ class TensorRTExport(Callback):
             progress=progress_for(trainer),
             validate_command=self.validate_command(trainer),
             completed=completed,
+            sparsity=sparsity_cb.kept_magnitude() if sparsity_cb else {},
         )
         rank_zero_info(f"qatsparse: artifacts and report in {self.settings.dirpath}")
         return report
