@@ -364,7 +364,7 @@ def write_bundle(
     """
     import os
 
-    import qatsparse
+    from qatsparse._version import __version__
     from qatsparse.export.runners import as_ort_input
 
     folder = Path(folder)
@@ -387,7 +387,7 @@ def write_bundle(
     b["onnxruntime_outputs.json"] = _save_polygraphy_outputs(folder / "onnxruntime_outputs.json", ort_np, "onnxruntime")
     b["load_inputs.py"] = _write_text(folder / "load_inputs.py", LOAD_INPUTS)
 
-    made = f"Written by qatsparse {qatsparse.__version__} on {_dt.date.today().isoformat()} for {onnx_rel}."
+    made = f"Written by qatsparse {__version__} on {_dt.date.today().isoformat()} for {onnx_rel}."
     build = trtexec_args(onnx_rel, shapes, bool(sparse_layers), workspace_gb)
     for release, documented in trtexec_flags().items():
         bad = undocumented_flags([*build, "--stronglyTyped"], documented)
