@@ -131,13 +131,21 @@ def onnx_precision(path: str | Path) -> str:
     return "fp16" if fp16 else "fp32"
 
 
-def _write_fp16(src: Path, dst: Path, keep_fp32: Sequence[str], notes: list[str]) -> None:
+def _write_fp16(
+    src: Path, dst: Path, keep_fp32: Sequence[str], notes: list[str], problems: list[str] | None = None
+) -> None:
     import onnx
 
     from qatsparse.export.fp16 import convert_to_fp16
 
     proto, info = convert_to_fp16(onnx.load(str(src)), keep_fp32=keep_fp32)
     save_model(proto, dst)
+    if problems is not None:
+        problems += [
+            f"{dst.name}: FP16 changed the numbers of {p} -- keep those layers in FP32 (keep_fp32=[...]) or fix "
+            "the training that produced them"
+            for p in info.problems
+        ]
     if info.kept_fp32_nodes:
         notes.append(f"{len(info.kept_fp32_nodes)} node(s) of {list(keep_fp32)} kept in FP32 in {dst.name}")
     if info.missing_modules:
@@ -193,8 +201,12 @@ def export_artifacts(
     keep_fp32: Sequence[str] = (),
     notes: list[str] | None = None,
     input_names: Sequence[str] | None = None,
+    problems: list[str] | None = None,
 ) -> dict[str, Path]:
     """Write ``model_fp32.onnx`` and the deployable ``model.onnx`` for ``final``'s precision.
+
+    ``problems`` collects what the export itself got wrong and must fail the report (or warn, per
+    ``on_fail``): FP16 constants clamped, flushed or raised in a layer's weights, normalization or Q/DQ scales.
 
     INT8 (fake-quantized) models give a Q/DQ graph -- exported at opset >= 19 and with the rest of the
     graph in FP16 when ``settings.fp16_remainder`` (Q/DQ in FP16 need opset 19); FP16 models give the
@@ -223,13 +235,13 @@ def export_artifacts(
             tmp_qdq = d / ".model_qdq_fp32.onnx"
             try:
                 export_onnx(qdq, inputs, tmp_qdq, opset=opset, **names)
-                _write_fp16(tmp_qdq, deploy, keep_fp32, notes)
+                _write_fp16(tmp_qdq, deploy, keep_fp32, notes, problems)
             finally:
                 tmp_qdq.unlink(missing_ok=True)
         else:
             export_onnx(qdq, inputs, deploy, opset=opset, **names)
     elif precision == "fp16":
-        _write_fp16(fp32_path, deploy, keep_fp32, notes)
+        _write_fp16(fp32_path, deploy, keep_fp32, notes, problems)
     else:
         with atomic_path(deploy) as tmp:
             shutil.copyfile(fp32_path, tmp)
@@ -395,6 +407,8 @@ def _validate_and_report(
         progress=progress,
     )
     passed, failures = gate(result, settings.max_metric_drop)
+    export_problems = list(extra.get("export_problems") or [])
+    passed, failures = passed and not export_problems, [*failures, *export_problems]
     sparsity = {**sparsity_summary(final), "pruned_layers": list(pruned_layers), "skipped": dict(skipped_layers or {})}
     report = build_report(
         result,
@@ -494,11 +508,14 @@ def export_and_validate(
     notes: list[str] = []
 
     with progress.task("exporting ONNX", total=None):
-        paths = export_artifacts(final, inputs, settings, pruned_layers, keep_fp32, notes, input_names=dict_names)
+        problems: list[str] = []
+        paths = export_artifacts(
+            final, inputs, settings, pruned_layers, keep_fp32, notes, input_names=dict_names, problems=problems
+        )
         deploy = paths["model.onnx"]
         _, output_names = onnx_io_names(deploy)
         artifacts = {k: str(v) for k, v in paths.items()}
-        extra: dict[str, Any] = {"lint": _lint(deploy, settings, notes)}
+        extra: dict[str, Any] = {"lint": _lint(deploy, settings, notes), "export_problems": problems}
         runners.append(OnnxRuntimeRunner(deploy, "onnxruntime", onnx_precision(deploy)))
         bundle = _write_handoff(deploy, settings, final, val_loader, runners, pruned_layers, notes, artifacts,
                                 validate_command)  # fmt: skip

@@ -8,7 +8,7 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 
-from qatsparse.callbacks._common import notify_before_compression
+from qatsparse.callbacks._common import HealthWatch, notify_before_compression
 from qatsparse.checkpointing import CHECKPOINT_KEY
 from qatsparse.sparsity import MaskSet, compute_masks, find_prunable, format_summary, sparsity_metrics
 from qatsparse.sparsity.masks import apply_masks
@@ -64,6 +64,7 @@ class TwoFourSparsity(pl.Callback):
         self._handles: list[Any] = []
         self._hooked: list[int] = []
         self._bound: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None
+        self.health = HealthWatch()  # a loss or gradient blowing up after pruning is reported at once
 
     @property
     def pruned(self) -> bool:
@@ -92,6 +93,14 @@ class TwoFourSparsity(pl.Callback):
                 self._prune(trainer, pl_module)
         elif self._hooked != [id(o) for o in trainer.optimizers]:  # optimizers were replaced
             self._attach(trainer, pl_module)
+
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
+        self.health.before_optimizer_step(trainer, pl_module, self.start_step)
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        self.health.after_batch(trainer, pl_module, outputs, self.start_step)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         metrics = sparsity_metrics(pl_module, self.pruned_layers)
@@ -122,6 +131,7 @@ class TwoFourSparsity(pl.Callback):
         self.masks = masks
         self.pruned_at_step = trainer.global_step
         self._attach(trainer, pl_module)
+        self.health.started(trainer, "2:4 pruning")
         if self.verbose:
             rank_zero_info(self.summary(pl_module))
 
@@ -155,9 +165,11 @@ class TwoFourSparsity(pl.Callback):
             "start_step": self.start_step,
             "pruned_at_step": self.pruned_at_step,
             "masks": self.masks.state_dict() if self.masks else None,
+            "health": self.health.monitor.state_dict(),
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if state_dict.get("masks") is not None:
             self.masks = MaskSet.from_state_dict(state_dict["masks"])
             self.pruned_at_step = state_dict.get("pruned_at_step")
+        self.health.monitor.load_state_dict(state_dict.get("health") or {})

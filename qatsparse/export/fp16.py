@@ -31,6 +31,14 @@ import numpy as np
 
 FP16_MAX = float(np.finfo(np.float16).max)
 FP16_TINY = float(2.0**-24)  # smallest positive FP16 (subnormal): Q/DQ scales below it would become 0
+#: share of a constant's nonzero values that may flush to 0 in FP16 before it counts as changed
+FLUSH_SHARE = 0.01
+#: ops whose constant inputs are a layer's numbers (weights, biases, normalization parameters, Q/DQ scales)
+_NUMERIC_USERS = frozenset(
+    {"Conv", "ConvTranspose", "Gemm", "MatMul", "BatchNormalization", "LayerNormalization", "InstanceNormalization",
+     "GroupNormalization", "QuantizeLinear", "DequantizeLinear", "PRelu"}
+)  # fmt: skip
+_PASS_ON = frozenset({"Cast", "Transpose", "Identity", "Reshape", "Unsqueeze", "Squeeze"})
 _QDQ = ("QuantizeLinear", "DequantizeLinear")
 
 
@@ -47,6 +55,10 @@ class FP16Conversion:
     kept_fp32_nodes: list[str] = field(default_factory=list)
     missing_modules: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    #: constant name -> what the conversion changed in it (clamped, flushed, scales raised)
+    changed: dict[str, str] = field(default_factory=dict)
+    #: the changes that alter a layer's numbers, with the module named (the export fails or warns on them)
+    problems: list[str] = field(default_factory=list)
 
 
 def _opset(model: Any) -> int:
@@ -69,16 +81,52 @@ def _param(params: Sequence[Any], i: int) -> Any | None:
 
 def _to_fp16_array(arr: np.ndarray, is_scale: bool, name: str, conv: FP16Conversion) -> np.ndarray:
     a = arr.astype(np.float32)
+    changes = []
     over = int((np.abs(a) > FP16_MAX).sum())
     if over:
-        conv.notes.append(f"{name}: {over} value(s) beyond the FP16 range clamped to +-{FP16_MAX:g}")
+        changes.append(f"{over} value(s) beyond the FP16 range clamped to +-{FP16_MAX:g}")
         a = np.clip(a, -FP16_MAX, FP16_MAX)
     if is_scale:
         small = int(((a > 0) & (a < FP16_TINY)).sum())
         if small:
-            conv.notes.append(f"{name}: {small} Q/DQ scale(s) below the smallest FP16 raised to {FP16_TINY:g}")
+            changes.append(f"{small} Q/DQ scale(s) below the smallest FP16 raised to {FP16_TINY:g}")
             a = np.where((a > 0) & (a < FP16_TINY), FP16_TINY, a)
-    return a.astype(np.float16)
+    out = a.astype(np.float16)
+    nonzero = int((a != 0).sum())
+    flushed = int(((a != 0) & (out == 0)).sum())
+    if nonzero and flushed / nonzero >= FLUSH_SHARE:
+        changes.append(f"{flushed} of {nonzero} nonzero value(s) flushed to 0 (below the smallest FP16)")
+    if changes:
+        conv.changed[name] = "; ".join(changes)
+        conv.notes.append(f"{name}: {conv.changed[name]}")
+    return out
+
+
+def _harmful_changes(graph: Any, changed: dict[str, str], renamed: dict[str, str]) -> list[str]:
+    """The constant changes that alter a layer's numbers -- a weight, bias, normalization parameter or Q/DQ
+    scale -- named by module; a mask or fill value (e.g. ``finfo.min`` in an attention mask) clamped to the
+    FP16 range acts the same and is only noted."""
+    from qatsparse.export.onnx import module_name_of_node
+
+    consumers: dict[str, list[Any]] = {}
+    for n in graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    out = []
+    for name, what in changed.items():
+        stack, users = [name, renamed.get(name, "")], []
+        while stack:
+            t = stack.pop()
+            for n in consumers.get(t, []):
+                if n.op_type in _PASS_ON:  # follow a weight through its dequantize/cast/transpose
+                    stack.extend(n.output)
+                else:
+                    users.append(n)
+        hit = [n for n in users if n.op_type in _NUMERIC_USERS]
+        if hit:
+            modules = sorted({module_name_of_node(n.name) or n.name for n in hit})
+            out.append(f"{', '.join(modules)} ({hit[0].op_type} constant {name}): {what}")
+    return out
 
 
 def convert_to_fp16(
@@ -251,6 +299,7 @@ def convert_to_fp16(
     graph.node.extend(new_nodes)
     graph.initializer.extend(new_inits)
     del graph.value_info[:]
+    conv.problems = _harmful_changes(graph, conv.changed, renamed_const)
     return model, conv
 
 

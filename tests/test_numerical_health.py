@@ -1,0 +1,145 @@
+"""Numerical health is checked, not assumed (issue 11): calibration sees the statistics training sees, a
+blow-up after a compression step is reported at once with the step and the layers, FP16 changes to a
+layer's constants fail the report."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from torch import nn
+
+from qatsparse import QuantizationAwareTraining
+from qatsparse.examples import DigitsDataModule, ResidualCNN
+from qatsparse.pipeline import ExportSettings, export_and_validate
+from qatsparse.quantization import QuantConfig, calibrate, quantize_model, quantizers
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _unsettled() -> nn.Sequential:
+    """conv -> BN whose running statistics are far from the data's (QAT started before they settled)."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 6 * 6, 4))
+    with torch.no_grad():
+        net[1].running_var.fill_(1e-4)  # eval-mode activations ~100x the batch-normalized ones
+    return net
+
+
+def test_calibration_uses_batch_statistics_and_leaves_running_statistics_untouched():
+    x = torch.randn(16, 3, 8, 8)
+    net = _unsettled()
+    before = {k: v.clone() for k, v in net[1].state_dict().items()}
+    with torch.no_grad():  # what training computes (batch statistics) and what eval computes
+        train_peak = float(net[2](copy.deepcopy(net[:2]).train()(x)).abs().max())
+        eval_peak = float(net[2](net[:2].eval()(x)).abs().max())
+    assert eval_peak > 20 * train_peak
+    for mode, expected in (("batch", train_peak), ("running", eval_peak)):
+        q = copy.deepcopy(net)
+        quantize_model(q, QuantConfig())
+        calibrate(q, [x], q, batchnorm=mode)
+        amax = float(quantizers(q)["4.input_quantizer"].amax)
+        assert amax == pytest.approx(expected, rel=1e-5), mode
+        for k, v in q[1].state_dict().items():
+            assert torch.equal(v, before[k]), f"{mode}: calibration changed BatchNorm's {k}"
+
+
+class _LrJump(ResidualCNN):
+    """A learning rate 1e6 times larger from step 10 on: the kind of mistake that wrecks a fine-tuning."""
+
+    def configure_optimizers(self):
+        opt = torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 if s < 10 else 1e6)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+def test_a_blow_up_after_qat_starts_is_reported_at_once_with_the_step_and_layers():
+    pl.seed_everything(0)
+    qat = QuantizationAwareTraining(start_step=10, calib_batches=2, verbose=False)
+    trainer = pl.Trainer(
+        max_steps=16,
+        callbacks=[qat],
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+    )
+    model = _LrJump(widths=(16, 32))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(model, datamodule=DigitsDataModule(batch_size=32))
+    [event] = qat.health.monitor.events
+    assert 10 <= event.step <= 12 and event.after == "INT8 QAT started at step 10"
+    assert event.layers and all("gradient norm" in x or "non-finite" in x for x in event.layers)
+    messages = [str(w.message) for w in caught if "qatsparse:" in str(w.message) and "most likely" in str(w.message)]
+    assert len(messages) == 1 and f"at step {event.step}" in messages[0]
+    assert qat.report(model)["health"] == [event.to_dict()]
+
+
+def test_quiet_training_reports_nothing():
+    pl.seed_everything(0)
+    qat = QuantizationAwareTraining(start_step=4, calib_batches=2, verbose=False)
+    trainer = pl.Trainer(
+        max_steps=8,
+        callbacks=[qat],
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+    )
+    trainer.fit(ResidualCNN(widths=(16, 32)), datamodule=DigitsDataModule(batch_size=32))
+    assert qat.health.monitor.events == []
+
+
+class _Masked(nn.Module):
+    """A float32-min fill value (an attention-mask idiom) and a BatchNorm whose scale training blew up."""
+
+    def __init__(self, blown: bool) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.fc = nn.Linear(8, 10)
+        if blown:
+            with torch.no_grad():
+                self.bn.weight.fill_(1e8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.bn(self.conv(x)).mean((2, 3))
+        h = h.masked_fill(h < -1e30, torch.finfo(torch.float32).min)
+        return self.fc(h)
+
+
+@pytest.mark.parametrize("blown", [False, True])
+def test_fp16_clamping_a_layers_constants_fails_the_report_and_a_mask_value_does_not(tmp_path, blown):
+    torch.manual_seed(0)
+    model = _Masked(blown).eval()
+    quantize_model(model, QuantConfig())
+    dm = DigitsDataModule(batch_size=64)
+    dm.setup("fit")
+    calibrate(model, [b[0] for _, b in zip(range(2), dm.train_dataloader())], model)
+    model.example_input_array = torch.zeros(1, 1, 8, 8)
+    report = export_and_validate(
+        model, None, dm.val_dataloader(), ExportSettings(dirpath=tmp_path, max_metric_drop=1.0, handoff=False),
+        console=False,
+    )
+    clamp_notes = [n for n in report["notes"] if "beyond the FP16 range" in n]
+    assert clamp_notes, "the float32-min fill value is clamped either way (noted)"
+    failures = [f for f in report["gate"]["failures"] if "FP16 changed the numbers" in f]
+    if blown:
+        assert not report["passed"] and len(failures) == 1
+        assert failures[0].startswith("model.onnx: FP16 changed the numbers of bn (BatchNormalization constant")
+    else:
+        assert report["passed"] and not failures
