@@ -8,8 +8,16 @@ Example:
 """
 
 from qatsparse.callbacks import QuantizationAwareTraining, TensorRTExport, TwoFourSparsity
-from qatsparse.checkpointing import restore_structure
+from qatsparse.checkpointing import CompressedCheckpointMixin, load_from_checkpoint, restore_structure
 
 __version__ = "0.1.0"
 
-__all__ = ["QuantizationAwareTraining", "TensorRTExport", "TwoFourSparsity", "__version__", "restore_structure"]
+__all__ = [
+    "CompressedCheckpointMixin",
+    "QuantizationAwareTraining",
+    "TensorRTExport",
+    "TwoFourSparsity",
+    "__version__",
+    "load_from_checkpoint",
+    "restore_structure",
+]

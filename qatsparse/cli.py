@@ -29,11 +29,11 @@ from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
-import torch
 from jsonargparse import Namespace
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 from torch import nn
 
+from qatsparse.lightning_compat import is_lightning_module, overrides
 from qatsparse.progress import progress_for
 from qatsparse.validation import enforce_gate
 
@@ -198,25 +198,20 @@ class RestoredRun:
     quantization: dict[str, Any] = field(default_factory=dict)
 
 
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
+def load_checkpoint(path: str | Path, weights_only: bool = False) -> dict[str, Any]:
     """A Lightning checkpoint, or a plain state_dict wrapped as ``{"state_dict": ...}``."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
-    # weights_only=False: Lightning checkpoints hold callback states (the user's own files).
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    if not isinstance(ckpt, dict):
-        raise TypeError(f"{path} holds a {type(ckpt).__name__}, not a checkpoint or state_dict")
-    if "state_dict" not in ckpt:
-        ckpt = {"state_dict": ckpt}
-    return ckpt
+    from qatsparse.checkpointing import read_checkpoint
+
+    return read_checkpoint(path, weights_only=weights_only)
 
 
 def _callback(callbacks: Sequence[Any], cls: type) -> Any:
     return next((cb for cb in callbacks if isinstance(cb, cls)), None) or cls()
 
 
-def restore_run(model: nn.Module, ckpt_path: str | Path | None, callbacks: Sequence[Any] = ()) -> RestoredRun:
+def restore_run(
+    model: nn.Module, ckpt_path: str | Path | None, callbacks: Sequence[Any] = (), weights_only: bool = False
+) -> RestoredRun:
     """Load ``ckpt_path`` into ``model`` (inserting quantizers first for a QAT checkpoint) and read the
     dense reference, the pruned layers and the quantization settings the callbacks saved in it.
 
@@ -231,8 +226,8 @@ def restore_run(model: nn.Module, ckpt_path: str | Path | None, callbacks: Seque
 
     if ckpt_path is None:
         return RestoredRun(model, None)
-    ckpt = load_checkpoint(ckpt_path)
-    if isinstance(model, pl.LightningModule):
+    ckpt = load_checkpoint(ckpt_path, weights_only)
+    if is_lightning_module(model):
         model.on_load_checkpoint(ckpt)
     restore_structure(model, ckpt)
     model.load_state_dict(ckpt["state_dict"])
@@ -262,9 +257,9 @@ def _val_loader(datamodule: pl.LightningDataModule | None, model: nn.Module) -> 
         datamodule.prepare_data()
         datamodule.setup("validate")
         return datamodule.val_dataloader()
-    if isinstance(model, pl.LightningModule):
+    if is_lightning_module(model) and overrides(model, "val_dataloader"):
         return model.val_dataloader()
-    raise ValueError("no validation data: give the config a `data:` section")
+    raise ValueError("no validation data: give the config a `data:` section (a datamodule with val_dataloader())")
 
 
 def _export_settings(callbacks: Sequence[Any], dirpath: str | None) -> tuple[Any, str]:
@@ -346,30 +341,26 @@ class CLITrainer(pl.Trainer):
         ckpt_path: str,
         datamodule: pl.LightningDataModule | None = None,
         dirpath: str | None = None,
+        weights_only: bool | None = None,
     ) -> dict[str, Any]:
         """Export a checkpoint: ONNX, TensorRT engine where available, validation and report.
 
         Args:
-            ckpt_path: Lightning checkpoint (or plain state_dict) of the trained model.
+            ckpt_path: Lightning checkpoint (or plain state_dict) of the trained model, e.g. the
+                ``model.ckpt`` that ``TensorRTExport`` saves in its ``dirpath`` before exporting.
             dirpath: output folder (default: the config's ``TensorRTExport.dirpath``).
+            weights_only: ``torch.load(weights_only=...)`` of ``ckpt_path`` (default False: the checkpoint holds
+                callback states). Also makes the ``config.yaml`` a ``fit`` saved usable here as it is.
         """
-        from qatsparse.pipeline import export_and_validate
+        from qatsparse import TensorRTExport
 
-        settings, on_fail = _export_settings(self.callbacks, dirpath)
-        run = restore_run(model, ckpt_path, self.callbacks)
-        report = export_and_validate(
-            run.model,
-            run.reference,
-            _val_loader(datamodule, model),
-            settings,
-            pruned_layers=run.pruned_layers,
-            skipped_layers=run.skipped_layers,
-            quantization=run.quantization,
-            progress=progress_for(self),
+        cb = _callback(self.callbacks, TensorRTExport)
+        if dirpath is not None:
+            cb.settings.dirpath = Path(dirpath)
+        loader = _val_loader(datamodule, model)
+        return cb.export_checkpoint(
+            model, ckpt_path, loader, weights_only=bool(weights_only), progress=progress_for(self)
         )
-        print(f"qatsparse: artifacts and report in {settings.dirpath}")
-        enforce_gate(report, on_fail)
-        return report
 
     def bench(
         self,

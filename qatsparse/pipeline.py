@@ -16,7 +16,8 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from qatsparse.batches import example_inputs
+from qatsparse.batches import Inputs, example_inputs, input_tensors
+from qatsparse.batches import input_names as keyword_names
 from qatsparse.export.onnx import (
     FP16_QDQ_OPSET,
     atomic_path,
@@ -92,13 +93,11 @@ def _torch_precision(precision: str) -> str:
     return {"int8": "int8 (fake-quant)", "fp16": "fp16 (fake-cast)"}.get(precision, precision)
 
 
-def _example(final: nn.Module, val_loader: Any) -> tuple[tuple[torch.Tensor, ...], list[str] | None]:
-    """Example inputs (``example_input_array`` -- a dict's values in order -- else the first batch) and the
-    input names a dict gives."""
-    ex = getattr(final, "example_input_array", None)
-    if isinstance(ex, Mapping):
-        return tuple(ex.values()), [str(k) for k in ex]
-    return example_inputs(final, val_loader), None
+def _example(final: nn.Module, val_loader: Any) -> tuple[Inputs, list[str] | None]:
+    """Example inputs (``example_input_array``, else the first validation batch's inputs) and the input
+    names that keyword inputs give."""
+    inputs = example_inputs(final, val_loader)
+    return inputs, keyword_names(inputs)
 
 
 def onnx_io_names(path: str | Path) -> tuple[list[str], list[str]]:
@@ -155,7 +154,7 @@ def _write_fp16(
 
 def _dynamic_axes(
     fp32: nn.Module,
-    inputs: Sequence[torch.Tensor],
+    inputs: Inputs,
     in_names: list[str],
     settings: ExportSettings,
     path: Path,
@@ -168,10 +167,11 @@ def _dynamic_axes(
     """
     from qatsparse.export.shapes import check_dynamic_axes, dynamic_axes_of, resolve_axes
 
-    axes, declared = resolve_axes(settings.dynamic_axes, inputs, in_names)
+    tensors = input_tensors(inputs)  # keyword inputs: the graph's inputs are the dict's values, in order
+    axes, declared = resolve_axes(settings.dynamic_axes, tensors, in_names)
     names = {"input_names": in_names, "output_names": settings.output_names}
     export_onnx(fp32, inputs, path, opset=settings.opset, dynamic_axes=axes, **names)
-    problems = check_dynamic_axes(path, inputs, dynamic_axes_of(path)) if axes else {}
+    problems = check_dynamic_axes(path, tensors, dynamic_axes_of(path)) if axes else {}
     if problems and declared:
         raise ValueError(
             "the exported graph does not accept other sizes of the declared dynamic axes: "
@@ -195,7 +195,7 @@ def _dynamic_axes(
 
 def export_artifacts(
     final: nn.Module,
-    inputs: Sequence[torch.Tensor],
+    inputs: Inputs,
     settings: ExportSettings,
     pruned_layers: Sequence[str] = (),
     keep_fp32: Sequence[str] = (),
@@ -220,7 +220,11 @@ def export_artifacts(
     final = plain_copy(final)
     precision = _precision(final)
     fp32 = remove_quantizers(copy.deepcopy(final))
-    in_names = settings.input_names or list(input_names or []) or default_input_names(final, len(inputs))
+    in_names = (
+        settings.input_names
+        or list(input_names or keyword_names(inputs) or [])
+        or default_input_names(final, len(inputs))
+    )
     fp32_path = d / "model_fp32.onnx"
     axes = _dynamic_axes(fp32, inputs, in_names, settings, fp32_path, notes)
     names = {"input_names": in_names, "output_names": settings.output_names, "dynamic_axes": axes}
@@ -307,11 +311,17 @@ def _maybe_build_engine(
     return TensorRTRunner(plan, "tensorrt", engine_precision_label(facts.get("inspector"))), facts
 
 
-def _validation_batch(final: nn.Module, val_loader: Any, max_batch: int) -> tuple[torch.Tensor, ...]:
-    """The inputs of the first validation batch, cut to at most ``max_batch`` rows."""
+def _validation_batch(
+    final: nn.Module, val_loader: Any, max_batch: int, graph_inputs: Sequence[str]
+) -> tuple[tuple[torch.Tensor, ...], bool]:
+    """The inputs of the first validation batch, cut to at most ``max_batch`` rows, in the graph's input order;
+    and whether the model takes them as keywords (named as the graph's inputs)."""
     from qatsparse.batches import batch_inputs
 
-    return tuple(t[:max_batch] for t in batch_inputs(final, next(iter(val_loader))))
+    inputs = batch_inputs(final, next(iter(val_loader)))
+    keywords = isinstance(inputs, Mapping)
+    ordered = tuple(inputs[n] for n in graph_inputs) if keywords else inputs
+    return tuple(t[:max_batch] for t in ordered), keywords
 
 
 def _write_handoff(
@@ -332,14 +342,22 @@ def _write_handoff(
     if not settings.handoff:
         return None
     try:
-        batch = _validation_batch(final, val_loader, int(settings.batch_sizes[-1]))
+        graph_inputs = onnx_io_names(deploy)[0]
+        batch, keywords = _validation_batch(final, val_loader, int(settings.batch_sizes[-1]), graph_inputs)
         shapes = _profile(deploy, settings, batch, notes)
         by_name = {r.name: r for r in runners}
+        torch_runner = by_name.get("pytorch_qat") or by_name["pytorch_final"]
+        if keywords:  # the bundle feeds the graph's inputs in order; the model takes them by name
+            keyword_runner = torch_runner
+
+            def torch_runner(ts: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+                return keyword_runner(dict(zip(graph_inputs, ts)))
+
         bundle = write_bundle(
             Path(settings.dirpath) / BUNDLE_DIR,
             deploy,
             batch,
-            by_name.get("pytorch_qat") or by_name["pytorch_final"],
+            torch_runner,
             by_name["onnxruntime"],
             shapes,
             sparse_layers=pruned_layers,
@@ -394,7 +412,9 @@ def _validate_and_report(
     extra: dict[str, Any],
     console: bool,
     progress: Progress = QUIET,
+    completed: list[str] | None = None,
 ) -> dict[str, Any]:
+    completed = completed if completed is not None else []
     precisions = {r.name: r.precision for r in runners}
     result = validate(
         runners,
@@ -406,6 +426,7 @@ def _validate_and_report(
         max_batches=settings.max_batches,
         progress=progress,
     )
+    completed.append("validation")
     passed, failures = gate(result, settings.max_metric_drop)
     export_problems = list(extra.get("export_problems") or [])
     passed, failures = passed and not export_problems, [*failures, *export_problems]
@@ -426,6 +447,7 @@ def _validate_and_report(
     d = Path(settings.dirpath)
     report["artifacts"].update({f"report.{k}": str(d / f"report.{k}") for k in ("json", "md", "png")})
     write_report(report, d)
+    completed.append("report")
     if console:
         print_console(report)
     return report
@@ -478,6 +500,7 @@ def export_and_validate(
     console: bool = True,
     progress: Progress = QUIET,
     validate_command: str | None = None,
+    completed: list[str] | None = None,
 ) -> dict[str, Any]:
     """Write the ONNX files, the TensorRT hand-off bundle (and engine), lint, validate every backend on
     ``val_loader``, write the report.
@@ -494,6 +517,8 @@ def export_and_validate(
         console: print the rich table.
         progress: shows the export, the engine build and each backend's validation (default: quiet).
         validate_command: the ``qatsparse validate ... --engine`` command the bundle's README gives.
+        completed: the names of the stages that completed are appended to it (``export``, ``lint``,
+            ``handoff``, ``engine``, ``validation``, ``report``): after a failure it says what succeeded.
 
     Returns:
         The report dictionary (also written as report.json/md/png). The gate is not enforced here:
@@ -507,23 +532,30 @@ def export_and_validate(
     keep_fp32 = [*(quantization.get("keep_fp32") or []), *settings.keep_fp32]
     notes: list[str] = []
 
+    completed = completed if completed is not None else []
     with progress.task("exporting ONNX", total=None):
         problems: list[str] = []
         paths = export_artifacts(
             final, inputs, settings, pruned_layers, keep_fp32, notes, input_names=dict_names, problems=problems
         )
+        completed.append("export")
         deploy = paths["model.onnx"]
         _, output_names = onnx_io_names(deploy)
         artifacts = {k: str(v) for k, v in paths.items()}
         extra: dict[str, Any] = {"lint": _lint(deploy, settings, notes), "export_problems": problems}
+        completed.append("lint")
         runners.append(OnnxRuntimeRunner(deploy, "onnxruntime", onnx_precision(deploy)))
         bundle = _write_handoff(deploy, settings, final, val_loader, runners, pruned_layers, notes, artifacts,
                                 validate_command)  # fmt: skip
+        completed.append("handoff")
     if bundle is not None:
         extra["tensorrt_bundle"] = bundle
+    graph_inputs = onnx_io_names(deploy)[0]
+    example = tuple(inputs[n] for n in graph_inputs) if isinstance(inputs, Mapping) else inputs
     engine_runner, facts = _maybe_build_engine(
-        deploy, d, settings, precision, bool(pruned_layers), inputs, notes, artifacts, progress
+        deploy, d, settings, precision, bool(pruned_layers), example, notes, artifacts, progress
     )
+    completed.append("engine")
     if engine_runner is not None:
         runners.append(engine_runner)
         extra["engine"] = facts
@@ -541,6 +573,7 @@ def export_and_validate(
         extra,
         console,
         progress,
+        completed,
     )
 
 

@@ -13,8 +13,8 @@ from typing import Any, Literal
 
 import torch
 
-from qatsparse.batches import batch_inputs, batch_targets
-from qatsparse.export.runners import Runner
+from qatsparse.batches import batch_inputs, batch_size, batch_targets
+from qatsparse.export.runners import Runner, run
 from qatsparse.latency import latency_summary, rotated
 from qatsparse.progress import QUIET, Progress
 
@@ -330,10 +330,10 @@ def validate(
             outs: dict[str, tuple[torch.Tensor, ...]] = {}
             for r in rotated(runners, b):
                 t0 = time.perf_counter()
-                outs[r.name] = r(inputs)
+                outs[r.name] = run(r, inputs)
                 times[r.name].append((time.perf_counter() - t0) * 1e3)
                 tasks[r.name].advance()
-            sizes.append(int(inputs[0].shape[0]))
+            sizes.append(batch_size(inputs))
             for r in runners:  # metrics and agreement in the runners' own order, the reference first
                 out = outs[r.name]
                 if outputs is None:

@@ -21,7 +21,17 @@ def _one_thread():
     torch.set_num_threads(n)
 
 
-def _fit(tmp_path, trainer_kwargs=None, sparsity=False, extra_callbacks=(), **export_kwargs):
+class Diverging(BoardNet):
+    """Trains away from its targets: the final model is worse than the reference, so a gate fails for real."""
+
+    def training_step(self, batch, batch_idx):
+        return -super().training_step(batch, batch_idx)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.5)
+
+
+def _fit(tmp_path, trainer_kwargs=None, sparsity=False, extra_callbacks=(), model=None, **export_kwargs):
     torch.manual_seed(0)
     cb = TensorRTExport(dirpath=tmp_path, output_names=["policy", "value"], **export_kwargs)
     qat = QuantizationAwareTraining("int8", calibrator="entropy", calib_batches=2, start_step=3, verbose=False)
@@ -29,7 +39,7 @@ def _fit(tmp_path, trainer_kwargs=None, sparsity=False, extra_callbacks=(), **ex
     kwargs = {"max_steps": 6, "logger": False, "enable_progress_bar": False, **(trainer_kwargs or {})}
     trainer = pl.Trainer(accelerator="cpu", callbacks=callbacks, enable_checkpointing=False,
                          enable_model_summary=False, num_sanity_val_steps=0, **kwargs)  # fmt: skip
-    trainer.fit(BoardNet(), board_loader(64, 16), board_loader(48, 16))
+    trainer.fit(model or BoardNet(), board_loader(64, 16), board_loader(48, 16))
     return cb
 
 
@@ -47,9 +57,12 @@ def test_fit_end_writes_artifacts_and_report(tmp_path, capsys):
 
 
 def test_gate_failure_raises_after_writing_the_report(tmp_path):
-    with pytest.raises(GateFailed, match="max_metric_drop names metric 'nope'"):
-        _fit(tmp_path, max_metric_drop={"nope": 0.1})
-    assert json.loads((tmp_path / "report.json").read_text())["passed"] is False
+    with pytest.raises(GateFailed, match=r"value/mse = .* drop .* > allowed 0.0000") as e:
+        _fit(tmp_path, model=Diverging(), max_metric_drop={"value/mse": 0.0})
+    assert f"The trained model is saved in {tmp_path / 'model.ckpt'}" in str(e.value)
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["passed"] is False
+    assert report["backends"]["pytorch_qat"]["drop_vs_reference"]["value/mse"] > 0
 
 
 def test_gate_failure_warns_with_on_fail_warn(tmp_path):

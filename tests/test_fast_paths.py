@@ -19,10 +19,14 @@ from qatsparse.quantization import (
     prepare_for_onnx_export,
     quantize_model,
 )
+from qatsparse.quantization.quantizer import TensorQuantizer
 from qatsparse.sparsity import apply_masks, compute_2to4_mask
 
 CASES = [(None, False), (0, True), (1, False)]
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+CUDA = pytest.param(
+    "cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+)
+DEVICES = ["cpu", CUDA]
 
 
 def _case(dtype: torch.dtype, axis: int | None, device: str, seed: int):
@@ -51,6 +55,55 @@ def test_fusable_fake_quant_is_bit_identical_to_aten(device, dtype, axis, narrow
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(16, 8, 1, 1), (16, 8, 3, 3), (16, 8)])
+def test_training_per_channel_path_is_bit_identical_and_keeps_the_weight_layout(device, dtype, shape):
+    g = torch.Generator().manual_seed(3)
+    w = (torch.randn(shape, generator=g) * 3).to(device=device, dtype=dtype)
+    if w.dim() == 4:
+        w = w.to(memory_format=torch.channels_last)
+    w.requires_grad_()
+    amax = (torch.rand(shape[0], generator=g) * 4 + 0.5).to(device)
+    grad = torch.randn(shape, generator=g).to(device=device, dtype=dtype)
+    y_ref = fake_quantize_int8_aten(w, amax, 0, True)
+    (g_ref,) = torch.autograd.grad(y_ref, w, grad)
+    y = fake_quantize_int8(w, amax, 0, True)
+    assert y.grad_fn is not None and type(y.grad_fn).__name__ == "PerChannelFakeQuantBackward"
+    (g_w,) = torch.autograd.grad(y, w, grad)
+    assert torch.equal(y, y_ref) and torch.equal(g_w, g_ref)
+    assert (g_ref == 0).any() and (g_ref != 0).any(), "the case must clamp some values and pass others"
+    assert g_w.stride() == w.stride(), "the gradient is laid out exactly like the weight"
+    with torch.no_grad():  # inference and export keep ATen's op (the one the ONNX exporter knows)
+        assert fake_quantize_int8(w, amax, 0, True).grad_fn is None
+
+
+def test_quantized_channels_last_weights_get_gradients_in_their_own_layout_under_ddp(tmp_path):
+    """DDP warned "Grad strides do not match bucket view strides" for channels_last 1x1 conv weights
+    under QAT: ATen's fake-quant backward gave their size-1 dimensions other strides."""
+    import warnings
+
+    import torch.distributed as dist
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(4, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(8, 16, 1), torch.nn.Flatten()
+    ).to(memory_format=torch.channels_last)
+    x = torch.randn(2, 4, 6, 6).to(memory_format=torch.channels_last)
+    quantize_model(model, QuantConfig())
+    calibrate(model, [x], model)
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    try:
+        ddp = torch.nn.parallel.DistributedDataParallel(model)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            ddp(x).square().sum().backward()
+    finally:
+        dist.destroy_process_group()
+    assert not [w for w in caught if "bucket view strides" in str(w.message)]
+    assert all(p.grad.stride() == p.stride() for p in model.parameters())
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_compiled_fake_quant_matches_eager_forward_and_backward(device):
     torch._dynamo.reset()
     compiled = torch.compile(fake_quantize_int8)
@@ -62,6 +115,58 @@ def test_compiled_fake_quant_matches_eager_forward_and_backward(device):
         (g,) = torch.autograd.grad(y, x, grad)
         assert torch.equal(y, y_ref)
         assert torch.equal(g, g_ref)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_recomputed_compiled_fake_quant_matches_eager_forward_and_backward(device):
+    """QuantConfig(recompute=True): under compile the activation quantizer runs inside a checkpoint."""
+    torch._dynamo.reset()
+    q = TensorQuantizer(recompute=True).to(device)
+    q.load_amax(torch.tensor(4.0))
+    compiled = torch.compile(q)
+    x, _, grad = _case(torch.float16, None, device, seed=11)  # AMP's dtype; FP32 in the model test below
+    y_ref = fake_quantize_int8_aten(x, q.amax, None, False)
+    (g_ref,) = torch.autograd.grad(y_ref, x, grad)
+    y = compiled(x)
+    (g,) = torch.autograd.grad(y, x, grad)
+    assert torch.equal(y, y_ref) and torch.equal(g, g_ref)
+    assert (g_ref == 0).any() and (g_ref != 0).any()
+
+
+def _saved_bytes(model: torch.nn.Module, x: torch.Tensor) -> int:
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = model(x)
+    out.sum().backward()
+    return sum(seen.values())
+
+
+def test_recompute_keeps_less_for_the_backward_and_computes_the_same():
+    """The memory-saving variant: the compiled backward recomputes the quantized activation and its mask
+    instead of keeping them, and the model computes the same outputs and gradients."""
+    x = torch.randn(4, 8, 12, 12)
+    results = {}
+    for recompute in (False, True):
+        torch._dynamo.reset()
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(
+            torch.nn.Conv2d(8, 16, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(16, 8, 3, padding=1)
+        )
+        quantize_model(model, QuantConfig(recompute=recompute))
+        calibrate(model, [x], model)
+        model.compile()
+        _saved_bytes(model, x)  # compiles
+        model.zero_grad()
+        saved = _saved_bytes(model, x)
+        results[recompute] = (saved, model(x).detach(), [p.grad.clone() for p in model.parameters()])
+    (kept, out, grads), (kept_rc, out_rc, grads_rc) = results[False], results[True]
+    assert kept_rc < kept, f"recompute kept {kept_rc} bytes for the backward, not fewer than {kept}"
+    assert torch.equal(out, out_rc) and all(torch.equal(a, b) for a, b in zip(grads, grads_rc))
 
 
 def _quantized_model() -> tuple[ResidualCNN, torch.Tensor]:

@@ -9,12 +9,12 @@ import pytest
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
-from pytorch_lightning.callbacks import ModelCheckpoint
 from torch import nn
 
 import qatsparse.callbacks.quantization as qat_module
 from qatsparse import QuantizationAwareTraining
 from qatsparse.examples import DigitsDataModule, ResidualCNN
+from qatsparse.lightning_compat import Callback
 from qatsparse.quantization import (
     QuantConfig,
     calibrate,
@@ -25,6 +25,7 @@ from qatsparse.quantization import (
     sensitivity,
     track_overflow,
 )
+from tests.lightning_packages import PACKAGES, classes
 
 
 # ----------------------------------------------------------------------------- arguments
@@ -38,11 +39,11 @@ from qatsparse.quantization import (
         ({"percentile": math.nan}, "percentile must be in (0, 100], got nan"),
         ({"calib_batches": 0}, "calib_batches must be an integer >= 1, got 0"),
         ({"calib_batches": 2.5}, "calib_batches must be an integer >= 1, got 2.5"),
-        ({"start_step": -1}, "start_step must be >= 0, got -1"),
+        ({"start_step": -1}, "QuantizationAwareTraining(start_step=-1): start_step must be an integer >= 0"),
         ({"auto_exclude": -2}, "auto_exclude must be an integer >= 0, got -2"),
         ({"sensitivity_metric": "f1"}, "sensitivity_metric must be one of ['agreement', 'mse', 'top1']"),
         ({"exclude": ["fc("]}, "exclude"),
-        ({"exclude": ["(fc"]}, "exclude pattern '(fc' is not a valid regex"),
+        ({"exclude": ["(fc"]}, "pattern '(fc' is not a valid regular expression"),
     ],
 )
 def test_bad_arguments_fail_at_construction_naming_valid_values(kwargs, message):
@@ -56,8 +57,8 @@ def test_percentile_100_is_valid():
 
 
 # ----------------------------------------------------------------------------- training helpers
-def _trainer(tmp_path, callbacks: list, max_epochs: int, **kw: Any) -> pl.Trainer:
-    return pl.Trainer(
+def _trainer(tmp_path, callbacks: list, max_epochs: int, package: Any = pl, **kw: Any) -> pl.Trainer:
+    return package.Trainer(
         default_root_dir=tmp_path,
         max_epochs=max_epochs,
         limit_train_batches=4,
@@ -82,16 +83,16 @@ class PlainCNN(ResidualCNN):
         pass
 
 
-def _model() -> ResidualCNN:
+def _model(cls: type = PlainCNN) -> ResidualCNN:
     pl.seed_everything(0, verbose=False)
-    return PlainCNN(widths=(8, 16), lr=0.05)
+    return cls(widths=(8, 16), lr=0.05)
 
 
-def _dm() -> DigitsDataModule:
-    return DigitsDataModule(batch_size=64)
+def _dm(cls: type = DigitsDataModule) -> DigitsDataModule:
+    return cls(batch_size=64)
 
 
-class StopAfterEpoch(pl.Callback):
+class StopAfterEpoch(Callback):
     """Interrupts training at the end of an epoch (as a crash or a time limit would)."""
 
     def __init__(self, epoch: int) -> None:
@@ -115,27 +116,30 @@ def count_calibrations(monkeypatch) -> list[int]:
 
 
 # ----------------------------------------------------------------------------- resume
-def test_resume_and_load_from_checkpoint_are_bit_identical(tmp_path, count_calibrations):
+@pytest.mark.parametrize("package", PACKAGES)
+def test_resume_and_load_from_checkpoint_are_bit_identical(tmp_path, count_calibrations, package):
     x = torch.randn(32, 1, 8, 8, generator=torch.Generator().manual_seed(3))
+    lightning, ResidualCNN, Digits = classes(package)
+    Plain = type("PlainCNN", (ResidualCNN,), {"on_load_checkpoint": PlainCNN.on_load_checkpoint})
 
     def qat() -> QuantizationAwareTraining:
         return QuantizationAwareTraining(calibrator="entropy", calib_batches=2, start_step=2, verbose=False)
 
     # uninterrupted: 3 epochs of 4 steps, QAT from step 2
-    full = _model()
-    _trainer(tmp_path / "full", [qat()], 3).fit(full, _dm())
+    full = _model(Plain)
+    _trainer(tmp_path / "full", [qat()], 3, lightning).fit(full, _dm(Digits))
     assert len(count_calibrations) == 1
 
     # interrupted after epoch 2 (QAT started in epoch 1; same schedule length), then resumed
-    first = _model()
-    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1, every_n_epochs=1, filename="{epoch}")
-    _trainer(tmp_path / "a", [qat(), ckpt, StopAfterEpoch(1)], 3).fit(first, _dm())
+    first = _model(Plain)
+    ckpt = lightning.callbacks.ModelCheckpoint(tmp_path / "ckpt", save_top_k=-1, every_n_epochs=1, filename="{epoch}")
+    _trainer(tmp_path / "a", [qat(), ckpt, StopAfterEpoch(1)], 3, lightning).fit(first, _dm(Digits))
     assert first.trainer.current_epoch == 2
     assert len(count_calibrations) == 2
     path = tmp_path / "ckpt" / "epoch=1.ckpt"
-    resumed = _model()
+    resumed = _model(Plain)
     cb = qat()
-    _trainer(tmp_path / "b", [cb], 3).fit(resumed, _dm(), ckpt_path=path)
+    _trainer(tmp_path / "b", [cb], 3, lightning).fit(resumed, _dm(Digits), ckpt_path=path)
     assert len(count_calibrations) == 2, "calibration must not run again on resume"
     assert cb.applied and "stages.0.0.residual_quantizer" in cb.report(resumed)["residual_quantizers"]
 

@@ -1,24 +1,25 @@
-"""Exact resume after pruning, masks after any restore, and load_from_checkpoint of a sparse checkpoint."""
+"""Exact resume after pruning, masks after any restore, and load_from_checkpoint of a sparse checkpoint,
+under both Lightning packages."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
-import pytorch_lightning as pl
 import torch
-from pytorch_lightning.callbacks import ModelCheckpoint
 
 from qatsparse import TwoFourSparsity
-from qatsparse.examples import DigitsDataModule, ResidualCNN
+from qatsparse.examples import DigitsDataModule
+from qatsparse.lightning_compat import Callback
 from qatsparse.sparsity import check_2to4
+from tests.lightning_packages import PACKAGES, classes
 
 BATCH = 128
 STEPS_PER_EPOCH = 1438 // BATCH  # DigitsDataModule: 1438 training images, drop_last
 EPOCHS = 4
 
 
-class _AfterRestore(pl.Callback):
+class _AfterRestore(Callback):
     """Checks the 2:4 pattern at on_train_start, i.e. right after Lightning restored a checkpoint."""
 
     violations: list | None = None
@@ -28,7 +29,8 @@ class _AfterRestore(pl.Callback):
             self.violations = check_2to4(pl_module)
 
 
-def _fit(ckpt_dir: Path, max_epochs: int, ckpt_path: Path | None = None) -> tuple[ResidualCNN, TwoFourSparsity, list]:
+def _fit(package: str, ckpt_dir: Path, max_epochs: int, ckpt_path: Path | None = None) -> tuple:
+    pl, ResidualCNN, Digits = classes(package)
     pl.seed_everything(0)
     model = ResidualCNN(widths=(16, 32), lr=0.05)
     sparsity = TwoFourSparsity(start_step=STEPS_PER_EPOCH, exclude=["fc"], verbose=False)  # at epoch 1's start
@@ -43,21 +45,21 @@ def _fit(ckpt_dir: Path, max_epochs: int, ckpt_path: Path | None = None) -> tupl
         logger=False,
         enable_progress_bar=False,
         enable_model_summary=False,
-        callbacks=[sparsity, probe, ModelCheckpoint(dirpath=ckpt_dir, filename="{epoch}", save_top_k=-1)],
+        callbacks=[sparsity, probe, pl.callbacks.ModelCheckpoint(ckpt_dir, filename="{epoch}", save_top_k=-1)],
     )
-    trainer.fit(model, DigitsDataModule(batch_size=BATCH), ckpt_path=ckpt_path)
+    trainer.fit(model, Digits(batch_size=BATCH), ckpt_path=ckpt_path)
     assert trainer.global_step == STEPS_PER_EPOCH * max_epochs
     return model, sparsity, [probe.violations]
 
 
-@pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory):
+@pytest.fixture(scope="module", params=PACKAGES)
+def uninterrupted(request, tmp_path_factory):
     d = tmp_path_factory.mktemp("full")
-    model, sparsity, _ = _fit(d, EPOCHS)
-    return d, model, sparsity
+    model, sparsity, _ = _fit(request.param, d, EPOCHS)
+    return request.param, d, model, sparsity
 
 
-def _outputs(model: ResidualCNN) -> torch.Tensor:
+def _outputs(model) -> torch.Tensor:
     dm = DigitsDataModule(batch_size=BATCH)
     dm.setup()
     x = next(iter(dm.val_dataloader()))[0]
@@ -67,9 +69,9 @@ def _outputs(model: ResidualCNN) -> torch.Tensor:
 
 @pytest.mark.parametrize("resume_epoch", [0, 1], ids=["ckpt_before_pruning", "ckpt_after_pruning"])
 def test_resume_is_bit_identical(uninterrupted, tmp_path, resume_epoch):
-    d, full, full_sparsity = uninterrupted
+    package, d, full, full_sparsity = uninterrupted
     assert full_sparsity.pruned_at_step == STEPS_PER_EPOCH and check_2to4(full) == []
-    resumed, sparsity, [after_restore] = _fit(tmp_path, EPOCHS, ckpt_path=d / f"epoch={resume_epoch}.ckpt")
+    resumed, sparsity, [after_restore] = _fit(package, tmp_path, EPOCHS, ckpt_path=d / f"epoch={resume_epoch}.ckpt")
     if resume_epoch == 1:
         assert after_restore == []  # masks re-attached and holding at on_train_start
     assert sparsity.pruned_at_step == STEPS_PER_EPOCH
@@ -83,18 +85,18 @@ def test_resume_is_bit_identical(uninterrupted, tmp_path, resume_epoch):
 
 
 def test_restore_of_a_tampered_checkpoint_is_re_masked(uninterrupted, tmp_path):
-    d, _, full_sparsity = uninterrupted
+    package, d, _, full_sparsity = uninterrupted
     ckpt = torch.load(d / "epoch=1.ckpt", weights_only=False)
     layer = next(iter(full_sparsity.masks.masks))
     ckpt["state_dict"][f"{layer}.weight"].fill_(0.01)  # every pruned weight of this layer is nonzero now
     torch.save(ckpt, tmp_path / "tampered.ckpt")
-    _, _, [after_restore] = _fit(tmp_path / "out", 3, ckpt_path=tmp_path / "tampered.ckpt")
+    _, _, [after_restore] = _fit(package, tmp_path / "out", 3, ckpt_path=tmp_path / "tampered.ckpt")
     assert after_restore == []
 
 
 def test_load_from_checkpoint_gives_a_working_sparse_model(uninterrupted):
-    d, full, sparsity = uninterrupted
-    loaded = ResidualCNN.load_from_checkpoint(d / f"epoch={EPOCHS - 1}.ckpt", map_location="cpu")
+    package, d, full, sparsity = uninterrupted
+    loaded = classes(package)[1].load_from_checkpoint(d / f"epoch={EPOCHS - 1}.ckpt", map_location="cpu")
     assert sorted(loaded._qatsparse_pruned) == sorted(sparsity.pruned_layers)
     assert check_2to4(loaded) == []
     modules = dict(loaded.named_modules())

@@ -1,4 +1,5 @@
-"""The walking skeleton end to end: each callback alone, the three together, and the demo recipe."""
+"""The walking skeleton end to end: each callback alone and the three together, under both Lightning
+packages (``pytorch_lightning`` and ``lightning``)."""
 
 from __future__ import annotations
 
@@ -8,17 +9,21 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-import pytorch_lightning as pl
 import torch
 
 from qatsparse import QuantizationAwareTraining, TensorRTExport, TwoFourSparsity
-from qatsparse.examples import DigitsDataModule, ResidualCNN
 from qatsparse.export.runners import OnnxRuntimeRunner
 from qatsparse.quantization import quantizers
 from qatsparse.sparsity import check_2to4, sparsity_summary
+from tests.lightning_packages import PACKAGES, classes
 
 
-def _trainer(callbacks: list, max_steps: int) -> pl.Trainer:
+@pytest.fixture(params=PACKAGES)
+def package(request) -> str:
+    return request.param
+
+
+def _trainer(pl, callbacks: list, max_steps: int):
     return pl.Trainer(
         max_steps=max_steps,
         callbacks=callbacks,
@@ -34,10 +39,12 @@ def _trainer(callbacks: list, max_steps: int) -> pl.Trainer:
     )
 
 
-def _fit(callbacks: list, max_steps: int) -> tuple[ResidualCNN, DigitsDataModule, pl.Trainer]:
+def _fit(package: str, callbacks: list, max_steps: int):
+    """(model, datamodule, trainer) after fitting the example model on digits with ``package``'s Trainer."""
+    pl, ResidualCNN, DigitsDataModule = classes(package)
     pl.seed_everything(0)
     model, dm = ResidualCNN(widths=(16, 32)), DigitsDataModule(batch_size=64)
-    trainer = _trainer(callbacks, max_steps)
+    trainer = _trainer(pl, callbacks, max_steps)
     trainer.fit(model, datamodule=dm)
     return model, dm, trainer
 
@@ -57,8 +64,8 @@ def _qdq_fed(graph: onnx.GraphProto, node: onnx.NodeProto) -> bool:
     return all(dq_fed(name) for name in node.input[:2])
 
 
-def test_sparsity_alone_keeps_masks_through_training():
-    model, _, _ = _fit([TwoFourSparsity(start_step=5, exclude=["fc"])], max_steps=30)
+def test_sparsity_alone_keeps_masks_through_training(package):
+    model, _, _ = _fit(package, [TwoFourSparsity(start_step=5, exclude=["fc"])], max_steps=30)
     pruned = model._qatsparse_pruned
     assert len(pruned) >= 5
     assert check_2to4(model) == []
@@ -68,8 +75,8 @@ def test_sparsity_alone_keeps_masks_through_training():
             assert float((m.weight == 0).float().mean()) == pytest.approx(0.5, abs=1e-6)
 
 
-def test_qat_alone_calibrates_and_fake_quantizes():
-    model, dm, _ = _fit([QuantizationAwareTraining(calib_batches=2, start_step=3)], max_steps=10)
+def test_qat_alone_calibrates_and_fake_quantizes(package):
+    model, dm, _ = _fit(package, [QuantizationAwareTraining(calib_batches=2, start_step=3)], max_steps=10)
     qs = quantizers(model)
     layers = [n[: -len(".input_quantizer")] for n in qs if n.endswith(".input_quantizer")]
     assert len(layers) == 11  # every Conv2d and Linear of the model
@@ -84,9 +91,9 @@ def test_qat_alone_calibrates_and_fake_quantizes():
     assert not torch.allclose(q_out, model(x)), "fake quantization must change the output"
 
 
-def test_export_alone_writes_artifacts_and_report(tmp_path: Path):
-    _fit([TensorRTExport(dirpath=tmp_path, max_metric_drop=0.05)], max_steps=20)
-    for f in ("model_fp32.onnx", "model.onnx", "report.json", "report.md", "report.png"):
+def test_export_alone_writes_artifacts_and_report(package, tmp_path: Path):
+    _fit(package, [TensorRTExport(dirpath=tmp_path, max_metric_drop=0.05)], max_steps=20)
+    for f in ("model.ckpt", "model_fp32.onnx", "model.onnx", "report.json", "report.md", "report.png"):
         assert (tmp_path / f).stat().st_size > 0, f
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["reference"] == "pytorch_fp32"
@@ -97,10 +104,11 @@ def test_export_alone_writes_artifacts_and_report(tmp_path: Path):
         assert any("TensorRT" in n for n in report["notes"])
 
 
-@pytest.fixture(scope="module")
-def staged_run(tmp_path_factory):
+@pytest.fixture(scope="module", params=PACKAGES)
+def staged_run(request, tmp_path_factory):
     out = tmp_path_factory.mktemp("staged")
     model, dm, _ = _fit(
+        request.param,
         [
             TwoFourSparsity(start_step=250, exclude=["fc"]),
             QuantizationAwareTraining(precision="int8", calib_batches=4, start_step=330),

@@ -8,9 +8,9 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
-from torch.utils.data import DataLoader
 
-from qatsparse.batches import batch_inputs
+from qatsparse.batches import batch_inputs, call_model
+from qatsparse.loaders import sampler_state_kept, separate_pass, train_dataloader
 
 
 def notify_before_compression(trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -27,36 +27,20 @@ def find_callback(trainer: pl.Trainer, cls: type) -> Any | None:
 
 
 def train_batches(trainer: pl.Trainer, n: int) -> Iterator[Any]:
-    """The first ``n`` batches of a fresh pass over the training dataloader, on the module's device."""
-    loader = trainer.train_dataloader
-    if loader is None:
-        trainer.fit_loop.setup_data()
-        loader = trainer.train_dataloader
-    if isinstance(loader, (list, tuple)):
-        loader = loader[0]
-    if isinstance(loader, dict):
-        loader = next(iter(loader.values()))
-    for batch in itertools.islice(iter(_separate_pass(loader)), n):
-        yield trainer.strategy.batch_to_device(batch)
+    """The first ``n`` batches of a fresh pass over the training dataloader, on the module's device; the
+    training pass is not disturbed (see :func:`qatsparse.loaders.peek`)."""
+    loader = train_dataloader(trainer)
+    with sampler_state_kept(loader):
+        for batch in itertools.islice(iter(separate_pass(loader)), n):
+            yield trainer.strategy.batch_to_device(batch)
 
 
-def _separate_pass(loader: Any) -> Any:
-    """A loader whose iteration does not disturb the training loop's pass over ``loader``.
-
-    With ``persistent_workers=True`` PyTorch hands every ``iter(loader)`` the same worker iterator and
-    resets it, so calibrating mid-epoch would replay the epoch's batches. Such loaders are read through a
-    single-process twin with the same dataset, batch sampler (DDP sharding included) and collate_fn.
-    """
-    if isinstance(loader, DataLoader) and loader.persistent_workers and loader.num_workers > 0:
-        if loader.batch_sampler is not None:
-            return DataLoader(loader.dataset, batch_sampler=loader.batch_sampler, collate_fn=loader.collate_fn)
-        return DataLoader(loader.dataset, batch_size=None, collate_fn=loader.collate_fn)
-    return loader
+_separate_pass = separate_pass
 
 
 def forward_batch(pl_module: pl.LightningModule, batch: Any) -> Any:
     """Run the module's forward on the input part of ``batch`` (see :mod:`qatsparse.batches`)."""
-    return pl_module(*batch_inputs(pl_module, batch))
+    return call_model(pl_module, batch_inputs(pl_module, batch))
 
 
 def rng_isolated(device: torch.device):

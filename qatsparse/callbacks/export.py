@@ -1,4 +1,4 @@
-"""TensorRTExport: at fit end export ONNX, build an engine where TensorRT exists, validate, report."""
+"""TensorRTExport: at fit end save the model, export ONNX, build an engine where TensorRT exists, validate, report."""
 
 from __future__ import annotations
 
@@ -9,26 +9,48 @@ from typing import Any, Literal
 
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.utilities import rank_zero_info
+from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 
 from qatsparse.callbacks._common import find_callback
 from qatsparse.checkpointing import snapshot_state_dict, with_metadata
+from qatsparse.lightning_compat import Callback
+from qatsparse.loaders import find_val_dataloader
 from qatsparse.log_metrics import log_to_loggers, report_metrics
 from qatsparse.pipeline import ExportSettings, export_and_validate
-from qatsparse.progress import progress_for
-from qatsparse.validation import enforce_gate
+from qatsparse.preflight import (
+    Checks,
+    FitData,
+    check_batch_sizes,
+    check_dirpath,
+    check_engine_available,
+    check_max_metric_drop,
+    check_module_names,
+    check_opset,
+    check_positive,
+    check_validation,
+    run_preflight,
+)
+from qatsparse.progress import QUIET, Progress, progress_for
+from qatsparse.recovery import export_failed, gate_failed, save_checkpoint
+from qatsparse.validation import GateFailed, enforce_gate
 
 
-class TensorRTExport(pl.Callback):
-    """Export, build and validate at the end of ``fit``; write ``report.{json,md,png}`` in ``dirpath``.
+class TensorRTExport(Callback):
+    """Save, export, build and validate at the end of ``fit``; write ``report.{json,md,png}`` in ``dirpath``.
 
-    Writes ``model_fp32.onnx`` (the trained model without fake quantization), ``model.onnx`` (the
-    deployable graph: Q/DQ INT8 after INT8 QAT, FP16 after FP16 QAT, else FP32), the TensorRT hand-off
-    bundle ``tensorrt/`` (trtexec ``build.sh``, Polygraphy ``check.sh``, a validation batch and the outputs
-    for it), ``model.plan`` where TensorRT is importable, and the report comparing every backend with
-    ``pytorch_fp32`` -- the dense FP32 model as it was just before the first pruning or quantization step.
-    The report's numbers also go to the Trainer's loggers under ``qatsparse/report/``; the export and the
-    validation show progress in the style of the Trainer's progress bar.
+    First saves the trained model as ``model.ckpt`` (a Lightning checkpoint with the 2:4 masks, the
+    quantizers and the dense reference), then writes ``model_fp32.onnx`` (the trained model without fake
+    quantization), ``model.onnx`` (the deployable graph: Q/DQ INT8 after INT8 QAT, FP16 after FP16 QAT,
+    else FP32), the TensorRT hand-off bundle ``tensorrt/`` (trtexec ``build.sh``, Polygraphy ``check.sh``, a
+    validation batch and the outputs for it), ``model.plan`` where TensorRT is importable, and the report
+    comparing every backend with ``pytorch_fp32`` -- the dense FP32 model as it was just before the first
+    pruning or quantization step. The report's numbers also go to the Trainer's loggers under
+    ``qatsparse/report/``; the export and the validation show progress in the style of the Trainer's
+    progress bar. If a step after the checkpoint fails, ``report.json`` records what completed and the
+    error, and the raised :class:`~qatsparse.recovery.ExportFailed` gives the command that finishes the
+    export from ``model.ckpt``. Everything that can be checked before training is checked at
+    ``on_fit_start``: the folder, the validation data, the model on a validation batch, names, metrics and
+    gate (:mod:`qatsparse.preflight`).
 
     Args:
         dirpath: output folder.
@@ -82,9 +104,13 @@ class TensorRTExport(pl.Callback):
         dim_ranges: Mapping[str, Sequence[int]] | None = None,
     ) -> None:
         if on_fail not in ("raise", "warn"):
-            raise ValueError(f"on_fail must be 'raise' or 'warn', got {on_fail!r}")
-        if build_engine not in ("auto", True, False):
-            raise ValueError(f"build_engine must be 'auto', True or False, got {build_engine!r}")
+            raise ValueError(f"TensorRTExport(on_fail={on_fail!r}): on_fail must be 'raise' or 'warn'")
+        if not (build_engine == "auto" or isinstance(build_engine, bool)):
+            raise ValueError(
+                f"TensorRTExport(build_engine={build_engine!r}): build_engine must be 'auto', True or False"
+            )
+        check_opset(opset)
+        check_max_metric_drop(max_metric_drop)
         from qatsparse.export.shapes import check_axes_spec, check_dim_ranges
 
         if dynamic_axes is not None and dynamic_axes != "auto":
@@ -93,8 +119,8 @@ class TensorRTExport(pl.Callback):
             dirpath=Path(dirpath),
             max_metric_drop=max_metric_drop,
             build_engine=build_engine,
-            batch_sizes=tuple(batch_sizes),
-            workspace_gb=workspace_gb,
+            batch_sizes=check_batch_sizes(batch_sizes),
+            workspace_gb=check_positive("TensorRTExport", "workspace_gb", workspace_gb),
             input_names=input_names,
             output_names=output_names,
             opset=opset,
@@ -113,21 +139,17 @@ class TensorRTExport(pl.Callback):
                 named = [str(k) for k in metrics]
             elif isinstance(metrics, (list, tuple)):
                 named = [str(m["output"]) for m in metrics if isinstance(m, Mapping) and "output" in m]
-            metric_specs(metrics, output_names or list(dict.fromkeys(named)) or ["output"])
+            try:
+                metric_specs(metrics, output_names or list(dict.fromkeys(named)) or ["output"])
+            except ValueError as e:
+                raise ValueError(f"TensorRTExport(metrics={metrics!r}): {e}") from None
         self.on_fail = on_fail
         self.reference_state: dict[str, torch.Tensor] | None = None
         self.report: dict[str, Any] | None = None
 
     # ------------------------------------------------------------------ hooks
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if self.settings.build_engine is True:
-            from qatsparse.export.tensorrt import tensorrt_available
-
-            if not tensorrt_available():
-                raise RuntimeError(
-                    "TensorRTExport(build_engine=True) but `import tensorrt` fails or there is "
-                    "no CUDA device; use build_engine='auto' to skip the engine where it can't run"
-                )
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        run_preflight(trainer, pl_module, caller=self)
 
     def on_before_compression(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Snapshot the dense FP32 reference (called by the compression callbacks, once)."""
@@ -135,13 +157,31 @@ class TensorRTExport(pl.Callback):
             self.reference_state = snapshot_state_dict(pl_module)
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        checkpoint = save_checkpoint(trainer, self.settings.dirpath)  # the trained model is safe from here on
         if trainer.is_global_zero:
-            self.report = self.export(trainer, pl_module)
+            self.report = self._export_or_explain(trainer, pl_module, checkpoint)
             # LightningModule.log is not allowed in on_fit_end: the loggers' own API (logged before the gate raises)
             log_to_loggers(trainer, report_metrics(self.report))
         trainer.strategy.barrier()
         if self.report is not None:
-            enforce_gate(self.report, self.on_fail)
+            try:
+                enforce_gate(self.report, self.on_fail)
+            except GateFailed as e:
+                raise gate_failed(e, trainer, checkpoint) from None
+
+    # ------------------------------------------------------------------ checks
+    def preflight(self, check: Checks, trainer: pl.Trainer, pl_module: pl.LightningModule, data: FitData) -> None:
+        """Before step 0 (see :mod:`qatsparse.preflight`): what the export, validation and gate will need."""
+        check(check_engine_available, self.settings.build_engine)
+        for warning in check(check_validation, data, self.settings, self.on_fail) or []:
+            rank_zero_warn(warning)
+        check(
+            check_module_names,
+            pl_module,
+            self.settings.keep_fp32,
+            f"TensorRTExport(keep_fp32={self.settings.keep_fp32!r})",
+        )
+        check(check_dirpath, self.settings.dirpath)
 
     # ------------------------------------------------------------------ work
     def reference_model(self, pl_module: pl.LightningModule) -> pl.LightningModule | None:
@@ -154,7 +194,18 @@ class TensorRTExport(pl.Callback):
         ref.load_state_dict(with_metadata(self.reference_state, ref))
         return ref
 
-    def export(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
+    def _export_or_explain(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: Path) -> dict:
+        completed = ["checkpoint"]
+        try:
+            return self.export(trainer, pl_module, completed)
+        except Exception as e:
+            raise export_failed(e, trainer, checkpoint, self.settings.dirpath, completed) from e
+
+    def export(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, completed: list[str] | None = None
+    ) -> dict[str, Any]:
+        """Export, build, validate and write the report for the model at fit end (``completed``: see
+        :func:`~qatsparse.pipeline.export_and_validate`)."""
         from qatsparse.callbacks.quantization import QuantizationAwareTraining
         from qatsparse.callbacks.sparsity import TwoFourSparsity
 
@@ -170,8 +221,52 @@ class TensorRTExport(pl.Callback):
             quantization=qat_cb.report(pl_module) if qat_cb else {},
             progress=progress_for(trainer),
             validate_command=self.validate_command(trainer),
+            completed=completed,
         )
         rank_zero_info(f"qatsparse: artifacts and report in {self.settings.dirpath}")
+        return report
+
+    def export_checkpoint(
+        self,
+        model: Any,
+        ckpt_path: str | Path,
+        val_dataloader: Any,
+        weights_only: bool = False,
+        progress: Progress = QUIET,
+    ) -> dict[str, Any]:
+        """Export, build, validate and report from a checkpoint -- e.g. ``dirpath/model.ckpt`` after an export
+        that failed -- with this callback's settings; the gate is enforced as at fit end.
+
+        Args:
+            model: the LightningModule (an instance, or its class: built from the checkpoint's hyperparameters).
+            ckpt_path: the checkpoint (masks, quantizers and the dense reference are read from it).
+            val_dataloader: the validation data.
+            weights_only: ``torch.load(weights_only=...)`` of the checkpoint.
+            progress: shows the export, the engine build and the validation (default: quiet).
+
+        Example:
+            >>> cb = TensorRTExport(dirpath="runs/x")
+            >>> cb.export_checkpoint(MyModel, "runs/x/model.ckpt", val_dl)  # doctest: +SKIP
+        """
+        from qatsparse.checkpointing import load_from_checkpoint
+        from qatsparse.cli import restore_run
+
+        if isinstance(model, type):
+            model = load_from_checkpoint(model, ckpt_path, map_location="cpu")
+        run = restore_run(model, ckpt_path, [self], weights_only=weights_only)
+        report = export_and_validate(
+            run.model,
+            run.reference,
+            val_dataloader,
+            self.settings,
+            pruned_layers=run.pruned_layers,
+            skipped_layers=run.skipped_layers,
+            quantization=run.quantization,
+            progress=progress,
+        )
+        rank_zero_info(f"qatsparse: artifacts and report in {self.settings.dirpath}")
+        self.report = report
+        enforce_gate(report, self.on_fail)
         return report
 
     def validate_command(self, trainer: pl.Trainer) -> str:
@@ -193,16 +288,10 @@ class TensorRTExport(pl.Callback):
 
     @staticmethod
     def _val_dataloader(trainer: pl.Trainer) -> Any:
-        dm = trainer.datamodule  # type: ignore[attr-defined]
-        if dm is not None and type(dm).val_dataloader is not pl.LightningDataModule.val_dataloader:
-            return dm.val_dataloader()  # fresh, unsharded: rank 0 validates the whole set
-        loaders = trainer.val_dataloaders
-        if loaders is None:
-            raise RuntimeError(
-                "TensorRTExport needs validation data: give the Trainer a val dataloader (the LightningModule needs "
-                "a validation_step and limit_val_batches > 0) or a LightningDataModule with val_dataloader()"
-            )
-        return loaders[0] if isinstance(loaders, (list, tuple)) else loaders
+        loader = find_val_dataloader(trainer)
+        if loader is None:  # checked before training; a Trainer reused without on_fit_start gets here
+            raise RuntimeError("TensorRTExport needs validation data: give trainer.fit(...) a val dataloader")
+        return loader
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:

@@ -21,8 +21,19 @@ from qatsparse.callbacks._common import (
     rng_isolated,
     train_batches,
 )
-from qatsparse.checkpointing import CHECKPOINT_KEY
+from qatsparse.checkpointing import CHECKPOINT_KEY, add_load_hint, drop_load_hint
+from qatsparse.lightning_compat import Callback
 from qatsparse.log_metrics import log_to_loggers, quantization_hparams, quantization_metrics
+from qatsparse.patterns import compile_patterns
+from qatsparse.preflight import (
+    Checks,
+    FitData,
+    check_forward,
+    check_int,
+    check_quantizable_patterns,
+    check_start_step,
+    run_preflight,
+)
 from qatsparse.progress import progress_for
 from qatsparse.quantization import (
     LayerSensitivity,
@@ -42,7 +53,7 @@ from qatsparse.quantization.calibrate import unreached_layers
 from qatsparse.quantization.sensitivity import METRICS, Metric
 
 
-class QuantizationAwareTraining(pl.Callback):
+class QuantizationAwareTraining(Callback):
     """INT8 quantization-aware (or FP16-aware) fine-tuning from ``start_step`` on.
 
     At ``start_step`` every quantizable layer not excluded (Conv1d/Conv2d/ConvTranspose2d/Linear, transformers
@@ -63,9 +74,11 @@ class QuantizationAwareTraining(pl.Callback):
         precision: ``"int8"`` or ``"fp16"``.
         calibrator: activation calibrator, one of ``"max"``, ``"entropy"``, ``"percentile"``, ``"mse"``.
         calib_batches: number of training batches used for calibration (>= 1).
-        start_step: optimizer step at which QAT starts (0 = before the first step).
+        start_step: optimizer step at which QAT starts (0 = before the first step). A step the Trainer never
+            reaches is an error before the first step.
         percentile: percentile of the ``percentile`` calibrator, in (0, 100].
-        exclude: regexes of module names kept in higher precision.
+        exclude: patterns of module names kept in higher precision: regexes searched in the name, or globs
+            such as ``"*head*"`` (:mod:`qatsparse.patterns`); one matching no Conv2d/Linear is an error.
         compile: after calibration, compile the LightningModule (``LightningModule.compile()``, i.e.
             ``torch.compile`` in place) so fake quantization fuses into the surrounding kernels; the
             fast path on GPUs (see docs/BENCHMARKS.md). True uses :data:`qatsparse.compiling.DEFAULT_COMPILE_OPTIONS`,
@@ -74,6 +87,9 @@ class QuantizationAwareTraining(pl.Callback):
         attention_matmuls: INT8: also quantize the two matmuls inside ``nn.MultiheadAttention`` (Q·Kᵀ and
             softmax·V); their projections are quantized either way (default and measurement in
             docs/quantization.md).
+        recompute: with ``compile``, recompute the INT8 fake quantization of conv/linear inputs in the
+            backward pass instead of keeping its output: less memory for some more work, the same
+            numbers (``QuantConfig.recompute``; measured in docs/BENCHMARKS.md).
         auto_exclude: keep the ``k`` layers most sensitive to quantization in higher precision
             (ranked by :func:`~qatsparse.quantization.sensitivity` on the calibration batches).
         sensitivity_metric: metric of that ranking: ``"mse"`` (to the FP32 outputs), ``"top1"``,
@@ -94,6 +110,7 @@ class QuantizationAwareTraining(pl.Callback):
         percentile: float = 99.99,
         exclude: list[str] | str | None = None,
         compile: bool | str = False,
+        recompute: bool = False,
         auto_exclude: int = 0,
         sensitivity_metric: str | Metric = "mse",
         attention_matmuls: bool = False,
@@ -101,17 +118,27 @@ class QuantizationAwareTraining(pl.Callback):
     ) -> None:
         if not isinstance(attention_matmuls, bool):
             raise ValueError(f"attention_matmuls must be True or False, got {attention_matmuls!r}")
-        self.config = QuantConfig(
-            precision=precision,
-            calibrator=calibrator,
-            percentile=percentile,
-            exclude=[exclude] if isinstance(exclude, str) else list(exclude or []),
-            attention_matmuls=attention_matmuls,
-        )
+        if not isinstance(recompute, bool):
+            raise ValueError(f"recompute must be True or False, got {recompute!r}")
+        excluded = [exclude] if isinstance(exclude, str) else list(exclude or [])
+        compile_patterns(excluded, f"QuantizationAwareTraining(exclude={excluded!r})")
+        try:
+            self.config = QuantConfig(
+                precision=precision,
+                calibrator=calibrator,
+                percentile=percentile,
+                exclude=excluded,
+                attention_matmuls=attention_matmuls,
+                recompute=recompute,
+            )
+        except ValueError as e:
+            raise ValueError(f"QuantizationAwareTraining: {e}") from None
         if isinstance(calib_batches, bool) or int(calib_batches) != calib_batches or calib_batches < 1:
-            raise ValueError(f"calib_batches must be an integer >= 1, got {calib_batches!r}")
-        if start_step < 0:
-            raise ValueError(f"start_step must be >= 0, got {start_step}")
+            raise ValueError(
+                f"QuantizationAwareTraining(calib_batches={calib_batches!r}): calib_batches must be an integer >= 1, "
+                f"got {calib_batches!r}"
+            )
+        check_int("QuantizationAwareTraining", "start_step", start_step, 0)
         if int(auto_exclude) != auto_exclude or auto_exclude < 0:
             raise ValueError(f"auto_exclude must be an integer >= 0, got {auto_exclude!r}")
         if isinstance(sensitivity_metric, str) and sensitivity_metric not in METRICS:
@@ -145,6 +172,8 @@ class QuantizationAwareTraining(pl.Callback):
         self._load_hook = pl_module.register_load_state_dict_pre_hook(partial(self._before_state_dict_load, trainer))
 
     def _before_state_dict_load(self, trainer: pl.Trainer, module: Any, state_dict: dict, prefix: str, *_: Any) -> None:
+        if not prefix:
+            drop_load_hint(state_dict)
         if prefix or is_quantized(module) or not any(k.endswith("_quantizer.amax") for k in state_dict):
             return
         self._restore_from(load_checkpoint_for_setup(trainer), module)
@@ -158,6 +187,9 @@ class QuantizationAwareTraining(pl.Callback):
             self.summary = quantize_model(pl_module, self.config)
             if self.config.precision == "fp16":
                 track_overflow(pl_module)
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        run_preflight(trainer, pl_module, caller=self)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._remove_load_hook()  # checkpoints are restored by now; don't let deepcopies carry the hook
@@ -220,6 +252,24 @@ class QuantizationAwareTraining(pl.Callback):
     ) -> None:
         if self.applied:
             checkpoint.setdefault(CHECKPOINT_KEY, {})["quantization"] = self.config.to_dict()
+            add_load_hint(checkpoint, type(pl_module).__name__)  # a plain strict load then names the fix
+
+    # ------------------------------------------------------------------ checks
+    def preflight(self, check: Checks, trainer: pl.Trainer, pl_module: pl.LightningModule, data: FitData) -> None:
+        """Before step 0 (see :mod:`qatsparse.preflight`): QAT's step is reached, ``exclude`` matches layers,
+        and the model takes a training batch as calibration will feed it."""
+        check(check_start_step, trainer, "QuantizationAwareTraining", self.start_step, done=self.applied)
+        if not self.applied:
+            check(check_quantizable_patterns, pl_module, self.config.exclude)
+            check(self._calibration_batch, pl_module, data)
+
+    def _calibration_batch(self, pl_module: pl.LightningModule, data: FitData) -> None:
+        where = "QuantizationAwareTraining (calibration runs the model on training batches)"
+        try:
+            batch = data.train_batch()
+        except ValueError as e:
+            raise ValueError(f"{where}: the training dataloader: {e}") from None
+        check_forward(pl_module, batch, where)
 
     # ------------------------------------------------------------------ work
     def _apply(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -10,12 +10,15 @@ from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 
 from qatsparse.callbacks._common import HealthWatch, notify_before_compression
 from qatsparse.checkpointing import CHECKPOINT_KEY
+from qatsparse.lightning_compat import Callback
+from qatsparse.patterns import compile_patterns
+from qatsparse.preflight import Checks, FitData, check_int, check_start_step, run_preflight
 from qatsparse.sparsity import MaskSet, compute_masks, find_prunable, format_summary, sparsity_metrics
 from qatsparse.sparsity.masks import apply_masks
 from qatsparse.sparsity.record import set_pruned_record
 
 
-class TwoFourSparsity(pl.Callback):
+class TwoFourSparsity(Callback):
     """Magnitude 2:4 pruning of every eligible weight at ``start_step``; masks held afterwards.
 
     Eligible: Conv1d/Conv2d/Linear weights, ``nn.MultiheadAttention`` input/output projections and
@@ -29,11 +32,12 @@ class TwoFourSparsity(pl.Callback):
 
     Args:
         start_step: optimizer step (``trainer.global_step``) at which to prune; 0 prunes before the
-            first step.
-        include: regexes (``re.search``) of weight keys to consider (default: all); a key is the module
-            name, or ``module.parameter`` for attention's ``in_proj_weight``. A pattern matching no
-            prunable weight raises ``ValueError`` at setup, before any step.
-        exclude: regexes of weight keys never pruned (e.g. the classifier, ``["fc"]``).
+            first step. A step the Trainer never reaches is an error before the first step.
+        include: patterns of weight keys to consider (default: all): regexes searched in the key, or globs
+            such as ``"*head*"`` (:mod:`qatsparse.patterns`); a key is the module name, or
+            ``module.parameter`` for attention's ``in_proj_weight``.
+        exclude: patterns of weight keys never pruned (e.g. the classifier, ``["fc"]``). An ``include`` or
+            ``exclude`` pattern that matches no prunable weight is an error before the first step.
         make_permanent: at fit end, drop the optimizer hooks and leave plain modules with the zeros in
             place (the default). ``False`` keeps the hooks, so steps of the same optimizers after ``fit``
             keep the masks too.
@@ -52,11 +56,11 @@ class TwoFourSparsity(pl.Callback):
         make_permanent: bool = True,
         verbose: bool = True,
     ) -> None:
-        if start_step < 0:
-            raise ValueError(f"start_step must be >= 0, got {start_step}")
-        self.start_step = int(start_step)
+        self.start_step = check_int("TwoFourSparsity", "start_step", start_step, 0)
         self.include = [include] if isinstance(include, str) else (list(include) if include else None)
         self.exclude = [exclude] if isinstance(exclude, str) else (list(exclude) if exclude else [])
+        compile_patterns(self.include, f"TwoFourSparsity(include={self.include!r})")
+        compile_patterns(self.exclude, f"TwoFourSparsity(exclude={self.exclude!r})")
         self.make_permanent = make_permanent
         self.verbose = verbose
         self.masks: MaskSet | None = None
@@ -75,11 +79,8 @@ class TwoFourSparsity(pl.Callback):
         return list(self.masks.masks) if self.masks else []
 
     # ------------------------------------------------------------------ hooks
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        # Fail before the first step on an `include` that matches nothing (or an invalid regex).
-        elig = find_prunable(pl_module, self.include, self.exclude)
-        if not elig.eligible and self.masks is None:
-            rank_zero_warn(f"TwoFourSparsity: no layer is eligible for 2:4 pruning; skipped: {elig.skipped}")
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        run_preflight(trainer, pl_module, caller=self)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.masks is not None:  # resumed after pruning, or a second fit with this callback
@@ -120,6 +121,21 @@ class TwoFourSparsity(pl.Callback):
         # Read back by qatsparse.restore_structure, so that load_from_checkpoint knows the 2:4 layers.
         if self.masks is not None:
             checkpoint.setdefault(CHECKPOINT_KEY, {})["sparsity"] = {"pruned_layers": self.pruned_layers}
+
+    # ------------------------------------------------------------------ checks
+    def preflight(self, check: Checks, trainer: pl.Trainer, pl_module: pl.LightningModule, data: FitData) -> None:
+        """Before step 0 (see :mod:`qatsparse.preflight`): the pruning step is reached, the patterns match."""
+        check(check_start_step, trainer, "TwoFourSparsity", self.start_step, done=self.masks is not None)
+        if self.masks is None:
+            elig = check(self._eligible, pl_module)
+            if elig is not None and not elig.eligible:
+                rank_zero_warn(f"TwoFourSparsity: no layer is eligible for 2:4 pruning; skipped: {elig.skipped}")
+
+    def _eligible(self, pl_module: pl.LightningModule) -> Any:
+        try:
+            return find_prunable(pl_module, self.include, self.exclude)
+        except ValueError as e:
+            raise ValueError(f"TwoFourSparsity: {e}") from None
 
     # ------------------------------------------------------------------ work
     def _prune(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

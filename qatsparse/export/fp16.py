@@ -31,13 +31,19 @@ import numpy as np
 
 FP16_MAX = float(np.finfo(np.float16).max)
 FP16_TINY = float(2.0**-24)  # smallest positive FP16 (subnormal): Q/DQ scales below it would become 0
-#: share of a constant's nonzero values that may flush to 0 in FP16 before it counts as changed
+#: share of a constant's norm that may flush to 0 in FP16 before it counts as changed
 FLUSH_SHARE = 0.01
 #: ops whose constant inputs are a layer's numbers (weights, biases, normalization parameters, Q/DQ scales)
 _NUMERIC_USERS = frozenset(
     {"Conv", "ConvTranspose", "Gemm", "MatMul", "BatchNormalization", "LayerNormalization", "InstanceNormalization",
      "GroupNormalization", "QuantizeLinear", "DequantizeLinear", "PRelu"}
 )  # fmt: skip
+#: the inputs of those ops that multiply (weights, normalization scales, Q/DQ scales): a value flushed to 0
+#: there can remove a layer's output; an added one (bias, shift, mean) flushed to 0 changes a sum by less
+#: than 2**-24, below the FP16 resolution of any activation above 2**-14, so that is only noted
+_MULTIPLIES = {"Conv": {1}, "ConvTranspose": {1}, "Gemm": {0, 1}, "MatMul": {0, 1}, "PRelu": {1},
+               "BatchNormalization": {1}, "LayerNormalization": {1}, "InstanceNormalization": {1},
+               "GroupNormalization": {1}, "QuantizeLinear": {0, 1}, "DequantizeLinear": {1}}  # fmt: skip
 _PASS_ON = frozenset({"Cast", "Transpose", "Identity", "Reshape", "Unsqueeze", "Squeeze"})
 _QDQ = ("QuantizeLinear", "DequantizeLinear")
 
@@ -57,6 +63,8 @@ class FP16Conversion:
     notes: list[str] = field(default_factory=list)
     #: constant name -> what the conversion changed in it (clamped, flushed, scales raised)
     changed: dict[str, str] = field(default_factory=dict)
+    #: the constants of ``changed`` whose only change is values flushed to 0
+    flushed_only: set[str] = field(default_factory=set)
     #: the changes that alter a layer's numbers, with the module named (the export fails or warns on them)
     problems: list[str] = field(default_factory=list)
 
@@ -92,37 +100,43 @@ def _to_fp16_array(arr: np.ndarray, is_scale: bool, name: str, conv: FP16Convers
             changes.append(f"{small} Q/DQ scale(s) below the smallest FP16 raised to {FP16_TINY:g}")
             a = np.where((a > 0) & (a < FP16_TINY), FP16_TINY, a)
     out = a.astype(np.float16)
-    nonzero = int((a != 0).sum())
-    flushed = int(((a != 0) & (out == 0)).sum())
-    if nonzero and flushed / nonzero >= FLUSH_SHARE:
-        changes.append(f"{flushed} of {nonzero} nonzero value(s) flushed to 0 (below the smallest FP16)")
+    lost = (a != 0) & (out == 0)
+    norm = float(np.linalg.norm(a.astype(np.float64)))
+    if lost.any() and float(np.linalg.norm(a[lost].astype(np.float64))) >= FLUSH_SHARE * norm:
+        changes.append(
+            f"{int(lost.sum())} of {int((a != 0).sum())} nonzero value(s) flushed to 0 (below the smallest FP16)"
+        )
+        if len(changes) == 1:
+            conv.flushed_only.add(name)
     if changes:
         conv.changed[name] = "; ".join(changes)
         conv.notes.append(f"{name}: {conv.changed[name]}")
     return out
 
 
-def _harmful_changes(graph: Any, changed: dict[str, str], renamed: dict[str, str]) -> list[str]:
+def _harmful_changes(graph: Any, conv: FP16Conversion, renamed: dict[str, str]) -> list[str]:
     """The constant changes that alter a layer's numbers -- a weight, bias, normalization parameter or Q/DQ
-    scale -- named by module; a mask or fill value (e.g. ``finfo.min`` in an attention mask) clamped to the
-    FP16 range acts the same and is only noted."""
+    scale clamped, or a multiplying one flushed to 0 -- named by module; a mask or fill value (e.g.
+    ``finfo.min`` in an attention mask) clamped to the FP16 range acts the same and is only noted."""
     from qatsparse.export.onnx import module_name_of_node
 
-    consumers: dict[str, list[Any]] = {}
+    consumers: dict[str, list[tuple[Any, int]]] = {}
     for n in graph.node:
-        for i in n.input:
-            consumers.setdefault(i, []).append(n)
+        for i, t in enumerate(n.input):
+            consumers.setdefault(t, []).append((n, i))
     out = []
-    for name, what in changed.items():
+    for name, what in conv.changed.items():
         stack, users = [name, renamed.get(name, "")], []
         while stack:
             t = stack.pop()
-            for n in consumers.get(t, []):
+            for n, i in consumers.get(t, []):
                 if n.op_type in _PASS_ON:  # follow a weight through its dequantize/cast/transpose
                     stack.extend(n.output)
                 else:
-                    users.append(n)
-        hit = [n for n in users if n.op_type in _NUMERIC_USERS]
+                    users.append((n, i))
+        hit = [n for n, i in users if n.op_type in _NUMERIC_USERS]
+        if name in conv.flushed_only:
+            hit = [n for n, i in users if i in _MULTIPLIES.get(n.op_type, ())]
         if hit:
             modules = sorted({module_name_of_node(n.name) or n.name for n in hit})
             out.append(f"{', '.join(modules)} ({hit[0].op_type} constant {name}): {what}")
@@ -299,7 +313,7 @@ def convert_to_fp16(
     graph.node.extend(new_nodes)
     graph.initializer.extend(new_inits)
     del graph.value_info[:]
-    conv.problems = _harmful_changes(graph, conv.changed, renamed_const)
+    conv.problems = _harmful_changes(graph, conv, renamed_const)
     return model, conv
 
 

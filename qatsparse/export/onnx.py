@@ -61,9 +61,24 @@ def _output_names_of(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> tupl
     from qatsparse.batches import as_outputs
 
     with torch.no_grad():
-        y = model(*inputs)
+        y = model(*inputs)  # keyword inputs: `model` was made positional by _positional_forward
     names = [str(k) for k in y] if isinstance(y, Mapping) else None
     return len(as_outputs(y)), names
+
+
+def _positional_forward(model: nn.Module, names: Sequence[str]) -> None:
+    """Make ``model`` (a private copy) take its keyword inputs ``names`` positionally, in that order.
+
+    The TorchScript exporter traces positional tensors; its own trailing-dict convention reorders the
+    keywords by ``forward``'s signature and cannot serve ``forward(**inputs)``. An instance attribute
+    (not a wrapper module) keeps the node scope names, which map ONNX nodes back to module names.
+    """
+    keyword_forward = model.forward
+
+    def forward(*tensors: torch.Tensor) -> Any:
+        return keyword_forward(**dict(zip(names, tensors)))
+
+    model.forward = forward  # type: ignore[method-assign]
 
 
 def default_input_names(module: Any, n: int) -> list[str]:
@@ -93,7 +108,7 @@ def save_model(proto: Any, path: str | Path) -> Path:
 
 def export_onnx(
     model: nn.Module,
-    inputs: Sequence[torch.Tensor],
+    inputs: Sequence[torch.Tensor] | Mapping[str, torch.Tensor],
     path: str | Path,
     input_names: Sequence[str] | None = None,
     output_names: Sequence[str] | None = None,
@@ -114,7 +129,8 @@ def export_onnx(
     reshapes) with PyTorch's attention fast paths off. Every input and output gets a dynamic batch axis
     (``"batch"``) unless ``dynamic_batch`` is False; ``dynamic_axes`` ``{input name: {axis: dim name}}`` adds
     more (see :mod:`qatsparse.export.shapes`). Output names default to the keys of a dict output, else
-    ``output``/``output_i``.
+    ``output``/``output_i``. Keyword inputs (a dict, called as ``model(**inputs)``) become graph inputs named
+    after their keywords, in the dict's order.
     With ``fold`` the constant subgraphs the exporter leaves (Q/DQ scales computed from
     buffers, quantization of constant weights) are folded (see :func:`fold_constants`), so every
     Q/DQ scale is a constant as TensorRT requires, and an INT8 weight used in parts gets one INT8
@@ -131,9 +147,14 @@ def export_onnx(
     from qatsparse.attention import explicit_attention, fast_paths_off
 
     path = Path(path)
-    inputs = tuple(t.detach().cpu() for t in inputs)
     model = copy.deepcopy(model).cpu().eval()
     explicit_attention(model)  # plain ops with symbolic shapes instead of PyTorch's fused attention
+    if isinstance(inputs, Mapping):
+        keywords = [str(k) for k in inputs]
+        _positional_forward(model, keywords)
+        input_names = list(input_names) if input_names else keywords
+        inputs = tuple(inputs.values())
+    inputs = tuple(t.detach().cpu() for t in inputs)
     with fast_paths_off():
         names = (input_names, output_names)
         return _export(model, inputs, path, *names, opset, dynamic_batch, metadata, fold, dynamic_axes)

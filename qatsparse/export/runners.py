@@ -1,19 +1,22 @@
 """Backends that run a model on a batch of inputs: PyTorch, ONNX Runtime (TensorRT: tensorrt.py).
 
-Every runner is called with a tuple of CPU tensors and returns a tuple of CPU float32 tensors, so
-validation and benchmarking treat all backends alike.
+Every runner is called with CPU tensors -- a tuple (positional inputs) or a dict (keyword inputs,
+see :mod:`qatsparse.batches`) -- and returns a tuple of CPU float32 tensors, so validation and
+benchmarking treat all backends alike. :func:`run` feeds keyword inputs by name to runners that take
+them positionally (in their ``input_names`` order).
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 from torch import nn
 
-from qatsparse.batches import as_outputs
+from qatsparse.batches import Inputs, as_outputs, call_model, inputs_to
 
 
 class Runner(Protocol):
@@ -25,9 +28,25 @@ class Runner(Protocol):
     def __call__(self, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]: ...
 
 
+def run(runner: Any, inputs: Inputs) -> tuple[torch.Tensor, ...]:
+    """Call ``runner`` on ``inputs``; keyword inputs go by name to a runner that takes positional ones.
+
+    Example:
+        >>> run(TorchRunner(nn.Identity(), "id"), {"input": torch.ones(1)})[0].tolist()
+        [1.0]
+    """
+    if isinstance(inputs, Mapping) and not getattr(runner, "takes_keywords", False):
+        names = list(runner.input_names)
+        missing = [n for n in names if n not in inputs]
+        if missing:
+            raise ValueError(f"{runner.name} takes inputs {names}; the keyword inputs {list(inputs)} lack {missing}")
+        inputs = tuple(inputs[n] for n in names)
+    return runner(inputs)
+
+
 class TorchRunner:
-    """Runs an ``nn.Module`` in eval mode under ``torch.no_grad`` on ``device``, with PyTorch's attention
-    fast paths off (every quantized layer runs, as in training and in the export).
+    """Runs an ``nn.Module`` in eval mode under ``torch.no_grad`` on ``device`` (positional or keyword inputs),
+    with PyTorch's attention fast paths off (every quantized layer runs, as in training and in the export).
 
     Example:
         >>> r = TorchRunner(nn.Linear(3, 2), "pytorch_fp32"); r((torch.zeros(4, 3),))[0].shape
@@ -40,19 +59,22 @@ class TorchRunner:
         self.module = module.to(device).eval()
         self.name, self.precision, self.device = name, precision, torch.device(device)
 
+    takes_keywords = True
+
     @torch.no_grad()
-    def __call__(self, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    def __call__(self, inputs: Inputs) -> tuple[torch.Tensor, ...]:
         from qatsparse.attention import fast_paths_off
 
         with fast_paths_off():
-            out = self.module(*(t.to(self.device) for t in inputs))
+            out = call_model(self.module, inputs_to(inputs, self.device))
         return tuple(o.detach().float().cpu() for o in as_outputs(out))
 
 
 class OnnxRuntimeRunner:
     """Runs an ONNX file with ONNX Runtime (CUDA provider first where available, else CPU).
 
-    Inputs are fed by position in the graph's input order and cast to each input's declared type.
+    Inputs are fed by position in the graph's input order, or by name (a dict), and cast to each input's
+    declared type.
 
     Example:
         >>> from qatsparse.export.onnx import export_onnx
@@ -89,9 +111,17 @@ class OnnxRuntimeRunner:
             providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
         self.session = ort.InferenceSession(str(self.path), sess_options=opts, providers=providers)
         self.inputs = self.session.get_inputs()
+        self.input_names = [i.name for i in self.inputs]
         self.device = "cuda" if self.session.get_providers()[0] == "CUDAExecutionProvider" else "cpu"
 
-    def __call__(self, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    takes_keywords = True
+
+    def __call__(self, inputs: Inputs) -> tuple[torch.Tensor, ...]:
+        if isinstance(inputs, Mapping):
+            missing = [n for n in self.input_names if n not in inputs]
+            if missing:
+                raise ValueError(f"{self.path.name} takes inputs {self.input_names}; {list(inputs)} lack {missing}")
+            inputs = tuple(inputs[n] for n in self.input_names)
         if len(inputs) != len(self.inputs):
             raise ValueError(f"{self.path.name} takes {len(self.inputs)} inputs, got {len(inputs)}")
         feed = {

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import re
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
+
+from qatsparse.patterns import compile_patterns, matches_any
 
 PRECISIONS = ("int8", "fp16")
 
@@ -18,7 +19,8 @@ class QuantConfig:
             activations, symmetric) or ``"fp16"`` (weights and activations rounded to half).
         calibrator: activation calibrator (INT8 only); weights always use per-channel max.
         percentile: percentile of the ``percentile`` calibrator, in (0, 100].
-        exclude: regexes of module names kept in higher precision.
+        exclude: patterns of module names kept in higher precision (regexes or globs, see
+            :mod:`qatsparse.patterns`).
         higher_precision: exact module names kept in higher precision, with the reason (filled in by
             the QAT callback: layers chosen by ``auto_exclude`` and layers that overflow FP16). Part
             of the config so that a checkpoint restores exactly the same structure.
@@ -27,6 +29,10 @@ class QuantConfig:
         attention_matmuls: INT8 only: also quantize both operands of the two attention matmuls
             (Q·Kᵀ and softmax·V) of ``nn.MultiheadAttention`` (TensorRT's INT8 attention kernels); the
             input and output projections are quantized either way (docs/quantization.md).
+        recompute: INT8 only, for a compiled model: recompute the fake quantization of conv/linear
+            inputs in the backward pass (``torch.utils.checkpoint`` around each input quantizer, which
+            Inductor honours) instead of keeping its output and mask; less memory, some more work in
+            the backward, the same numbers. No effect in eager mode.
 
     Example:
         >>> QuantConfig(precision="int8", exclude=["fc"]).precision
@@ -40,6 +46,7 @@ class QuantConfig:
     higher_precision: dict[str, str] = field(default_factory=dict)
     residual: bool = True
     attention_matmuls: bool = False
+    recompute: bool = False
 
     def __post_init__(self) -> None:
         from qatsparse.quantization.calibrators import CALIBRATORS
@@ -51,20 +58,16 @@ class QuantConfig:
         if not 0.0 < float(self.percentile) <= 100.0:
             raise ValueError(f"percentile must be in (0, 100], got {self.percentile}")
         if isinstance(self.exclude, str):
-            raise ValueError(f"exclude must be a list of regexes, got the string {self.exclude!r}")
+            raise ValueError(f"exclude must be a list of patterns, got the string {self.exclude!r}")
         self.exclude = list(self.exclude or [])
-        for p in self.exclude:
-            try:
-                re.compile(p)
-            except re.error as e:
-                raise ValueError(f"exclude pattern {p!r} is not a valid regex: {e}") from None
+        compile_patterns(self.exclude, "exclude")
         self.higher_precision = dict(self.higher_precision or {})
 
     def keeps(self, name: str) -> str | None:
         """Why module ``name`` stays in higher precision, or None if it is quantized."""
         if name in self.higher_precision:
             return self.higher_precision[name]
-        if any(re.search(p, name) for p in self.exclude):
+        if matches_any(compile_patterns(self.exclude), name):
             return "excluded by user"
         return None
 

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from qatsparse.batches import as_outputs, batch_inputs, batch_targets
+from qatsparse.batches import as_outputs, batch_inputs, batch_targets, call_model
 from qatsparse.quantization.calibrate import calibrate
 from qatsparse.quantization.config import QuantConfig
 from qatsparse.quantization.modules import is_quantized, layer_quantizers, quantize_model, quantized_layers, quantizers
@@ -59,7 +59,7 @@ class LayerSensitivity:
 
 
 def _default_forward(model: nn.Module, batch: Any) -> Any:
-    return model(*batch_inputs(model, batch))
+    return call_model(model, batch_inputs(model, batch))
 
 
 @torch.no_grad()
@@ -88,7 +88,7 @@ def sensitivity(
             averaged over batches weighted by batch size.
         config: quantization used when ``model`` is not quantized yet.
         max_batches: use at most this many batches.
-        forward: ``forward(model, batch) -> outputs`` (default: ``model(*inputs)``).
+        forward: ``forward(model, batch) -> outputs`` (default: the model on the batch's inputs).
 
     Returns:
         One entry per layer, the largest drop first.

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 
 from torch import nn
 
+from qatsparse.patterns import compile_patterns, matches_any, require_matches
 from qatsparse.sparsity.weights import PrunableWeight, prunable_weights
 
 
@@ -25,20 +25,6 @@ class Eligibility:
 
     eligible: dict[str, PrunableWeight] = field(default_factory=dict)
     skipped: dict[str, str] = field(default_factory=dict)
-
-
-def _compile(patterns: list[str] | str | None, what: str) -> list[re.Pattern[str]]:
-    if patterns is None:
-        return []
-    if isinstance(patterns, str):
-        patterns = [patterns]
-    out = []
-    for p in patterns:
-        try:
-            out.append(re.compile(p))
-        except re.error as e:
-            raise ValueError(f"{what} pattern {p!r} is not a valid regular expression: {e}") from e
-    return out
 
 
 def shape_reason(weight: PrunableWeight | nn.Module) -> str | None:
@@ -83,28 +69,25 @@ def find_prunable(
 
     Args:
         model: the model.
-        include: regexes (``re.search`` on the key); when given, only matching weights are considered.
-            A pattern that matches no candidate is an error naming it.
-        exclude: regexes of keys never pruned (``"attn"`` excludes every weight of a module named attn).
+        include: patterns of keys to consider (regexes searched in the key, or globs; see
+            :mod:`qatsparse.patterns`); when given, only matching weights are considered.
+        exclude: patterns of keys never pruned (``"attn"`` excludes every weight of a module named attn).
 
     Raises:
-        ValueError: an ``include`` pattern matches no candidate, or a pattern is invalid.
+        ValueError: an ``include`` or ``exclude`` pattern matches no candidate, or a pattern is neither a valid
+            regex nor a glob.
     """
     from qatsparse.inventory import not_compressed
 
-    inc, exc = _compile(include, "include"), _compile(exclude, "exclude")
+    inc, exc = compile_patterns(include, "include"), compile_patterns(exclude, "exclude")
     weights = prunable_weights(model)
-    for p in inc:
-        if not any(p.search(n) for n in weights):
-            raise ValueError(
-                f"include pattern {p.pattern!r} matches no Conv2d/Linear or other prunable weight; "
-                f"prunable weights are: {sorted(weights)}"
-            )
+    require_matches(inc, weights, "include", "prunable weight")
+    require_matches(exc, weights, "exclude", "prunable weight")
     result = Eligibility()
     for name, w in weights.items():
-        if inc and not any(p.search(name) for p in inc):
+        if inc and not matches_any(inc, name):
             result.skipped[name] = "not matched by include"
-        elif any(p.search(name) for p in exc):
+        elif matches_any(exc, name):
             result.skipped[name] = "excluded by user"
         elif (reason := shape_reason(w)) is not None:
             result.skipped[name] = reason

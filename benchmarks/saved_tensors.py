@@ -1,0 +1,148 @@
+"""What a compiled training step keeps for its backward: AMP against INT8 QAT formulations.
+
+Compiles a small torchvision ResNet (BasicBlock, one block per stage, channels_last, autocast) for each
+variant and records, with ``torch.autograd.graph.saved_tensors_hooks``, every tensor the compiled
+forward saves for the backward (storage-deduplicated), grouped by dtype. Activation-sized tensors
+(batch first) are what grows with the batch; the rest is weight-sized. Variants:
+
+- ``amp``: no quantization;
+- ``qat``: ``QuantConfig()`` (the default fusable fake quantization);
+- ``qat_clamp_eq``: the in-range mask written as ``clamp(q) == q`` (ops the partitioner may recompute)
+  instead of ``(q >= qmin) & (q <= qmax)`` (``bitwise_and`` is not on its recompute list); not adopted;
+- ``qat_recompute``: ``QuantConfig(recompute=True)``.
+
+    python benchmarks/saved_tensors.py --out saved.json          # CPU (bf16 autocast) or CUDA (fp16)
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import torch
+import torchvision
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from train_overhead import environment
+
+import qatsparse.quantization.fakequant as fakequant
+from qatsparse.quantization import QuantConfig, calibrate, quantize_model
+
+VARIANTS = ("amp", "qat", "qat_clamp_eq", "qat_recompute")
+
+
+def fusable_clamp_eq(x: torch.Tensor, amax: torch.Tensor, axis: int | None, narrow_range: bool) -> torch.Tensor:
+    """``fake_quantize_int8_fusable`` with the in-range mask as ``clamp(q) == q`` (same numbers)."""
+    scale = fakequant._scale(amax)
+    if axis is not None:
+        shape = [1] * x.dim()
+        shape[axis] = -1
+        scale = scale.reshape(shape)
+    qmin = float(-fakequant.INT8_MAX if narrow_range else -fakequant.INT8_MAX - 1)
+    q = torch.round(x.float() * (1.0 / scale))
+    qc = torch.clamp(q, qmin, fakequant.INT8_MAX)
+    inside = qc == q
+    y = (qc * scale).to(x.dtype)
+    ste = x * inside.to(x.dtype)
+    return ste + (y - ste).detach()
+
+
+@contextlib.contextmanager
+def formulation(variant: str):
+    if variant != "qat_clamp_eq":
+        yield
+        return
+    saved = fakequant.fake_quantize_int8_fusable
+    fakequant.fake_quantize_int8_fusable = fusable_clamp_eq
+    try:
+        yield
+    finally:
+        fakequant.fake_quantize_int8_fusable = saved
+
+
+def saved_for_backward(model: torch.nn.Module, x: torch.Tensor, device: str) -> list[dict[str, Any]]:
+    seen: dict[int, dict[str, Any]] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        seen[t.untyped_storage().data_ptr()] = {
+            "shape": list(t.shape),
+            "dtype": str(t.dtype).removeprefix("torch."),
+            "bytes": t.untyped_storage().nbytes(),
+        }
+        return t
+
+    dtype = torch.float16 if device == "cuda" else torch.bfloat16
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.autocast(device, dtype=dtype):
+        out = model(x)
+    out.float().sum().backward()
+    return list(seen.values())
+
+
+def measure(variant: str, x: torch.Tensor, device: str) -> dict[str, Any]:
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    block = torchvision.models.resnet.BasicBlock
+    model = torchvision.models.resnet.ResNet(block, [1, 1, 1, 1], num_classes=10)
+    model = model.to(device, memory_format=torch.channels_last)
+    if variant != "amp":
+        quantize_model(model, QuantConfig(exclude=["fc$"], recompute=variant == "qat_recompute"))
+        calibrate(model, [x], model)
+        model.train()
+    model.compile()
+    with formulation(variant):
+        t0 = time.perf_counter()
+        saved_for_backward(model, x, device)  # compiles
+        compile_s = time.perf_counter() - t0
+        model.zero_grad(set_to_none=True)
+        tensors = saved_for_backward(model, x, device)
+    acts = [t for t in tensors if t["shape"][:1] == [x.shape[0]]]
+    return {
+        "compile_s": compile_s,
+        "activation_bytes": sum(t["bytes"] for t in acts),
+        "activation_tensors_by_dtype": dict(sorted(Counter(t["dtype"] for t in acts).items())),
+        "activation_bytes_by_dtype": {
+            d: sum(t["bytes"] for t in acts if t["dtype"] == d) for d in sorted({t["dtype"] for t in acts})
+        },
+        "other_bytes": sum(t["bytes"] for t in tensors if t not in acts),
+        "tensors": tensors,
+    }
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--image-size", type=int, default=64)
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    p.add_argument("--cpu", action="store_true")
+    p.add_argument("--out", default=None)
+    a = p.parse_args(argv)
+    device = "cuda" if torch.cuda.is_available() and not a.cpu else "cpu"
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(a.batch, 3, a.image_size, a.image_size, generator=g).to(device, memory_format=torch.channels_last)
+    result: dict[str, Any] = {
+        "command": " ".join(["benchmarks/saved_tensors.py", *(argv if argv is not None else sys.argv[1:])]),
+        "environment": environment(),
+        "device": device,
+        "model": "ResNet(BasicBlock, [1, 1, 1, 1]), channels_last",
+        "batch": a.batch,
+        "image_size": a.image_size,
+        "variants": {},
+    }
+    for v in a.variants:
+        result["variants"][v] = measure(v, x, device)
+        r = result["variants"][v]
+        mib = r["activation_bytes"] / 2**20
+        print(f"{v:14s} activations {mib:8.3f} MiB {r['activation_tensors_by_dtype']}", flush=True)
+        if a.out:
+            Path(a.out).write_text(json.dumps(result, indent=1))
+    return result
+
+
+if __name__ == "__main__":
+    main()
