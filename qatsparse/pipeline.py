@@ -72,6 +72,9 @@ class ExportSettings:
     dim_ranges: dict[str, tuple[int, int, int]] = field(default_factory=dict)
     #: write the TensorRT hand-off bundle (``dirpath/tensorrt/``: build.sh, check.sh, a validation batch, outputs)
     handoff: bool = True
+    #: ONNX Runtime graph-optimization level validation uses: ``"auto"`` (the default level unless it changes
+    #: the graph's outputs, then none) or a fixed one (:mod:`qatsparse.export.ort_level`)
+    ort_graph_optimization: str = "auto"
 
 
 def plain_copy(module: nn.Module) -> nn.Module:
@@ -398,6 +401,22 @@ def _lint(path: Path, settings: ExportSettings, notes: list[str]) -> list[dict[s
     return findings
 
 
+def _onnxruntime(
+    path: Path, final: nn.Module, val_loader: Any, settings: ExportSettings, notes: list[str], extra: dict[str, Any]
+) -> OnnxRuntimeRunner:
+    """The ONNX Runtime runner of ``path`` at the graph-optimization level chosen on the first validation
+    batch (:func:`~qatsparse.export.ort_level.choose_graph_optimization`); the level and why go into the
+    report (``report["onnxruntime"]`` and a note)."""
+    from qatsparse.batches import batch_inputs
+    from qatsparse.export.ort_level import choose_graph_optimization
+
+    inputs = batch_inputs(final, next(iter(val_loader)))
+    choice = choose_graph_optimization(path, inputs, settings.ort_graph_optimization, onnx_io_names(path)[1])
+    extra["onnxruntime"] = choice.to_dict()
+    notes.append(f"ONNX Runtime ran {path.name} at graph optimization level {choice.level!r}: {choice.why}")
+    return OnnxRuntimeRunner(path, "onnxruntime", onnx_precision(path), optimization=choice.level)
+
+
 def _validate_and_report(
     runners: list[Runner],
     final: nn.Module,
@@ -544,7 +563,7 @@ def export_and_validate(
         artifacts = {k: str(v) for k, v in paths.items()}
         extra: dict[str, Any] = {"lint": _lint(deploy, settings, notes), "export_problems": problems}
         completed.append("lint")
-        runners.append(OnnxRuntimeRunner(deploy, "onnxruntime", onnx_precision(deploy)))
+        runners.append(_onnxruntime(deploy, final, val_loader, settings, notes, extra))
         bundle = _write_handoff(deploy, settings, final, val_loader, runners, pruned_layers, notes, artifacts,
                                 validate_command)  # fmt: skip
         completed.append("handoff")
@@ -625,7 +644,7 @@ def validate_artifacts(
     if onnx_path and not onnx_file.exists():
         raise FileNotFoundError(f"no ONNX file at {onnx_file}")
     if onnx_file.exists():
-        runners.append(OnnxRuntimeRunner(onnx_file, "onnxruntime", onnx_precision(onnx_file)))
+        runners.append(_onnxruntime(onnx_file, final, val_loader, settings, notes, extra))
         artifacts["model.onnx"] = str(onnx_file)
         output_names = onnx_io_names(onnx_file)[1]
         extra["lint"] = _lint(onnx_file, settings, notes)

@@ -74,7 +74,9 @@ class OnnxRuntimeRunner:
     """Runs an ONNX file with ONNX Runtime (CUDA provider first where available, else CPU).
 
     Inputs are fed by position in the graph's input order, or by name (a dict), and cast to each input's
-    declared type.
+    declared type. ``optimization`` is the graph-optimization level (``"all"``, ONNX Runtime's default,
+    ``"extended"``, ``"basic"`` or ``"disabled"``; see :mod:`qatsparse.export.ort_level`); ``save_optimized``
+    writes the graph as ONNX Runtime optimized it.
 
     Example:
         >>> from qatsparse.export.onnx import export_onnx
@@ -99,11 +101,20 @@ class OnnxRuntimeRunner:
         precision: str = "onnx",
         providers: list[str] | None = None,
         threads: int | None = None,
+        optimization: str = "all",
+        save_optimized: str | Path | None = None,
     ) -> None:
         import onnxruntime as ort
 
+        from qatsparse.export.ort_level import ort_level
+
         self.path, self.name, self.precision = Path(path), name, precision
+        self.optimization = optimization
         opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort_level(optimization)
+        if save_optimized is not None:  # the graph as ONNX Runtime rewrote it (see qatsparse.export.ort_level)
+            opts.optimized_model_filepath = str(save_optimized)
+            opts.log_severity_level = 3  # its warning that the file is hardware-specific: known, not for users
         if threads:
             opts.intra_op_num_threads = threads
         available = ort.get_available_providers()
