@@ -95,20 +95,18 @@ def run(arch: str, mode: str, qat_step: int, steps: int) -> dict[str, Any]:
 
 def table(results: dict[str, Any]) -> str:
     lines = [
-        "| model | BatchNorm while calibrating | grad norm before QAT | first QAT steps: grad norm "
-        "| loss at the last step | reported by qatsparse |",
+        "| model | BatchNorm while calibrating | grad norm, last step before QAT | grad norm, first 3 QAT steps "
+        "| QAT steps with non-finite gradients | reported by qatsparse |",
         "| --- | --- | --- | --- | --- | --- |",
     ]
     for r in results["runs"]:
         before = [s["grad_norm"] for s in r["steps"] if s["step"] < r["qat_step"]]
-        after = [s["grad_norm"] for s in r["steps"] if s["step"] >= r["qat_step"]][:3]
-        fmt = ", ".join("non-finite" if not math.isfinite(v) else f"{v:.3g}" for v in after)
+        after = [s["grad_norm"] for s in r["steps"] if s["step"] >= r["qat_step"]]
+        fmt = ", ".join("non-finite" if not math.isfinite(v) else f"{v:.3g}" for v in after[:3])
+        bad = sum(not math.isfinite(v) for v in after)
         health = "; ".join(f"step {e['step']}: {e['what']} ({', '.join(e['layers'][:2])})" for e in r["health"]) or "-"
-        last = r["steps"][-1]["loss"]
-        lines.append(
-            f"| {r['arch']} | {r['calibration_batchnorm']} | {before[-1]:.3g} | {fmt} | "
-            f"{'non-finite' if not math.isfinite(last) else f'{last:.3g}'} | {health} |"
-        )
+        mode = r["calibration_batchnorm"]
+        lines.append(f"| {r['arch']} | {mode} | {before[-1]:.3g} | {fmt} | {bad} of {len(after)} | {health} |")
     return "\n".join(lines)
 
 

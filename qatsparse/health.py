@@ -178,17 +178,28 @@ class HealthMonitor:
     def _report(self, step: int, what: str, layers: dict[str, float], model: nn.Module) -> HealthEvent:
         named = [f"{n} (weights or running statistics non-finite)" for n in _nonfinite_state(model)]
         before = self._layers_before
+        order = list(layers)  # module registration order, which follows the forward order in most models
+        nonfinite = [n for n in order if not math.isfinite(layers[n])]
+        if nonfinite and len(nonfinite) < len(order):
+            # The backward pass runs from the output to the input: a gradient that overflows at one layer is
+            # non-finite in every layer before it, so the non-finite layers nearest the output are the
+            # likeliest source (the layers after them still have finite gradients).
+            for i, n in enumerate(reversed(nonfinite)):
+                if len(named) >= self.top:
+                    break
+                named.append(f"{n} (gradient non-finite" + ("; every layer after it finite)" if i == 0 else ")"))
+        else:
 
-        def growth(item: tuple[str, float]) -> float:
-            n, v = item
-            return math.inf if not math.isfinite(v) else v / max(before.get(n, 0.0), 1e-12)
+            def growth(item: tuple[str, float]) -> float:
+                n, v = item
+                return math.inf if not math.isfinite(v) else v / max(before.get(n, 0.0), 1e-12)
 
-        for n, v in sorted(layers.items(), key=growth, reverse=True):
-            if len(named) >= self.top:
-                break
-            was = before.get(n)
-            now = "non-finite" if not math.isfinite(v) else f"{v:.3g}"
-            named.append(f"{n} (gradient norm {now}" + (f", was {was:.3g})" if was is not None else ")"))
+            for n, v in sorted(layers.items(), key=growth, reverse=True):
+                if len(named) >= self.top:
+                    break
+                was = before.get(n)
+                now = "non-finite" if not math.isfinite(v) else f"{v:.3g}"
+                named.append(f"{n} (gradient norm {now}" + (f", was {was:.3g})" if was is not None else ")"))
         event = HealthEvent(step, self.after or "after compression", what, named[: max(self.top, 1)])
         self.events.append(event)
         return event

@@ -5,14 +5,16 @@ layer's constants fail the report."""
 from __future__ import annotations
 
 import copy
+import platform
 import warnings
+from pathlib import Path
 
 import pytest
 import pytorch_lightning as pl
 import torch
 from torch import nn
 
-from qatsparse import QuantizationAwareTraining
+from qatsparse import QuantizationAwareTraining, TensorRTExport
 from qatsparse.examples import DigitsDataModule, ResidualCNN
 from qatsparse.pipeline import ExportSettings, export_and_validate
 from qatsparse.quantization import QuantConfig, calibrate, quantize_model, quantizers
@@ -51,6 +53,11 @@ def test_calibration_uses_batch_statistics_and_leaves_running_statistics_untouch
         assert amax == pytest.approx(expected, rel=1e-5), mode
         for k, v in q[1].state_dict().items():
             assert torch.equal(v, before[k]), f"{mode}: calibration changed BatchNorm's {k}"
+    # one value per channel (a batch of 1 after a global pool): no batch statistics exist, running ones are used
+    head = nn.Sequential(nn.Linear(8, 8), nn.BatchNorm1d(8), nn.Linear(8, 2))
+    quantize_model(head, QuantConfig())
+    calibrate(head, [torch.randn(1, 8)], head)
+    assert head.training and quantizers(head)["2.input_quantizer"].calibrated  # and the mode restored
 
 
 class _LrJump(ResidualCNN):
@@ -148,3 +155,48 @@ def test_fp16_clamping_a_layers_constants_fails_the_report_and_a_mask_value_does
         assert all(" of bn " in f or " of fc.input_quantizer " in f for f in failures)
     else:
         assert report["passed"] and not failures
+
+
+def _vnni() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return True  # unknown: do not claim saturation
+    return any(f in flags for f in ("avx512_vnni", "avx_vnni", "amx_int8"))
+
+
+def test_onnxruntime_level_is_probed_chosen_and_reported(tmp_path):
+    """Two quantized Linears on tokens (exported as MatMul) with every weight at +-max: ONNX Runtime's
+    default level fuses DequantizeLinear+MatMul into MatMulIntegerToFloat, whose u8 x s8 pair sums saturate
+    at 16 bits on x86 CPUs without VNNI; the unoptimized graph computes the Q/DQ arithmetic as written."""
+    from qatsparse.export.onnx import export_onnx
+    from qatsparse.export.ort_level import AGREE_COSINE, choose_graph_optimization
+    from qatsparse.export.runners import OnnxRuntimeRunner
+    from qatsparse.quantization import prepare_for_onnx_export
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 10))
+    with torch.no_grad():
+        for i in (0, 2):
+            net[i].weight.copy_(torch.sign(torch.randn_like(net[i].weight)))
+    x = torch.rand(32, 8, 64)
+    net.eval()
+    quantize_model(net, QuantConfig())
+    calibrate(net, [x], net)
+    with torch.no_grad():
+        want = net(x).double().flatten()
+    prepare_for_onnx_export(net)
+    path = export_onnx(net, [x[:1]], tmp_path / "m.onnx", opset=19)
+
+    choice = choose_graph_optimization(path, (x,))
+    cosine = choice.probe["output_0"]["cosine"]
+    assert choice.level == ("disabled" if cosine < AGREE_COSINE else "all")
+    if platform.machine() in ("x86_64", "AMD64") and not _vnni():
+        assert choice.level == "disabled" and choice.changed and "MatMulIntegerToFloat" in choice.fused_ops
+        assert "MatMulIntegerToFloat" in choice.why and "ORT_DISABLE_ALL" in choice.why
+    got = OnnxRuntimeRunner(path, optimization=choice.level)((x,))[0].double().flatten()
+    assert float(got @ want / (got.norm() * want.norm())) > 0.9999  # the level used computes the QAT model
+    fixed = choose_graph_optimization(path, (x,), requested="all")
+    assert fixed.level == "all" and fixed.why.startswith("ort_graph_optimization='all' as given")
+    with pytest.raises(ValueError, match=r"ort_graph_optimization='fast'.*'auto', 'all', 'extended'"):
+        TensorRTExport(ort_graph_optimization="fast")

@@ -98,7 +98,7 @@ def calibrate(
     cuda = sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
     was_training = model.training
     model.eval()
-    bn_state = _batch_statistics(model) if batchnorm == "batch" else []
+    bn_state = _batch_statistics(model, handles) if batchnorm == "batch" else []
     try:
         with _replayable_rng(cuda) as reset_rng, fast_paths_off():
             if two_pass:
@@ -142,16 +142,29 @@ def calibrate(
     return n
 
 
-def _batch_statistics(model: nn.Module) -> list[tuple[nn.Module, dict[str, torch.Tensor]]]:
+def _batch_statistics(model: nn.Module, handles: list[Any]) -> list[tuple[nn.Module, dict[str, torch.Tensor]]]:
     """Switch every BatchNorm with running statistics to batch statistics (train mode); returns what to
-    restore: each one's running statistics."""
+    restore: each one's running statistics. A call with one value per channel (batch of 1 after a global
+    pool), where batch statistics do not exist, uses the running ones (hooks appended to ``handles``)."""
     out = []
     for m in model.modules():
         if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats:
             names = [n for n in ("running_mean", "running_var", "num_batches_tracked") if getattr(m, n) is not None]
             out.append((m, {n: getattr(m, n).detach().clone() for n in names}))
             m.train()
+            handles.append(m.register_forward_pre_hook(_one_value_per_channel_uses_running))
+            handles.append(m.register_forward_hook(_back_to_batch_statistics))
     return out
+
+
+def _one_value_per_channel_uses_running(m: nn.Module, args: tuple[Any, ...]) -> None:
+    x = args[0] if args else None
+    if isinstance(x, torch.Tensor) and x.dim() >= 2 and x.numel() <= x.shape[1]:
+        m.training = False
+
+
+def _back_to_batch_statistics(m: nn.Module, args: tuple[Any, ...], out: Any) -> None:
+    m.training = True
 
 
 def _optional(model: nn.Module, quantizer_name: str) -> bool:
