@@ -14,6 +14,8 @@ Per run it records every backend's top-1 from ``report.json`` (``onnxruntime`` i
 
     PYTHONPATH=. python benchmarks/transformer_recipe.py --seeds 0 1 2 --out benchmarks/results/digits_transformer.json
     PYTHONPATH=. python benchmarks/transformer_recipe.py --table benchmarks/results/digits_transformer.json
+    PYTHONPATH=. python benchmarks/transformer_recipe.py --seeds 0 1 2 --patch 2 \\
+        --out benchmarks/results/digits_transformer_patch2.json   # 16 patch tokens: more attention
 """
 
 from __future__ import annotations
@@ -37,10 +39,11 @@ RECIPE = ROOT / "recipes" / "digits_transformer_int8_sparse.yaml"
 VARIANTS = ("dense", "int8_2to4", "int8_2to4_attention_matmuls")
 
 
-def config(variant: str, seed: int, out: Path, max_steps: int | None) -> dict[str, Any]:
-    """The recipe for ``variant``, writing under ``out``."""
+def config(variant: str, seed: int, out: Path, max_steps: int | None, model: dict[str, Any]) -> dict[str, Any]:
+    """The recipe for ``variant``, writing under ``out``, with ``model`` init_args changed."""
     cfg = yaml.safe_load(RECIPE.read_text())
     cfg["seed_everything"] = seed
+    cfg["model"]["init_args"].update(model)
     cfg["trainer"]["default_root_dir"] = str(out)
     cfg["trainer"]["logger"]["init_args"]["save_dir"] = str(out)
     if max_steps:  # a quick check of the script: the stages scaled down with the schedule
@@ -60,11 +63,11 @@ def config(variant: str, seed: int, out: Path, max_steps: int | None) -> dict[st
     return cfg
 
 
-def run(variant: str, seed: int, threads: int, max_steps: int | None) -> dict[str, Any]:
+def run(variant: str, seed: int, threads: int, max_steps: int | None, model: dict[str, Any]) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "run"
         path = Path(tmp) / "recipe.yaml"
-        path.write_text(yaml.safe_dump(config(variant, seed, out, max_steps), sort_keys=False))
+        path.write_text(yaml.safe_dump(config(variant, seed, out, max_steps, model), sort_keys=False))
         env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
         cmd = ["nice", "-n", "10", sys.executable, "-m", "qatsparse", "fit", "--config", str(path)]
         t0 = time.perf_counter()
@@ -112,11 +115,14 @@ def table(results: dict[str, Any]) -> str:
         vs = "-" if v == "dense" or not diffs else f"{statistics.mean(diffs):+.2f} points (worst {min(diffs):+.2f})"
         lines.append(f"| {v} | {prec} | {cells} | {statistics.mean(have):.2f} % | {vs} |")
     levels = sorted({str(r.get("onnxruntime_graph_optimization")) for r in runs})
+    changed = ", ".join(f"{k}={v}" for k, v in results.get("model_overrides", {}).items())
     lines += [
         "",
-        f"{results['recipe']}, {results['max_steps']} steps per run, {len(runs[0:1]) and runs[0].get('samples')} "
-        f"validation images; {results['machine']}, torch {results['torch']}; ONNX Runtime graph optimization "
-        f"level(s) used by the validation: {', '.join(levels)}.",
+        f"{results['recipe']}"
+        + (f" with model {changed}" if changed else " as shipped")
+        + f", {results['max_steps']} steps per run, {runs[0].get('samples')} validation images; "
+        f"{results['machine']}, torch {results['torch']}; ONNX Runtime graph optimization level(s) used by the "
+        f"validation: {', '.join(levels)}.",
     ]
     return "\n".join(lines)
 
@@ -127,6 +133,7 @@ def main() -> None:
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--max-steps", type=int, help="shorter schedule (a quick check of this script)")
+    ap.add_argument("--patch", type=int, help="model.init_args.patch (e.g. 2: 16 patch tokens instead of 8 rows)")
     ap.add_argument("--out", type=Path)
     ap.add_argument("--table", type=Path, help="print the Markdown table of a results JSON")
     args = ap.parse_args()
@@ -135,8 +142,10 @@ def main() -> None:
         return
     import torch
 
+    model = {} if args.patch is None else {"patch": args.patch}
     results: dict[str, Any] = {
         "recipe": RECIPE.name,
+        "model_overrides": model,
         "max_steps": args.max_steps or yaml.safe_load(RECIPE.read_text())["trainer"]["max_steps"],
         "machine": f"{platform.machine()} CPU, {args.threads} torch thread(s), nice 10",
         "torch": torch.__version__,
@@ -144,7 +153,7 @@ def main() -> None:
     }
     for seed in args.seeds:  # variants interleaved within each seed
         for v in args.variants:
-            results["runs"].append(run(v, seed, args.threads, args.max_steps))
+            results["runs"].append(run(v, seed, args.threads, args.max_steps, model))
             r = results["runs"][-1]
             print(v, seed, r.get("top1", r.get("error", "")[-500:]), f"{r['seconds']:.0f} s", flush=True)
             if args.out:

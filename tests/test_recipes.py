@@ -259,6 +259,7 @@ def test_docs_list_every_callback_and_example_argument():
     recipes = (REPO / "docs" / "recipes.md").read_text()
     classes = (
         ex.ResidualCNN,
+        ex.DigitsTransformer,
         ex.ImageClassifier,
         ex.TwoHeadNet,
         ex.DigitsDataModule,
