@@ -32,6 +32,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import onnx
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -76,12 +77,16 @@ def run(variant: str, seed: int, threads: int, max_steps: int | None, model: dic
         if proc.returncode != 0 or not (out / "report.json").exists():
             return {"variant": variant, "seed": seed, "error": proc.stderr[-3000:], "seconds": seconds}
         report = json.loads((out / "report.json").read_text())
+        graph = onnx.load(str(out / "model.onnx")).graph
+        quantize_nodes = sum(n.op_type == "QuantizeLinear" for n in graph.node)
     backends = report["backends"]
     return {
         "variant": variant,
         "seed": seed,
         "top1": {name: b["metrics"].get("top1") for name, b in backends.items()},
         "onnx_precision": backends["onnxruntime"].get("precision"),
+        "attention_matmuls": (report.get("quantization") or {}).get("attention_matmuls"),
+        "quantize_nodes_in_model_onnx": quantize_nodes,
         "onnxruntime_graph_optimization": (report.get("onnxruntime") or {}).get("level"),
         "weights_2to4_share": (report.get("sparsity") or {}).get("weights_2to4_share"),
         "passed": report["passed"],

@@ -200,3 +200,17 @@ def test_onnxruntime_level_is_probed_chosen_and_reported(tmp_path):
     assert fixed.level == "all" and fixed.why.startswith("ort_graph_optimization='all' as given")
     with pytest.raises(ValueError, match=r"ort_graph_optimization='fast'.*'auto', 'all', 'extended'"):
         TensorRTExport(ort_graph_optimization="fast")
+
+
+def test_docs_batchnorm_table_is_the_one_the_script_makes_from_the_raw_json():
+    import json
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    sys.path.insert(0, str(root / "benchmarks"))
+    try:
+        import bn_calibration
+    finally:
+        sys.path.remove(str(root / "benchmarks"))
+    results = json.loads((root / "benchmarks" / "results" / "bn_calibration.json").read_text())
+    assert bn_calibration.table(results) in (root / "docs" / "quantization.md").read_text()

@@ -91,6 +91,24 @@ def test_digits_transformer_smoke_prunes_and_quantizes_the_attention(tmp_path):
     assert check_2to4(tmp_path / "runs" / "digits_transformer_int8_sparse" / "model.onnx") == []
 
 
+def test_transformer_recipe_numbers_in_the_docs_and_header_are_the_scripts_tables_of_the_raw_json():
+    import sys
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        import transformer_recipe
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+    docs = (REPO / "docs" / "quantization.md").read_text()
+    header = recipe_paths()["digits_transformer_int8_sparse"].read_text()
+    for name in ("digits_transformer.json", "digits_transformer_patch2.json"):
+        results = json.loads((REPO / "benchmarks" / "results" / name).read_text())
+        assert transformer_recipe.table(results) in docs, name
+    shipped = json.loads((REPO / "benchmarks" / "results" / "digits_transformer.json").read_text())
+    for row in transformer_recipe.table(shipped).splitlines()[2:5]:  # dense, int8_2to4, int8_2to4_attention_matmuls
+        assert "# " + row in header
+
+
 def test_two_head_smoke_exports_two_inputs_two_outputs_with_dynamic_batch(tmp_path):
     import onnxruntime as ort
     import torch
