@@ -110,7 +110,11 @@ def choose_graph_optimization(
     check_level(requested)
     with tempfile.TemporaryDirectory() as tmp:
         optimized = Path(tmp) / "optimized.onnx"
-        default = OnnxRuntimeRunner(path, optimization="all", save_optimized=optimized)(inputs)
+        try:
+            runner = OnnxRuntimeRunner(path, optimization="all", save_optimized=optimized)
+        except Exception:  # an execution provider that cannot save its graph: probe without saving it
+            runner = OnnxRuntimeRunner(path, optimization="all")
+        default = runner(inputs)
         fused = _new_ops(path, optimized)
     plain = OnnxRuntimeRunner(path, optimization="disabled")(inputs)
     names = output_names or [f"output_{i}" for i in range(len(plain))]
