@@ -432,6 +432,7 @@ def _validate_and_report(
     console: bool,
     progress: Progress = QUIET,
     completed: list[str] | None = None,
+    sparsity_extra: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     completed = completed if completed is not None else []
     precisions = {r.name: r.precision for r in runners}
@@ -449,7 +450,12 @@ def _validate_and_report(
     passed, failures = gate(result, settings.max_metric_drop)
     export_problems = list(extra.get("export_problems") or [])
     passed, failures = passed and not export_problems, [*failures, *export_problems]
-    sparsity = {**sparsity_summary(final), "pruned_layers": list(pruned_layers), "skipped": dict(skipped_layers or {})}
+    sparsity = {
+        **sparsity_summary(final),
+        "pruned_layers": list(pruned_layers),
+        "skipped": dict(skipped_layers or {}),
+        **(sparsity_extra or {}),
+    }
     report = build_report(
         result,
         passed,
@@ -520,6 +526,7 @@ def export_and_validate(
     progress: Progress = QUIET,
     validate_command: str | None = None,
     completed: list[str] | None = None,
+    sparsity: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Write the ONNX files, the TensorRT hand-off bundle (and engine), lint, validate every backend on
     ``val_loader``, write the report.
@@ -538,6 +545,8 @@ def export_and_validate(
         validate_command: the ``qatsparse validate ... --engine`` command the bundle's README gives.
         completed: the names of the stages that completed are appended to it (``export``, ``lint``,
             ``handoff``, ``engine``, ``validation``, ``report``): after a failure it says what succeeded.
+        sparsity: more entries for the report's ``sparsity`` section (what
+            :meth:`~qatsparse.TwoFourSparsity.kept_magnitude` returns: magnitude kept, permutation).
 
     Returns:
         The report dictionary (also written as report.json/md/png). The gate is not enforced here:
@@ -593,6 +602,7 @@ def export_and_validate(
         console,
         progress,
         completed,
+        sparsity_extra=sparsity,
     )
 
 

@@ -34,24 +34,12 @@ from typing import Any
 
 import torch
 
-#: the levels of ``onnxruntime.GraphOptimizationLevel`` by the names qatsparse takes
-LEVELS = ("all", "extended", "basic", "disabled")
-CHOICES = ("auto", *LEVELS)
+from qatsparse.export.runners import ORT_LEVELS, OnnxRuntimeRunner
+
+#: the levels qatsparse takes, and ``"auto"``
+CHOICES = ("auto", *ORT_LEVELS)
 #: outputs of the default and the unoptimized session count as the same at or above this cosine
 AGREE_COSINE = 0.999
-
-
-def ort_level(name: str) -> Any:
-    """The ``onnxruntime.GraphOptimizationLevel`` named ``name`` (one of :data:`LEVELS`)."""
-    import onnxruntime as ort
-
-    levels = {
-        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
-        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
-        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-        "disabled": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
-    }
-    return levels[name]
 
 
 def check_level(value: Any, owner: str = "TensorRTExport") -> str:
@@ -66,7 +54,7 @@ class GraphOptimizationChoice:
     """The level validation ran ONNX Runtime at, why, and the probe that decided it.
 
     Attributes:
-        level: one of :data:`LEVELS`.
+        level: one of :data:`~qatsparse.export.runners.ORT_LEVELS`.
         why: one sentence for the report.
         probe: per output, cosine / max abs difference / arg-max agreement of the default level's outputs
             against the unoptimized graph's on the probe batch.
@@ -105,8 +93,6 @@ def choose_graph_optimization(
     path: str | Path, inputs: Any, requested: str = "auto", output_names: list[str] | None = None
 ) -> GraphOptimizationChoice:
     """Probe ``path`` on ``inputs`` at the default level and unoptimized; pick the level (see the module doc)."""
-    from qatsparse.export.runners import OnnxRuntimeRunner
-
     check_level(requested)
     with tempfile.TemporaryDirectory() as tmp:
         optimized = Path(tmp) / "optimized.onnx"
