@@ -50,6 +50,7 @@ from qatsparse.quantization import (
 )
 from qatsparse.quantization.calibrate import unreached_layers
 from qatsparse.quantization.sensitivity import METRICS, Metric
+from qatsparse.sharding import FSDP_PREFIX, check_full_state_dict, full_weights
 
 
 class QuantizationAwareTraining(Callback):
@@ -170,9 +171,11 @@ class QuantizationAwareTraining(Callback):
         self._load_hook = pl_module.register_load_state_dict_pre_hook(partial(self._before_state_dict_load, trainer))
 
     def _before_state_dict_load(self, trainer: pl.Trainer, module: Any, state_dict: dict, prefix: str, *_: Any) -> None:
-        if not prefix:
-            drop_load_hint(state_dict)
-        if prefix or is_quantized(module) or not any(k.endswith("_quantizer.amax") for k in state_dict):
+        # The module itself is loaded (prefix ""), or as the one module inside FSDP's root wrapper.
+        if prefix not in ("", FSDP_PREFIX):
+            return
+        drop_load_hint(state_dict, prefix)
+        if is_quantized(module) or not any(k.endswith("_quantizer.amax") for k in state_dict):
             return
         self._restore_from(load_checkpoint_for_setup(trainer), module)
 
@@ -249,6 +252,7 @@ class QuantizationAwareTraining(Callback):
         """Before step 0 (see :mod:`qatsparse.preflight`): QAT's step is reached, ``exclude`` matches layers,
         and the model takes a training batch as calibration will feed it."""
         check(check_start_step, trainer, "QuantizationAwareTraining", self.start_step, done=self.applied)
+        check(check_full_state_dict, trainer, "QuantizationAwareTraining")
         if not self.applied:
             check(check_quantizable_patterns, pl_module, self.config.exclude)
             check(self._calibration_batch, pl_module, data)
@@ -263,6 +267,18 @@ class QuantizationAwareTraining(Callback):
 
     # ------------------------------------------------------------------ work
     def _apply(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Under FSDP every rank works on the full weights: quantizers sized by the full weights, calibration
+        # forwards and per-channel weight amax on them, statistics reduced over the ranks as under DDP.
+        with full_weights(trainer):
+            self._quantize_and_calibrate(trainer, pl_module)
+        self.applied = True
+        log_to_loggers(trainer, {}, quantization_hparams(self.config.to_dict()))
+        if self.compile:
+            self._compile(pl_module)
+        if self.verbose:
+            rank_zero_info(self.describe(pl_module))
+
+    def _quantize_and_calibrate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         notify_before_compression(trainer, pl_module)
         self._hold_fast_paths_off()
         self.summary = quantize_model(pl_module, self.config)
@@ -298,12 +314,6 @@ class QuantizationAwareTraining(Callback):
                 self._auto_exclude(trainer, pl_module, list(batches()))
                 if self.config.precision == "fp16":
                     track_overflow(pl_module)  # requantize made fresh quantizers: keep watching them
-        self.applied = True
-        log_to_loggers(trainer, {}, quantization_hparams(self.config.to_dict()))
-        if self.compile:
-            self._compile(pl_module)
-        if self.verbose:
-            rank_zero_info(self.describe(pl_module))
 
     def _keep_unreached(self, pl_module: pl.LightningModule) -> None:
         """Layers whose forward the calibration batches never ran stay in higher precision, named."""
@@ -333,6 +343,10 @@ class QuantizationAwareTraining(Callback):
         rank_zero_info(format_sensitivity(rows, kept=keep))
 
     def _check_fp16(self, trainer: pl.Trainer, pl_module: pl.LightningModule, where: str) -> None:
+        with full_weights(trainer):  # FSDP: weights' peaks and requantize on the full weights (re-entrant)
+            self._check_fp16_full(pl_module, where)
+
+    def _check_fp16_full(self, pl_module: pl.LightningModule, where: str) -> None:
         flagged = overflowing_layers(pl_module)
         if not flagged:
             return
