@@ -5,8 +5,9 @@
 Fit A: 2 epochs of 3 steps under FSDPStrategy (one FSDP unit, full state dicts): 2:4 pruning at step 1, INT8 QAT
 (entropy calibration) at step 2, a checkpoint at every epoch end, TensorRTExport at fit end. Fit B: resumed from
 A's epoch-0 checkpoint to the same end. Fits C and D: the same with sparsity only and sharded state dicts. Fit E:
-an unsupported setting (an ``auto_wrap_policy``) must stop before step 0. Each rank writes ``rank{r}.pt`` with what it holds (masks, amax, its shard of the weights, the full
-weights after each fit); rank 0 also exports ``model.ckpt`` in this single process (``export_single/``).
+an unsupported setting (an ``auto_wrap_policy``) must stop before step 0. Each rank writes ``rank{r}.pt`` with
+what it holds (masks, amax, its shard of the weights, the full weights after each fit); rank 0 also exports
+``model.ckpt`` in this single process (``export_single/``).
 """
 
 from __future__ import annotations
@@ -22,9 +23,9 @@ from torch.utils.data import DataLoader, TensorDataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from qatsparse import QuantizationAwareTraining, TensorRTExport, TwoFourSparsity  # noqa: E402
-from qatsparse.quantization import quantizers  # noqa: E402
-from qatsparse.sharding import CPUFSDPStrategy, full_weights  # noqa: E402
+from qatsparse import QuantizationAwareTraining, TensorRTExport, TwoFourSparsity
+from qatsparse.quantization import quantizers
+from qatsparse.sharding import CPUFSDPStrategy, full_weights
 
 
 class Net(pl.LightningModule):
@@ -74,14 +75,13 @@ def fit(out: Path, name: str, epochs: int, qat: bool, sharded: bool = False, ckp
     dump = Dump()
     callbacks: list = [TwoFourSparsity(start_step=1, exclude=["head"], verbose=False)]
     if qat:
-        callbacks.append(
-            QuantizationAwareTraining(calibrator="entropy", calib_batches=2, start_step=2, exclude=["head"], verbose=False)
-        )
+        qat_cb = QuantizationAwareTraining(calibrator="entropy", calib_batches=2, start_step=2, exclude=["head"],
+                                           verbose=False)  # fmt: skip
+        callbacks.append(qat_cb)
     callbacks += [dump, pl.callbacks.ModelCheckpoint(out / name, filename="{epoch}", save_top_k=-1)]
     if qat:
-        callbacks.append(
-            TensorRTExport(out / f"export_{name}", build_engine=False, max_metric_drop=1.0, lint=False, batch_sizes=(1, 4, 8))
-        )
+        callbacks.append(TensorRTExport(out / f"export_{name}", build_engine=False, max_metric_drop=1.0, lint=False,
+                                        batch_sizes=(1, 4, 8)))  # fmt: skip
     trainer = pl.Trainer(
         accelerator="cpu",
         devices=2,
