@@ -3,6 +3,7 @@
 #   bash benchmarks/run_gpu.sh env train tests          # call A: paired benchmark of ResNet-50; GPU tests
 #   bash benchmarks/run_gpu.sh train-r18 train-vit ddp1 # call B: ResNet-18, ViT-B/16; DDP strides on 1 GPU
 #   bash benchmarks/run_gpu.sh inference ddp            # inference; DDP on 2 GPUs
+#   bash benchmarks/run_gpu.sh fsdp                     # FSDP on 2 GPUs (copy fsdp.json to results/fsdp_2xh200.json)
 # Results go to $OUT (or ./bench-out); copy the JSON/XML files into benchmarks/results/ and run
 # `python benchmarks/make_docs.py`. TRAIN_S / R18_S / VIT_S (seconds) bound each train section: the
 # benchmark starts no lane or round that would end later, writes its JSON after every lane and round,
@@ -33,6 +34,8 @@ for section in "$@"; do
     inference) python3 benchmarks/inference.py --out "$OUT/inference.json" 2>&1 | quiet ;;
     ddp) NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 \
          python3 benchmarks/ddp_check.py --devices 2 --out "$OUT/ddp.json" 2>&1 | quiet ;;
+    fsdp) NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 \
+          timeout 480 python3 benchmarks/fsdp_check.py --devices 2 --out "$OUT/fsdp.json" 2>&1 | quiet ;;
     *) echo "unknown section $section"; exit 2 ;;
   esac
 done
