@@ -8,10 +8,14 @@ here). qatsparse works on the full weights where it needs their shape or values 
 masks, inserting and calibrating quantizers, the preflight forward, the export -- by entering
 :func:`full_weights` on every rank (``FullyShardedDataParallel.summon_full_params``, a collective), and
 keeps each rank's shard 2:4 after every optimizer step with the part of each mask that the rank holds
-(:func:`local_masks`). Without FSDP both are no-ops, so the callbacks call them unconditionally.
+(:func:`local_masks`). Inner FSDP units (``auto_wrap_policy``) and activation-checkpoint wrappers rename the
+modules (``layer1._fsdp_wrapped_module.conv1``); inside :func:`full_weights` (and :func:`module_names`) the
+module tree is :func:`unwrapped`, so masks, quantizers and reports use the names the user wrote, and the
+export copies a model without wrappers. Without FSDP all of these are no-ops, so the callbacks call them
+unconditionally.
 
-Supported: the whole LightningModule as one FSDP unit (``FSDPStrategy`` without ``auto_wrap_policy`` or
-activation checkpointing), any ``sharding_strategy``, ``state_dict_type="full"`` or ``"sharded"``.
+Supported: ``FSDPStrategy`` with or without ``auto_wrap_policy`` and ``activation_checkpointing_policy``, any
+``sharding_strategy``, ``state_dict_type="full"`` (``"sharded"`` for 2:4 without QAT or export).
 :func:`check_strategy` names what is not, before step 0 (docs/distributed.md).
 
 Example:
@@ -53,12 +57,70 @@ def is_sharded(trainer: Any) -> bool:
     return fsdp_root(trainer) is not None
 
 
+#: Wrapper modules that FSDPStrategy puts inside the LightningModule, and the attribute holding the wrapped module:
+#: inner FSDP units (``auto_wrap_policy``) and activation checkpointing/offloading.
+WRAPPERS = {
+    "FullyShardedDataParallel": "_fsdp_wrapped_module",
+    "CheckpointWrapper": "_checkpoint_wrapped_module",
+    "OffloadWrapper": "_checkpoint_wrapped_module",
+}
+
+
+def _inner(module: nn.Module) -> nn.Module | None:
+    attr = WRAPPERS.get(type(module).__name__)
+    return getattr(module, attr, None) if attr else None
+
+
+def clean_name(name: str) -> str:
+    """``name`` without the wrapper segments FSDP and activation checkpointing insert.
+
+    Example:
+        >>> clean_name("layer1._fsdp_wrapped_module._checkpoint_wrapped_module.conv1.weight")
+        'layer1.conv1.weight'
+    """
+    for attr in set(WRAPPERS.values()):
+        name = name.replace(f"{attr}.", "").removesuffix(f".{attr}")
+    return name
+
+
+@contextlib.contextmanager
+def unwrapped(module: nn.Module | None) -> Iterator[None]:
+    """Inside, ``module``'s tree holds the modules the user wrote: every inner FSDP unit and activation-checkpoint
+    wrapper is replaced by the module it wraps (and put back on exit), so module names, quantizer names and
+    forwards are those of the unwrapped model. Parameters are not touched (inner FSDP units' weights are shards
+    unless :func:`full_weights` gathered them). Local: no communication."""
+    swaps: list[tuple[nn.Module, str, nn.Module]] = []
+    stack = [module] if module is not None else []
+    while stack:
+        parent = stack.pop()
+        for name, child in list(parent._modules.items()):
+            if child is None:
+                continue
+            inner = child
+            while (nxt := _inner(inner)) is not None:
+                inner = nxt
+            if inner is not child:
+                parent._modules[name] = inner
+                swaps.append((parent, name, child))
+            stack.append(inner)
+    try:
+        yield
+    finally:
+        for parent, name, child in reversed(swaps):
+            parent._modules[name] = child
+
+
+def module_names(trainer: Any) -> contextlib.AbstractContextManager:
+    """:func:`unwrapped` for the Trainer's LightningModule under FSDP (names as the user wrote them), else nothing."""
+    return unwrapped(trainer.lightning_module) if is_sharded(trainer) else contextlib.nullcontext()
+
+
 @contextlib.contextmanager
 def full_weights(trainer: Any, writeback: bool = False, rank0_only: bool = False) -> Iterator[None]:
     """Inside, the LightningModule's parameters are the full (unsharded) weights on every rank (only on rank 0
-    with ``rank0_only``, offloaded to the CPU there). Changes are written back to the shards with
-    ``writeback=True``. Every rank must enter it (FSDP gathers the shards). Re-entrant: inside, a nested call
-    changes nothing. Without FSDP, does nothing."""
+    with ``rank0_only``, offloaded to the CPU there) and its tree is :func:`unwrapped` (names and forwards as the
+    user wrote them). Changes are written back to the shards with ``writeback=True``. Every rank must enter it
+    (FSDP gathers the shards). Re-entrant: inside, a nested call changes nothing. Without FSDP, does nothing."""
     root = fsdp_root(trainer)
     if root is None:
         yield
@@ -70,7 +132,7 @@ def full_weights(trainer: Any, writeback: bool = False, rank0_only: bool = False
         return
     with FSDP.summon_full_params(
         root, writeback=writeback, rank0_only=rank0_only, offload_to_cpu=rank0_only, recurse=True
-    ):
+    ), unwrapped(trainer.lightning_module):
         root._qatsparse_full = True
         try:
             yield
@@ -114,25 +176,10 @@ def check_strategy(trainer: Any, pl_module: nn.Module) -> None:
         )
     if not isinstance(strategy, FSDPStrategy):
         return
-    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-
     if not strategy.kwargs.get("use_orig_params", True):
         raise ValueError(
             "FSDPStrategy(use_orig_params=False): qatsparse needs the original parameters (masks and quantizers "
             "are attached per layer): leave use_orig_params=True, Lightning's default"
-        )
-    nested = [n for n, m in pl_module.named_modules() if n and isinstance(m, FSDP)]
-    wrapped = [n for n, m in pl_module.named_modules() if type(m).__name__ == "CheckpointWrapper"]
-    if nested or wrapped:
-        what = (
-            f"FSDP units inside the module ({', '.join(nested[:3])}{', ...' if len(nested) > 3 else ''}: from "
-            "auto_wrap_policy or wrapping in configure_model)" if nested else
-            f"activation-checkpoint wrappers ({', '.join(wrapped[:3])}: from activation_checkpointing_policy)"
-        )  # fmt: skip
-        raise ValueError(
-            f"FSDPStrategy with {what}: qatsparse supports the whole LightningModule as one FSDP unit; use "
-            "FSDPStrategy() without auto_wrap_policy and activation_checkpointing_policy, or strategy='ddp' "
-            "(docs/distributed.md)"
         )
 
 
@@ -158,8 +205,9 @@ class CPUFSDPStrategy(FSDPStrategy):
 
     Lightning 2.6 refuses ``strategy="fsdp"`` with ``accelerator="cpu"`` (an exact type check on
     ``FSDPStrategy``) and passes ``device_id=None``, which PyTorch's FSDP refuses on a machine without an
-    accelerator ("FSDP needs a non-CPU accelerator device"). This subclass passes ``device_id=cpu``; all the
-    rest (sharding, gathering, checkpoints) is Lightning's and PyTorch's own code.
+    accelerator ("FSDP needs a non-CPU accelerator device"). This subclass wraps the model with ``device_id=cpu``
+    and the strategy's other settings, then hands it to Lightning's own setup (activation checkpointing and the
+    rest); sharding, gathering and checkpoints are Lightning's and PyTorch's own code.
 
     Example:
         >>> trainer = pl.Trainer(accelerator="cpu", devices=2, strategy=CPUFSDPStrategy())  # doctest: +SKIP
@@ -168,19 +216,30 @@ class CPUFSDPStrategy(FSDPStrategy):
     def _setup_model(self, model: nn.Module) -> nn.Module:
         from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
-        if any(isinstance(m, FSDP) for m in model.modules()):
-            return super()._setup_model(model)
-        cpu = torch.device("cpu")
-        return FSDP(module=model, sharding_strategy=self.sharding_strategy, device_id=cpu, **self.kwargs)
+        if not any(isinstance(m, FSDP) for m in model.modules()):
+            model = FSDP(
+                module=model,
+                cpu_offload=self.cpu_offload,
+                mixed_precision=self.mixed_precision_config,
+                sharding_strategy=self.sharding_strategy,
+                device_id=torch.device("cpu"),
+                **self.kwargs,
+            )
+            self.kwargs.pop("auto_wrap_policy", None)  # applied here; Lightning would warn that it is ignored
+        return super()._setup_model(model)  # an FSDP model: Lightning's activation checkpointing and the rest
 
 
 __all__ = [
     "FSDP_PREFIX",
+    "WRAPPERS",
     "CPUFSDPStrategy",
     "check_full_state_dict",
     "check_strategy",
+    "clean_name",
     "fsdp_root",
     "full_weights",
     "is_sharded",
     "local_masks",
+    "module_names",
+    "unwrapped",
 ]

@@ -2,10 +2,12 @@
 
     python tests/fsdp_worker.py OUT_DIR
 
-Fit A: 2 epochs of 3 steps under FSDPStrategy (one FSDP unit, full state dicts): 2:4 pruning at step 1, INT8 QAT
+Fit A: 2 epochs of 3 steps under FSDPStrategy (every layer its own FSDP unit, activation checkpointing on the
+linear ones, full state dicts): 2:4 pruning at step 1, INT8 QAT
 (entropy calibration) at step 2, a checkpoint at every epoch end, TensorRTExport at fit end. Fit B: resumed from
-A's epoch-0 checkpoint to the same end. Fits C and D: the same with sparsity only and sharded state dicts. Fit E:
-an unsupported setting (an ``auto_wrap_policy``) must stop before step 0. Each rank writes ``rank{r}.pt`` with
+A's epoch-0 checkpoint to the same end. Fits C and D: the same with sparsity only, the whole module one FSDP unit
+and sharded state dicts. Fit E: an unsupported setting (TensorRTExport with sharded state dicts) must stop before
+step 0. Each rank writes ``rank{r}.pt`` with
 what it holds (masks, amax, its shard of the weights, the full weights after each fit); rank 0 also exports
 ``model.ckpt`` in this single process (``export_single/``).
 """
@@ -25,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from qatsparse import QuantizationAwareTraining, TensorRTExport, TwoFourSparsity
 from qatsparse.quantization import quantizers
-from qatsparse.sharding import CPUFSDPStrategy, full_weights
+from qatsparse.sharding import CPUFSDPStrategy, clean_name, full_weights
 
 
 class Net(pl.LightningModule):
@@ -64,10 +66,16 @@ class Dump(pl.Callback):
     def on_fit_end(self, trainer, pl_module) -> None:
         sparsity = next(cb for cb in trainer.callbacks if isinstance(cb, TwoFourSparsity))
         self.state["masks"] = sparsity.masks.state_dict()["masks"]
-        self.state["amax"] = {n: q.amax.detach().clone() for n, q in quantizers(pl_module).items()}
-        self.state["shards"] = {n: p.detach().clone() for n, p in pl_module.named_parameters()}
+        self.state["amax"] = {clean_name(n): q.amax.detach().clone() for n, q in quantizers(pl_module).items()}
+        self.state["shards"] = {clean_name(n): p.detach().clone() for n, p in pl_module.named_parameters()}
+        kinds = {type(m).__name__ for m in pl_module.modules()}
+        self.state["wrappers"] = sorted(kinds & {"FullyShardedDataParallel", "CheckpointWrapper"})
         with full_weights(trainer):
             self.state["full"] = {n: p.detach().clone() for n, p in pl_module.named_parameters()}
+
+
+#: Fits A and B: every conv and linear layer its own FSDP unit, the linear ones with activation checkpointing.
+WRAPPED = {"auto_wrap_policy": {nn.Conv2d, nn.Linear}, "activation_checkpointing_policy": {nn.Linear}}
 
 
 def fit(out: Path, name: str, epochs: int, qat: bool, sharded: bool = False, ckpt: Path | None = None) -> dict:
@@ -85,7 +93,7 @@ def fit(out: Path, name: str, epochs: int, qat: bool, sharded: bool = False, ckp
     trainer = pl.Trainer(
         accelerator="cpu",
         devices=2,
-        strategy=CPUFSDPStrategy(state_dict_type="sharded" if sharded else "full"),
+        strategy=CPUFSDPStrategy(state_dict_type="sharded") if sharded else CPUFSDPStrategy(**WRAPPED),
         max_epochs=epochs,
         logger=False,
         enable_progress_bar=False,
@@ -100,7 +108,7 @@ def fit(out: Path, name: str, epochs: int, qat: bool, sharded: bool = False, ckp
 
 
 def unsupported() -> dict:
-    """FSDP units inside the module (auto_wrap_policy): the preflight stops the fit before step 0."""
+    """The export with sharded state dicts (model.ckpt must be one file): the preflight stops before step 0."""
     steps = []
 
     class Steps(pl.Callback):
@@ -110,16 +118,16 @@ def unsupported() -> dict:
     trainer = pl.Trainer(
         accelerator="cpu",
         devices=2,
-        strategy=CPUFSDPStrategy(auto_wrap_policy={nn.Linear}),
+        strategy=CPUFSDPStrategy(state_dict_type="sharded"),
         max_steps=2,
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
-        callbacks=[TwoFourSparsity(verbose=False), Steps()],
+        callbacks=[TwoFourSparsity(verbose=False), TensorRTExport("unused", build_engine=False), Steps()],
     )
     try:
-        trainer.fit(Net(), loaders()[0])
+        trainer.fit(Net(), *loaders())
     except ValueError as e:
         return {"error": str(e), "steps": steps}
     return {"error": None, "steps": steps}

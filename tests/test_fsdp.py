@@ -1,6 +1,7 @@
 """FSDP (Lightning's FSDPStrategy) with 2 CPU processes over gloo: masks and amax identical on every rank, each
 rank's shard 2:4, resume bit-identical from full and sharded checkpoints, and the fit-end export equal to a
-single-process export of the same weights. One launch of tests/fsdp_worker.py runs every fit (~25 s)."""
+single-process export of the same weights -- with inner FSDP units and activation checkpointing (fits A, B) and
+with the whole module one unit (C, D). One launch of tests/fsdp_worker.py runs every fit (~30 s)."""
 
 from __future__ import annotations
 
@@ -41,6 +42,8 @@ def _equal(a: dict, b: dict) -> bool:
 
 def test_every_rank_holds_the_same_masks_and_amax(fsdp):
     _, (r0, r1) = fsdp
+    assert r0["A"]["wrappers"] == ["CheckpointWrapper", "FullyShardedDataParallel"]  # inner units, checkpointing
+    assert r0["C"]["wrappers"] == []  # the whole module one FSDP unit
     for fit in "ABCD":
         assert sorted(r0[fit]["masks"]) == ["conv", "fc"]
         assert _equal(r0[fit]["masks"], r1[fit]["masks"]), fit
@@ -95,12 +98,12 @@ def test_fit_end_export_equals_a_single_process_export(fsdp):
     }
 
 
-def test_unsupported_wrapping_stops_before_step_0(fsdp):
+def test_unsupported_setting_stops_before_step_0(fsdp):
     _, ranks = fsdp
     for r in ranks:
         assert r["E"]["steps"] == []
-        assert "FSDP units inside the module (fc, head" in r["E"]["error"]
-        assert "without auto_wrap_policy" in r["E"]["error"]
+        assert "TensorRTExport with FSDPStrategy(state_dict_type='sharded')" in r["E"]["error"]
+        assert "use FSDPStrategy(state_dict_type='full')" in r["E"]["error"]
 
 
 def test_unsupported_settings_name_the_fix():
@@ -109,11 +112,7 @@ def test_unsupported_settings_name_the_fix():
         check_strategy(SimpleNamespace(strategy=type("ModelParallelStrategy", (), {})()), net)
     with pytest.raises(ValueError, match="leave use_orig_params=True"):
         check_strategy(SimpleNamespace(strategy=FSDPStrategy(use_orig_params=False)), net)
-    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
-
-    with pytest.raises(ValueError, match="activation-checkpoint wrappers"):
-        check_strategy(SimpleNamespace(strategy=FSDPStrategy()), nn.Sequential(checkpoint_wrapper(nn.Linear(4, 4))))
-    check_strategy(SimpleNamespace(strategy=FSDPStrategy()), net)  # one FSDP unit: supported
+    check_strategy(SimpleNamespace(strategy=FSDPStrategy(auto_wrap_policy={nn.Linear})), net)  # supported
     sharded = SimpleNamespace(strategy=FSDPStrategy(state_dict_type="sharded"))
     for owner in ("TensorRTExport", "QuantizationAwareTraining"):
         with pytest.raises(ValueError, match=rf"{owner} with .*use FSDPStrategy\(state_dict_type='full'\)"):

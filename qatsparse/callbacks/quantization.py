@@ -50,7 +50,7 @@ from qatsparse.quantization import (
 )
 from qatsparse.quantization.calibrate import unreached_layers
 from qatsparse.quantization.sensitivity import METRICS, Metric
-from qatsparse.sharding import FSDP_PREFIX, check_full_state_dict, full_weights
+from qatsparse.sharding import FSDP_PREFIX, check_full_state_dict, clean_name, full_weights, module_names
 
 
 class QuantizationAwareTraining(Callback):
@@ -158,6 +158,7 @@ class QuantizationAwareTraining(Callback):
         # PyTorch's attention fast paths bypass the quantized modules in eval mode (Lightning's validation
         # loop too): off from QAT start to the end of the run, the user's setting restored at teardown.
         self._fast_paths: contextlib.ExitStack | None = None
+        self._pending_amax: dict[str, torch.Tensor] | None = None  # FSDP resume: see _before_state_dict_load
 
     # ------------------------------------------------------------------ hooks
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -177,7 +178,31 @@ class QuantizationAwareTraining(Callback):
         drop_load_hint(state_dict, prefix)
         if is_quantized(module) or not any(k.endswith("_quantizer.amax") for k in state_dict):
             return
+        if prefix == FSDP_PREFIX:
+            # FSDP: inner units' weights are still shards here, so the quantizers cannot be sized yet. Their amax
+            # leaves the state_dict now (nothing else expects it) and they are rebuilt at on_train_start.
+            self._pending_amax = {
+                # torch.clone also reads a tensor Lightning's lazy checkpoint loader has not read yet
+                clean_name(k.removeprefix(prefix)).removesuffix(".amax"): torch.clone(state_dict.pop(k))
+                for k in [k for k in state_dict if k.endswith("_quantizer.amax")]
+            }
+            return
         self._restore_from(load_checkpoint_for_setup(trainer), module)
+
+    def _restore_pending(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Under FSDP, after a resume: rebuild the quantizers of the recorded config on the full weights and load
+        the amax values the checkpoint held (every rank)."""
+        pending, self._pending_amax = self._pending_amax, None
+        with full_weights(trainer):
+            self.summary = quantize_model(pl_module, self.config)
+            qs = quantizers(pl_module)
+            extra = sorted(set(pending) - set(qs))
+            if extra:
+                raise RuntimeError(f"QuantizationAwareTraining: quantizers in the checkpoint, not the model: {extra}")
+            for name, amax in pending.items():
+                qs[name].load_amax(amax)
+            if self.config.precision == "fp16":
+                track_overflow(pl_module)
 
     def _restore_from(self, ckpt: dict[str, Any] | None, pl_module: pl.LightningModule) -> None:
         if ckpt is None:
@@ -194,6 +219,8 @@ class QuantizationAwareTraining(Callback):
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._remove_load_hook()  # checkpoints are restored by now; don't let deepcopies carry the hook
+        if self._pending_amax is not None:
+            self._restore_pending(trainer, pl_module)
         if self.applied:
             self._hold_fast_paths_off()
         if self.applied and self.compile:  # resumed after QAT started
@@ -237,8 +264,9 @@ class QuantizationAwareTraining(Callback):
         if self.applied and self.config.precision == "fp16":
             self._check_fp16(trainer, pl_module, "training")
         if self.applied:  # identical on every rank; sync_dist only keeps Lightning's DDP warning quiet
-            pl_module.log_dict(quantization_metrics(self.report(pl_module)), on_step=False, on_epoch=True,
-                               sync_dist=True)  # fmt: skip
+            with module_names(trainer):  # FSDP: the names the quantizers were inserted under
+                metrics = quantization_metrics(self.report(pl_module))
+            pl_module.log_dict(metrics, on_step=False, on_epoch=True, sync_dist=True)
 
     def on_save_checkpoint(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
@@ -276,7 +304,8 @@ class QuantizationAwareTraining(Callback):
         if self.compile:
             self._compile(pl_module)
         if self.verbose:
-            rank_zero_info(self.describe(pl_module))
+            with module_names(trainer):
+                rank_zero_info(self.describe(pl_module))
 
     def _quantize_and_calibrate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         notify_before_compression(trainer, pl_module)
