@@ -2,7 +2,8 @@
 and QAT step scaling.
 
 Runs the real callbacks on torchvision ResNet-18 (synthetic data, per-device batch ``--batch``) under
-``FSDPStrategy`` (the whole LightningModule one FSDP unit, full state dicts; docs/distributed.md):
+``FSDPStrategy`` (each ResNet ``BasicBlock`` its own FSDP unit, ``--wrap none``: the whole module one unit; full
+state dicts; docs/distributed.md):
 
 1. timed: ``--warmup + --steps`` steps on ``--devices`` devices; each rank hashes its 2:4 masks, its quantizers'
    amax and the full (gathered) weights; rank 0 checks the hashes are identical on every rank;
@@ -32,6 +33,7 @@ os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuB
 import pytorch_lightning as pl
 import torch
 import torch.distributed as dist
+from pytorch_lightning.strategies import FSDPStrategy
 from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -92,7 +94,10 @@ def fit(devices: int, args: argparse.Namespace, steps: int, *, timed: bool, work
     if saving:
         callbacks.append(pl.callbacks.ModelCheckpoint(workdir, filename="{step}", every_n_train_steps=2, save_top_k=-1))
     if devices > 1:
-        strategy: object = CPUFSDPStrategy() if cpu else "fsdp"
+        from torchvision.models.resnet import BasicBlock
+
+        kwargs = {"auto_wrap_policy": {BasicBlock}} if args.wrap == "block" else {}
+        strategy: object = CPUFSDPStrategy(**kwargs) if cpu else FSDPStrategy(**kwargs)
     else:
         strategy = "auto"
     trainer = pl.Trainer(
@@ -144,6 +149,7 @@ def main() -> None:
     p.add_argument("--image-size", type=int, default=224)
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--wrap", choices=("block", "none"), default="block", help="FSDP units: each BasicBlock, or one")
     p.add_argument("--quick", action="store_true", help="batch 4, 32x32, 1+3 steps")
     p.add_argument("--single", action="store_true", help="internal: the 1-device reference run")
     p.add_argument("--workdir", default="fsdp_check_ckpt", help="checkpoints of the resume round trip (removed)")

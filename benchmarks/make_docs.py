@@ -446,7 +446,7 @@ def render_fsdp(results: dict[str, Any]) -> str:
         rows.append([
             f"`{name}` ({env['date'][:10]})",
             where,
-            f"b{a['batch']}, {a['image_size']}², {a['steps']} timed steps",
+            f"b{a['batch']}, {a['image_size']}², {a['steps']} timed steps, units: {a.get('wrap', 'none')}",
             same,
             "yes" if trip["bit_identical"] else "**no**",
             f"{d['single']['median_ms']:.2f}",
