@@ -6,7 +6,7 @@ STAMP := $(VENV)/.qatsparse-installed
 # any torch >= 2.4 works (see pyproject.toml).
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: demo test lint install clean
+.PHONY: demo test lint install clean coverage
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -25,6 +25,10 @@ lint: $(STAMP)
 
 test: $(STAMP) lint
 	$(PY) -m pytest -q -ra
+
+# The coverage matrix over torchvision, timm and transformers (hours on 2 CPU cores): results JSON + docs/COVERAGE.md.
+coverage: $(STAMP)
+	nice -n 10 env PYTHONPATH=. $(PY) benchmarks/coverage.py --fresh
 
 clean:
 	rm -rf runs lightning_logs .pytest_cache

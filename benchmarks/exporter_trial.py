@@ -100,13 +100,13 @@ def zoo(quick: bool) -> dict[str, tuple[Callable[[], nn.Module], Callable[[int],
 def _qdq_fed(graph: Any) -> tuple[int, int, int]:
     """(weighted nodes, of which with a DequantizeLinear -- through Transpose/Reshape -- on both inputs, Add nodes
     with a DequantizeLinear on an input: the residual quantizers)."""
-    producers = {o: n for n in graph.node for o in n.output}
+    from qatsparse.export.graph import OnnxGraph
+
+    og = OnnxGraph(graph)
 
     def dq(name: str) -> bool:
-        p = producers.get(name)
-        while p is not None and p.op_type in ("Transpose", "Reshape", "Identity", "Cast"):
-            p = producers.get(p.input[0])
-        return p is not None and p.op_type == "DequantizeLinear"
+        src = og.source(name, ("Transpose", "Reshape", "Identity", "Cast"))
+        return src is not None and src.op_type == "DequantizeLinear"
 
     weighted = [n for n in graph.node if n.op_type in ("Conv", "Gemm", "MatMul") and len(n.input) >= 2]
     adds = sum(any(dq(i) for i in n.input) for n in graph.node if n.op_type == "Add")

@@ -4,6 +4,8 @@
 #   bash benchmarks/run_gpu.sh train-r18 train-vit ddp1 # call B: ResNet-18, ViT-B/16; DDP strides on 1 GPU
 #   bash benchmarks/run_gpu.sh inference ddp            # inference; DDP on 2 GPUs
 #   bash benchmarks/run_gpu.sh fsdp                     # FSDP on 2 GPUs (copy fsdp.json to results/fsdp_2xh200.json)
+#   bash benchmarks/run_gpu.sh permutation              # channel permutation: search (GPU and CPU), study
+#   bash benchmarks/run_gpu.sh coverage search          # coverage matrix on the host's CPUs; permutation search
 # Results go to $OUT (or ./bench-out); copy the JSON/XML files into benchmarks/results/ and run
 # `python benchmarks/make_docs.py`. TRAIN_S / R18_S / VIT_S (seconds) bound each train section: the
 # benchmark starts no lane or round that would end later, writes its JSON after every lane and round,
@@ -36,6 +38,28 @@ for section in "$@"; do
          python3 benchmarks/ddp_check.py --devices 2 --out "$OUT/ddp.json" 2>&1 | quiet ;;
     fsdp) NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 \
           timeout 480 python3 benchmarks/fsdp_check.py --devices 2 --out "$OUT/fsdp.json" 2>&1 | quiet ;;
+    permutation)  # the study's seeds and experiments in parallel processes of 1 CPU thread, then one JSON
+         P=$OUT/permutation_parts; mkdir -p "$P"
+         python3 benchmarks/permutation_search.py --device cuda --out "$OUT/permutation_search_h200.json" > "$P/search_cuda.log" 2>&1 &
+         python3 benchmarks/permutation_search.py --device cpu --threads 2 --out "$OUT/permutation_search_cpu.json" > "$P/search_cpu.log" 2>&1 &
+         for seed in 0 1 2 3 4; do for e in oneshot recipe; do
+           CUDA_VISIBLE_DEVICES= timeout 560 python3 benchmarks/permutation_study.py run --experiments $e --seeds $seed --threads 1 \
+             --out "$P/study_${e}_$seed.json" > "$P/study_${e}_$seed.log" 2>&1 &
+         done; done
+         wait; tail -n 3 "$P"/*.log
+         python3 benchmarks/permutation_study.py merge "$P"/study_*.json --out "$OUT/permutation_study.json" \
+           --command "bash benchmarks/run_gpu.sh permutation (5 seeds x 2 experiments, one process of 1 CPU thread each)" ;;
+    search) python3 benchmarks/permutation_search.py --device cuda --out "$OUT/permutation_search_h200.json" 2>&1 | quiet &
+            python3 benchmarks/permutation_search.py --device cpu --threads 2 --out "$OUT/permutation_search_cpu.json" 2>&1 | quiet
+            wait ;;
+    coverage)  # the matrix on the host's CPUs: COV_N shards of 1 thread at once (each saves after every model), one JSON
+         P=/tmp/coverage_parts; mkdir -p "$P"; N=${COV_N:-12}
+         for k in $(seq 0 $((N - 1))); do
+           QATSPARSE_COMMIT=${QATSPARSE_COMMIT:-unknown} timeout "${COV_S:-500}" python3 benchmarks/coverage.py --fresh --shard "$k/$N" --out "$P/part_$k.json" --doc '' \
+             --timeout 400 --max-rss-gb 8 > "$P/part_$k.log" 2>&1 &
+         done
+         wait; tail -q -n 1 "$P"/part_*.log
+         python3 benchmarks/coverage.py --merge "$P"/part_*.json --out "$OUT/coverage_cpu.json" --doc '' ;;
     *) echo "unknown section $section"; exit 2 ;;
   esac
 done

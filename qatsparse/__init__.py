@@ -7,10 +7,9 @@ Example:
     ...              TensorRTExport(dirpath="export/", max_metric_drop=0.01)]
 """
 
+from qatsparse._version import __version__
 from qatsparse.callbacks import QuantizationAwareTraining, TensorRTExport, TwoFourSparsity
 from qatsparse.checkpointing import CompressedCheckpointMixin, load_from_checkpoint, restore_structure
-
-__version__ = "0.1.0"
 
 __all__ = [
     "CompressedCheckpointMixin",

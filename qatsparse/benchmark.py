@@ -109,14 +109,15 @@ def _channels_last(inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]
 
 def _ort_fn(session: Any, inputs: tuple[torch.Tensor, ...], on_cuda: bool) -> Callable[[], Any]:
     """ONNX Runtime call with inputs already where the session reads them (IO binding on CUDA)."""
+    from qatsparse.export.runners import ORT_NUMPY_DTYPES, as_ort_input
+
     specs = session.get_inputs()
-    dtypes = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64}
     if on_cuda:
         binding = session.io_binding()
         keep = []
         for spec, t in zip(specs, inputs):
-            np_dtype = dtypes.get(spec.type, np.float32)
-            t = t.to(dtype={np.float32: torch.float32, np.float16: torch.float16, np.int64: torch.int64}[np_dtype])
+            np_dtype = ORT_NUMPY_DTYPES.get(spec.type, np.float32)
+            t = t.to(dtype=torch.from_numpy(np.zeros(0, np_dtype)).dtype)
             t = t.contiguous()
             keep.append(t)
             binding.bind_input(spec.name, "cuda", t.device.index or 0, np_dtype, list(t.shape), t.data_ptr())
@@ -128,7 +129,7 @@ def _ort_fn(session: Any, inputs: tuple[torch.Tensor, ...], on_cuda: bool) -> Ca
             return keep
 
         return fn
-    feed = {s.name: t.cpu().numpy().astype(dtypes.get(s.type, np.float32)) for s, t in zip(specs, inputs)}
+    feed = {s.name: as_ort_input(t, s.type) for s, t in zip(specs, inputs)}
     return lambda: session.run(None, feed)
 
 
@@ -295,18 +296,12 @@ def _run_backend(
         return rows
 
     if backend == "onnxruntime":
-        import onnxruntime as ort
-
         from qatsparse.export.onnx import export_onnx
+        from qatsparse.export.runners import ort_session
 
         path = Path(onnx_path) if onnx_path else export_onnx(fp32, example, tmpdir / "model_fp32.onnx")
-        available = ort.get_available_providers()
-        on_cuda = cuda and "CUDAExecutionProvider" in available
-        providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if on_cuda else ["CPUExecutionProvider"]
-        opts = ort.SessionOptions()
-        if ort_threads:
-            opts.intra_op_num_threads = ort_threads
-        session = ort.InferenceSession(str(path), sess_options=opts, providers=providers)
+        session = ort_session(path, threads=ort_threads, cuda=cuda)
+        on_cuda = session.get_providers()[0] == "CUDAExecutionProvider"
         from qatsparse.pipeline import onnx_precision
 
         precision = onnx_precision(path)

@@ -23,6 +23,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from qatsparse.sparsity.record import set_pruned_record
+
 #: Top-level checkpoint key where the callbacks record what they changed in the model's structure.
 CHECKPOINT_KEY = "qatsparse"
 
@@ -63,6 +65,23 @@ def drop_load_hint(state_dict: dict[str, Any], prefix: str = "") -> dict[str, An
     return state_dict
 
 
+def restore_pruned_record(module: nn.Module, checkpoint: dict[str, Any]) -> bool:
+    """Set the 2:4 record from a checkpoint written by :class:`~qatsparse.TwoFourSparsity`; True when it did.
+
+    :func:`restore_structure` calls it, so ``LightningModule.load_from_checkpoint`` of a sparse checkpoint
+    yields a module that ``check_2to4`` checks without further arguments.
+
+    Example:
+        >>> m = nn.Linear(16, 8); restore_pruned_record(m, {"qatsparse": {"sparsity": {"pruned_layers": [""]}}})
+        True
+    """
+    state = (checkpoint.get(CHECKPOINT_KEY) or {}).get("sparsity")
+    if not state:
+        return False
+    set_pruned_record(module, state["pruned_layers"])
+    return True
+
+
 def restore_structure(module: nn.Module, checkpoint: dict[str, Any]) -> bool:
     """Insert the quantizers a checkpoint's state_dict expects; returns True when it did.
 
@@ -80,7 +99,6 @@ def restore_structure(module: nn.Module, checkpoint: dict[str, Any]) -> bool:
         True
     """
     from qatsparse.quantization import QuantConfig, is_quantized, quantize_model
-    from qatsparse.sparsity.record import restore_pruned_record
 
     if isinstance(checkpoint.get("state_dict"), dict):
         drop_load_hint(checkpoint["state_dict"])

@@ -24,7 +24,6 @@ import re
 import sys
 from argparse import ArgumentTypeError
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +34,8 @@ from torch import nn
 
 from qatsparse.lightning_compat import is_lightning_module, overrides
 from qatsparse.progress import progress_for
+from qatsparse.restore import RestoredRun
+from qatsparse.restore import restore_run as _restore_run
 from qatsparse.validation import enforce_gate
 
 #: Folder of the shipped recipes (package data; ``recipes/`` at the repository root mirrors it).
@@ -187,69 +188,21 @@ class QatsparseArgumentParser(LightningArgumentParser):
 
 
 # ---------------------------------------------------------------------------------------- commands
-@dataclass
-class RestoredRun:
-    """A model restored from a checkpoint with what the callbacks had recorded in it."""
-
-    model: nn.Module
-    reference: nn.Module | None
-    pruned_layers: list[str] = field(default_factory=list)
-    skipped_layers: dict[str, str] = field(default_factory=dict)
-    quantization: dict[str, Any] = field(default_factory=dict)
-
-
-def load_checkpoint(path: str | Path, weights_only: bool = False) -> dict[str, Any]:
-    """A Lightning checkpoint, or a plain state_dict wrapped as ``{"state_dict": ...}``."""
-    from qatsparse.checkpointing import read_checkpoint
-
-    return read_checkpoint(path, weights_only=weights_only)
-
-
 def _callback(callbacks: Sequence[Any], cls: type) -> Any:
     return next((cb for cb in callbacks if isinstance(cb, cls)), None) or cls()
 
 
-def restore_run(
-    model: nn.Module, ckpt_path: str | Path | None, callbacks: Sequence[Any] = (), weights_only: bool = False
-) -> RestoredRun:
-    """Load ``ckpt_path`` into ``model`` (inserting quantizers first for a QAT checkpoint) and read the
-    dense reference, the pruned layers and the quantization settings the callbacks saved in it.
-
-    Example:
-        >>> run = restore_run(nn.Linear(2, 2), None); run.reference is None
-        True
-    """
+def restore_run(model: nn.Module, ckpt_path: str | Path | None, callbacks: Sequence[Any] = ()) -> RestoredRun:
+    """:func:`qatsparse.restore.restore_run` with the config's callbacks (defaults where it has none)."""
     from qatsparse import QuantizationAwareTraining, TensorRTExport, TwoFourSparsity
-    from qatsparse.checkpointing import CHECKPOINT_KEY, restore_structure
-    from qatsparse.quantization import QuantConfig, quantize_model
-    from qatsparse.sparsity import MaskSet
 
-    if ckpt_path is None:
-        return RestoredRun(model, None)
-    ckpt = load_checkpoint(ckpt_path, weights_only)
-    if is_lightning_module(model):
-        model.on_load_checkpoint(ckpt)
-    restore_structure(model, ckpt)
-    model.load_state_dict(ckpt["state_dict"])
-    states = ckpt.get("callbacks") or {}
-    run = RestoredRun(model, None)
-
-    export_cb = _callback(callbacks, TensorRTExport)
-    if export_cb.state_key in states:
-        export_cb.load_state_dict(states[export_cb.state_key])
-        run.reference = export_cb.reference_model(model)
-    sparsity_state = states.get(_callback(callbacks, TwoFourSparsity).state_key) or {}
-    if sparsity_state.get("masks"):
-        masks = MaskSet.from_state_dict(sparsity_state["masks"])
-        run.pruned_layers, run.skipped_layers = list(masks.masks), dict(masks.skipped)
-    qcfg = (ckpt.get(CHECKPOINT_KEY) or {}).get("quantization")
-    if qcfg:
-        qat = _callback(callbacks, QuantizationAwareTraining)
-        qat.load_state_dict({"applied": True})
-        qat.config = QuantConfig(**qcfg)
-        qat.summary = quantize_model(model, qat.config)  # idempotent: reports what is quantized
-        run.quantization = qat.report(model)
-    return run
+    return _restore_run(
+        model,
+        ckpt_path,
+        _callback(callbacks, TensorRTExport),
+        _callback(callbacks, TwoFourSparsity),
+        _callback(callbacks, QuantizationAwareTraining),
+    )
 
 
 def _val_loader(datamodule: pl.LightningDataModule | None, model: nn.Module) -> Any:

@@ -401,6 +401,7 @@ def _validate_and_report(
     console: bool,
     progress: Progress = QUIET,
     completed: list[str] | None = None,
+    sparsity_extra: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     completed = completed if completed is not None else []
     precisions = {r.name: r.precision for r in runners}
@@ -416,7 +417,12 @@ def _validate_and_report(
     )
     completed.append("validation")
     passed, failures = gate(result, settings.max_metric_drop)
-    sparsity = {**sparsity_summary(final), "pruned_layers": list(pruned_layers), "skipped": dict(skipped_layers or {})}
+    sparsity = {
+        **sparsity_summary(final),
+        "pruned_layers": list(pruned_layers),
+        "skipped": dict(skipped_layers or {}),
+        **(sparsity_extra or {}),
+    }
     report = build_report(
         result,
         passed,
@@ -487,6 +493,7 @@ def export_and_validate(
     progress: Progress = QUIET,
     validate_command: str | None = None,
     completed: list[str] | None = None,
+    sparsity: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Write the ONNX files, the TensorRT hand-off bundle (and engine), lint, validate every backend on
     ``val_loader``, write the report.
@@ -505,6 +512,8 @@ def export_and_validate(
         validate_command: the ``qatsparse validate ... --engine`` command the bundle's README gives.
         completed: the names of the stages that completed are appended to it (``export``, ``lint``,
             ``handoff``, ``engine``, ``validation``, ``report``): after a failure it says what succeeded.
+        sparsity: more entries for the report's ``sparsity`` section (what
+            :meth:`~qatsparse.TwoFourSparsity.kept_magnitude` returns: magnitude kept, permutation).
 
     Returns:
         The report dictionary (also written as report.json/md/png). The gate is not enforced here:
@@ -557,6 +566,7 @@ def export_and_validate(
         console,
         progress,
         completed,
+        sparsity_extra=sparsity,
     )
 
 

@@ -226,7 +226,8 @@ def check_forward(module: nn.Module, batch: Any, where: str) -> tuple[Inputs, An
 def check_quantizable_patterns(module: nn.Module, exclude: Sequence[str]) -> None:
     """QAT's ``exclude`` patterns each match a layer that quantization would change."""
     from qatsparse.patterns import compile_patterns, require_matches
-    from qatsparse.quantization.layers import is_quant_layer, quant_class_for
+    from qatsparse.quantization.layers import is_quant_layer
+    from qatsparse.quantization.twins import quant_class_for
 
     names = [n for n, m in module.named_modules() if is_quant_layer(m) or quant_class_for(m)[0] is not None]
     arg = f"QuantizationAwareTraining(exclude={list(exclude)!r})"

@@ -143,6 +143,34 @@ def build_report(
     return report
 
 
+def _kept_lines(sp: dict[str, Any]) -> list[str]:
+    """Magnitude kept by 2:4, per layer with and without the channel permutation, and what it left alone."""
+    kept = sp.get("kept_magnitude") or {}
+    if not kept:
+        return []
+    o, layers = kept.get("overall") or {}, kept.get("layers") or {}
+    with_perm = o.get("permuted") is not None
+    lines = [
+        f"- magnitude kept by 2:4 (sum |w| kept / sum |w|): {_pct(o.get('permuted') if with_perm else o.get('plain'))}"
+        + (f" with channel permutation, {_pct(o.get('plain'))} without" if with_perm else " (no channel permutation)"),
+        "",
+    ]
+    lines += _md_table(
+        ["layer", "kept, plain 2:4", "kept, permuted"],
+        [[f"`{n}`", _pct(v.get("plain")), _pct(v.get("permuted"))] for n, v in layers.items()],
+    )
+    p = sp.get("permutation") or {}
+    if p.get("skipped"):
+        lines.append(f"- channel permutation not applied: {p['skipped']}")
+    for name, why in (p.get("not_permuted") or {}).items():
+        lines.append(f"- not permuted `{name}`: {why}")
+    return lines
+
+
+def _pct(v: Any) -> str:
+    return "-" if v is None else f"{100 * float(v):.2f}%"
+
+
 def _fmt(v: Any) -> str:
     if isinstance(v, float):
         return f"{v:.4g}" if abs(v) >= 1000 else f"{v:.4f}"
@@ -277,6 +305,7 @@ def to_markdown(report: dict[str, Any]) -> str:
         ]
         for name, why in (sp.get("skipped") or {}).items():
             lines.append(f"- skipped `{name}`: {why}")
+        lines += _kept_lines(sp)
         lines.append("")
     q = report.get("quantization") or {}
     if q:

@@ -183,6 +183,16 @@ def check_strategy(trainer: Any, pl_module: nn.Module) -> None:
         )
 
 
+def check_unsharded(trainer: Any, what: str, fix: str) -> None:
+    """``what`` rewrites weights, BatchNorm statistics and optimizer state in place: not under FSDP, which holds
+    them in shards (a ValueError naming ``fix``)."""
+    if isinstance(getattr(trainer, "strategy", None), FSDPStrategy):
+        raise ValueError(
+            f"{what} with FSDPStrategy: it reorders weights, BatchNorm statistics and optimizer state in place, "
+            f"which FSDP holds in shards; {fix}"
+        )
+
+
 def check_full_state_dict(trainer: Any, owner: str) -> None:
     """``owner`` (``"TensorRTExport"`` or ``"QuantizationAwareTraining"``) needs FSDP to save full state dicts:
     the export writes ``dirpath/model.ckpt`` as one file that a single process exports from, and the quantizers
@@ -235,6 +245,7 @@ __all__ = [
     "CPUFSDPStrategy",
     "check_full_state_dict",
     "check_strategy",
+    "check_unsharded",
     "clean_name",
     "fsdp_root",
     "full_weights",

@@ -17,7 +17,7 @@ import torch
 from pytorch_lightning.strategies import FSDPStrategy
 from torch import nn
 
-from qatsparse.sharding import check_full_state_dict, check_strategy
+from qatsparse.sharding import check_full_state_dict, check_strategy, check_unsharded
 from qatsparse.sparsity import compute_2to4_mask
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -118,3 +118,6 @@ def test_unsupported_settings_name_the_fix():
         with pytest.raises(ValueError, match=rf"{owner} with .*use FSDPStrategy\(state_dict_type='full'\)"):
             check_full_state_dict(sharded, owner)
     check_full_state_dict(SimpleNamespace(strategy=FSDPStrategy()), "TensorRTExport")
+    with pytest.raises(ValueError, match="use permute=False or strategy='ddp'"):
+        check_unsharded(SimpleNamespace(strategy=FSDPStrategy()), "TwoFourSparsity(permute=True)",
+                        "use permute=False or strategy='ddp'")  # fmt: skip

@@ -213,6 +213,42 @@ def test_summary_printed_at_prune_time(caplog):
     assert "C_in=4 not a multiple of 16: conv_in" in text
 
 
+def test_permute_reorders_channels_before_the_masks_and_reports_kept_magnitude(caplog):
+    import logging
+
+    pl.seed_everything(0)
+    model, sparsity = Tiny(), TwoFourSparsity(start_step=2, permute=True)
+    with caplog.at_level(logging.INFO, logger="pytorch_lightning"):
+        _trainer([sparsity], max_steps=4).fit(model)
+    assert check_2to4(model) == [] and sorted(sparsity.pruned_layers) == PRUNABLE
+    p = sparsity.permutation
+    # conv_in -> conv1, conv1 -> bn -> conv2, conv2 -> depthwise dw -> mean -> fc: three groups, all searched
+    assert p["groups_searched"] == 3 and p["not_permuted"] == {} and p["max_output_difference"] < 1e-5
+    k = sparsity.kept_magnitude()["kept_magnitude"]
+    assert set(k["layers"]) == set(PRUNABLE)
+    assert all(v["permuted"] >= v["plain"] for v in k["layers"].values())
+    assert k["overall"]["permuted"] > k["overall"]["plain"]
+    text = "\n".join(r.getMessage() for r in caplog.records)
+    assert "with channel permutation" in text and "channel permutation: " in text
+
+
+@pytest.mark.parametrize("order", ["qat_earlier", "same_step_qat_first"])
+def test_permute_after_qat_calibration_fails_at_setup(order):
+    sparsity = TwoFourSparsity(start_step=4, permute=True, verbose=False)
+    qat = QuantizationAwareTraining(calib_batches=1, start_step=2 if order == "qat_earlier" else 4, verbose=False)
+    trainer = _trainer([qat, sparsity])
+    with pytest.raises(ValueError, match=r"set QuantizationAwareTraining.start_step >= 4 .* or permute=False"):
+        trainer.fit(Tiny())
+    assert trainer.global_step == 0
+
+
+def test_permute_arguments_are_validated():
+    with pytest.raises(ValueError, match="permute must be True or False"):
+        TwoFourSparsity(permute="yes")
+    with pytest.raises(ValueError, match=r"permute_search must be a .*SearchConfig"):
+        TwoFourSparsity(permute=True, permute_search={"escapes": 2})
+
+
 def test_sparse_then_qat_model_exports_qdq_onnx_that_is_still_2to4(tmp_path):
     import onnx
 

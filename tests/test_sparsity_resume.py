@@ -29,11 +29,14 @@ class _AfterRestore(Callback):
             self.violations = check_2to4(pl_module)
 
 
-def _fit(package: str, ckpt_dir: Path, max_epochs: int, ckpt_path: Path | None = None) -> tuple:
+def _fit(
+    package: str, ckpt_dir: Path, max_epochs: int, ckpt_path: Path | None = None, permute: bool = False
+) -> tuple:
     pl, ResidualCNN, Digits = classes(package)
     pl.seed_everything(0)
     model = ResidualCNN(widths=(16, 32), lr=0.05)
-    sparsity = TwoFourSparsity(start_step=STEPS_PER_EPOCH, exclude=["fc"], verbose=False)  # at epoch 1's start
+    # pruning at epoch 1's start
+    sparsity = TwoFourSparsity(start_step=STEPS_PER_EPOCH, exclude=["fc"], verbose=False, permute=permute)
     probe = _AfterRestore()
     trainer = pl.Trainer(
         accelerator="cpu",
@@ -107,3 +110,38 @@ def test_load_from_checkpoint_gives_a_working_sparse_model(uninterrupted):
     dm.setup()
     y = next(iter(dm.val_dataloader()))[1]
     assert float((out.argmax(1) == y).float().mean()) > 0.5  # it works: far above chance (0.1)
+
+
+def _untimed(x):
+    """The permutation summary without its wall-clock seconds."""
+    if isinstance(x, dict):
+        return {k: _untimed(v) for k, v in x.items() if "seconds" not in k}
+    return [_untimed(v) for v in x] if isinstance(x, list) else x
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_permuted(tmp_path_factory):
+    d = tmp_path_factory.mktemp("full_permuted")
+    model, sparsity, _ = _fit(PACKAGES[0], d, EPOCHS, permute=True)
+    return d, model, sparsity
+
+
+@pytest.mark.parametrize("resume_epoch", [0, 1], ids=["ckpt_before_pruning", "ckpt_after_pruning"])
+def test_resume_with_permutation_is_bit_identical(uninterrupted_permuted, tmp_path, resume_epoch, monkeypatch):
+    d, full, full_sparsity = uninterrupted_permuted
+    assert full_sparsity.permutation["groups_moved"] >= 1
+    if resume_epoch == 1:  # the permuted weights are in the checkpoint: the search must not run again
+
+        def no_search(*args, **kwargs):
+            raise AssertionError("the permutation was searched again on resume")
+
+        monkeypatch.setattr("qatsparse.callbacks.sparsity.search_channel_permutations", no_search)
+    resumed, sparsity, [after_restore] = _fit(
+        PACKAGES[0], tmp_path, EPOCHS, ckpt_path=d / f"epoch={resume_epoch}.ckpt", permute=True
+    )
+    assert after_restore in ([], None)
+    assert sparsity.kept == full_sparsity.kept
+    assert _untimed(sparsity.permutation) == _untimed(full_sparsity.permutation)
+    a, b = full.state_dict(), resumed.state_dict()
+    assert [k for k in a if not torch.equal(a[k], b[k])] == []
+    assert torch.equal(_outputs(full), _outputs(resumed))

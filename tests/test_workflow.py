@@ -110,7 +110,7 @@ def staged_run(request, tmp_path_factory):
     model, dm, _ = _fit(
         request.param,
         [
-            TwoFourSparsity(start_step=250, exclude=["fc"]),
+            TwoFourSparsity(start_step=250, exclude=["fc"], permute=True),  # before QAT calibrates at 330
             QuantizationAwareTraining(precision="int8", calib_batches=4, start_step=330),
             TensorRTExport(dirpath=out, max_metric_drop=0.02),
         ],
@@ -131,6 +131,13 @@ def test_three_callbacks_together_pass_the_gate(staged_run):
     assert report["agreement"]["onnxruntime"]["output"]["top1_agreement"] >= 0.95
     assert report["sparsity"]["weights_2to4_share"] > 0.9
     assert report["quantization"]["precision"] == "int8"
+    # channel permutation before pruning: more magnitude kept, per layer and overall, in json and md
+    kept, perm = report["sparsity"]["kept_magnitude"], report["sparsity"]["permutation"]
+    assert kept["overall"]["permuted"] > kept["overall"]["plain"]
+    assert set(kept["layers"]) == set(report["sparsity"]["pruned_layers"])
+    assert all(v["permuted"] >= v["plain"] for v in kept["layers"].values())
+    assert perm["groups_moved"] >= 1 and perm["max_output_difference"] < 1e-5
+    assert "with channel permutation" in (out / "report.md").read_text()
 
 
 def test_exported_qdq_graph_is_2to4_and_quantized_everywhere(staged_run):

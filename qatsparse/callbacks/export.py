@@ -226,6 +226,7 @@ class TensorRTExport(Callback):
             progress=progress_for(trainer),
             validate_command=self.validate_command(trainer),
             completed=completed,
+            sparsity=sparsity_cb.kept_magnitude() if sparsity_cb else {},
         )
         rank_zero_info(f"qatsparse: artifacts and report in {self.settings.dirpath}")
         return report
@@ -252,12 +253,16 @@ class TensorRTExport(Callback):
             >>> cb = TensorRTExport(dirpath="runs/x")
             >>> cb.export_checkpoint(MyModel, "runs/x/model.ckpt", val_dl)  # doctest: +SKIP
         """
+        from qatsparse.callbacks.quantization import QuantizationAwareTraining
+        from qatsparse.callbacks.sparsity import TwoFourSparsity
         from qatsparse.checkpointing import load_from_checkpoint
-        from qatsparse.cli import restore_run
+        from qatsparse.restore import restore_run
 
         if isinstance(model, type):
             model = load_from_checkpoint(model, ckpt_path, map_location="cpu")
-        run = restore_run(model, ckpt_path, [self], weights_only=weights_only)
+        run = restore_run(
+            model, ckpt_path, self, TwoFourSparsity(), QuantizationAwareTraining(), weights_only=weights_only
+        )
         report = export_and_validate(
             run.model,
             run.reference,

@@ -89,7 +89,7 @@ def convert_to_fp16(
     Args:
         model: the FP32 graph (with or without Q/DQ).
         keep_fp32: module names whose nodes stay FP32 (nodes are matched by the TorchScript exporter's
-            scope names, see :func:`~qatsparse.export.onnx.module_name_of_node`).
+            scope names, see :func:`~qatsparse.export.graph.module_name_of_node`).
         keep_io_types: keep FP32 graph inputs/outputs (casts at the I/O) instead of FP16 ones.
 
     Raises:

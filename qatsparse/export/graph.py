@@ -88,19 +88,38 @@ class OnnxGraph:
             self._arrays[name] = numpy_helper.to_array(self._protos[name])
         return self._arrays[name]
 
-    def trace_constant(self, name: str, through: Iterable[str] = WEIGHT_PATH_OPS) -> ConstantTrace | None:
-        """Follow ``name`` back through ``through`` ops (first input each) to a constant; None if it isn't one."""
+    def walk_back(self, name: str, through: Iterable[str]) -> tuple[str, list[Any]]:
+        """Follow ``name`` back through ``through`` ops (first input each): the tensor where the walk stops (a
+        constant, a graph input, or the output of an op not in ``through``) and the ops passed, consumer side first.
+
+        Example:
+            >>> from onnx import TensorProto, helper
+            >>> nodes = [helper.make_node("Relu", ["x"], ["r"]), helper.make_node("Identity", ["r"], ["y"])]
+            >>> g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+            ...     [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+            >>> end, chain = OnnxGraph(helper.make_model(g)).walk_back("y", {"Identity"})
+            >>> end, [n.op_type for n in chain]
+            ('r', ['Identity'])
+        """
         allowed = set(through)
         chain: list[Any] = []
         for _ in range(_MAX_CHAIN):
-            if self.is_const(name):
-                return ConstantTrace(self, name, chain)
             node = self.producer.get(name)
-            if node is None or node.op_type not in allowed or not node.input:
-                return None
+            if self.is_const(name) or node is None or node.op_type not in allowed or not node.input:
+                break
             chain.append(node)
             name = node.input[0]
-        return None
+        return name, chain
+
+    def source(self, name: str, through: Iterable[str]) -> Any | None:
+        """The node producing ``name`` once ``through`` ops are looked through (None for a constant or an input)."""
+        end, _ = self.walk_back(name, through)
+        return self.producer.get(end)
+
+    def trace_constant(self, name: str, through: Iterable[str] = WEIGHT_PATH_OPS) -> ConstantTrace | None:
+        """Follow ``name`` back through ``through`` ops (first input each) to a constant; None if it isn't one."""
+        end, chain = self.walk_back(name, through)
+        return ConstantTrace(self, end, chain) if self.is_const(end) else None
 
 
 @dataclass
@@ -125,6 +144,23 @@ class ConstantTrace:
     @property
     def transposes(self) -> list[Any]:
         return [n for n in self.chain if n.op_type == "Transpose"]
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """The traced tensor's shape: the constant's, through the chain's Transposes.
+
+        Example:
+            >>> from onnx import helper, numpy_helper
+            >>> w = numpy_helper.from_array(np.zeros((2, 3, 4), np.float32), "w")
+            >>> g = helper.make_graph([helper.make_node("Transpose", ["w"], ["t"], perm=[2, 0, 1])], "g", [], [], [w])
+            >>> OnnxGraph(helper.make_model(g)).trace_constant("t").shape
+            (4, 2, 3)
+        """
+        shape = tuple(int(d) for d in self.array.shape)
+        for t in reversed(self.transposes):  # constant side first
+            perm = attribute(t, "perm") or list(reversed(range(len(shape))))
+            shape = tuple(shape[p] for p in perm)
+        return shape
 
     def axis_on_constant(self, axis: int) -> int:
         """Map an axis of the traced tensor (negative counts from the end) to the constant's axis."""
@@ -199,3 +235,26 @@ def weight_uses(graph: OnnxGraph) -> dict[str, WeightUse]:
             axes = (-2, -1)
         out[n.name] = WeightUse(n.name, n.op_type, n.input[1], *axes)
     return out
+
+
+def module_name_of_node(node_name: str) -> str:
+    """The module a TorchScript-exported node came from, read off its scope name.
+
+    The exporter names nodes ``/<scope>/.../<Op>``. A scope level is a child's attribute name, or,
+    for children of containers, ``<attribute>.<key>[.<key>...]`` where ``<attribute>`` is the last
+    level with that name: ``/features/features.1/block/block.0/Conv`` is ``features.1.block.0``.
+
+    Example:
+        >>> module_name_of_node("/layer2/layer2.0/downsample/downsample.0/Conv")
+        'layer2.0.downsample.0'
+    """
+    anchors: dict[str, str] = {}
+    full = ""
+    for part in [p for p in node_name.split("/") if p][:-1]:
+        head, _, rest = part.partition(".")
+        if rest and head in anchors:
+            full = f"{anchors[head]}.{rest}"
+        else:
+            full = f"{full}.{part}" if full else part
+            anchors[head] = full
+    return full

@@ -302,12 +302,6 @@ class Bundle:
         }
 
 
-def _as_input_dtype(t: torch.Tensor, onnx_type: str) -> np.ndarray:
-    from qatsparse.export.runners import OnnxRuntimeRunner
-
-    return t.detach().cpu().numpy().astype(OnnxRuntimeRunner._DTYPES.get(onnx_type, np.float32), copy=False)
-
-
 def _save_npz(path: Path, arrays: Mapping[str, np.ndarray]) -> Path:
     from qatsparse.export.onnx import atomic_path
 
@@ -370,7 +364,8 @@ def write_bundle(
     """
     import os
 
-    import qatsparse
+    from qatsparse._version import __version__
+    from qatsparse.export.runners import as_ort_input
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -378,7 +373,7 @@ def write_bundle(
     bundle = Bundle(folder, shapes=dict(shapes))
     in_specs = ort_runner.session.get_inputs()
     out_names = [o.name for o in ort_runner.session.get_outputs()]
-    feed = {s.name: _as_input_dtype(t, s.type) for s, t in zip(in_specs, inputs)}
+    feed = {s.name: as_ort_input(t, s.type) for s, t in zip(in_specs, inputs)}
     ort_out = ort_runner(tuple(torch.from_numpy(a) for a in feed.values()))
     qat_out = qat_runner(tuple(torch.from_numpy(a) for a in feed.values()))
     ort_np = {n: o.numpy() for n, o in zip(out_names, ort_out)}
@@ -392,7 +387,7 @@ def write_bundle(
     b["onnxruntime_outputs.json"] = _save_polygraphy_outputs(folder / "onnxruntime_outputs.json", ort_np, "onnxruntime")
     b["load_inputs.py"] = _write_text(folder / "load_inputs.py", LOAD_INPUTS)
 
-    made = f"Written by qatsparse {qatsparse.__version__} on {_dt.date.today().isoformat()} for {onnx_rel}."
+    made = f"Written by qatsparse {__version__} on {_dt.date.today().isoformat()} for {onnx_rel}."
     build = trtexec_args(onnx_rel, shapes, bool(sparse_layers), workspace_gb)
     for release, documented in trtexec_flags().items():
         bad = undocumented_flags([*build, "--stronglyTyped"], documented)

@@ -335,12 +335,12 @@ def _check_axis(g: _Graph, n: Any, scale: np.ndarray | None) -> list[Finding]:
             ]
         return []
     use = _weight_use(g, n)
-    const = _const_behind(g, n.input[0])
-    if use is None or const is None:
+    trace = g.trace_constant(n.input[0])
+    if use is None or trace is None:
         return []
     consumer, via = use
     expected = _expected_weight_axis(g, consumer, via)
-    shape = g.const(const).shape
+    shape = trace.shape  # of the DQ's input (the constant through any Transpose)
     if expected is None or not shape:
         return []
     rank = len(shape)
@@ -371,12 +371,6 @@ def _check_axis(g: _Graph, n: Any, scale: np.ndarray | None) -> list[Finding]:
             )
         ]
     return []
-
-
-def _const_behind(g: _Graph, name: str) -> str | None:
-    """Name of the constant behind ``name`` (through Q/Cast/Identity), or None."""
-    trace = g.trace_constant(name, through=("QuantizeLinear", "Cast", "Identity"))
-    return trace.name if trace is not None else None
 
 
 def _reaches_quant_consumer(g: _Graph, name: str, depth: int = 0) -> bool:
@@ -461,11 +455,7 @@ def _check_qdq_placement(g: _Graph, intended: set[str]) -> list[Finding]:
     for n in g.graph.node:
         if n.op_type not in WEIGHTED_OPS or len(n.input) < 2:
             continue
-        q = [
-            (g.producer.get(i) is not None and g.producer[i].op_type == "DequantizeLinear")
-            or _dq_through_transpose(g, i)
-            for i in n.input[:2]
-        ]
+        q = [_dequantized(g, i) for i in n.input[:2]]
         if any(q) and not all(q):
             which = "weight" if q[0] else "input"
             out.append(
@@ -481,11 +471,10 @@ def _check_qdq_placement(g: _Graph, intended: set[str]) -> list[Finding]:
     return out
 
 
-def _dq_through_transpose(g: _Graph, name: str) -> bool:
-    p = g.producer.get(name)
-    while p is not None and p.op_type in ("Transpose", "Identity", "Reshape"):
-        p = g.producer.get(p.input[0])
-    return p is not None and p.op_type == "DequantizeLinear"
+def _dequantized(g: _Graph, name: str) -> bool:
+    """``name`` comes from a DequantizeLinear, possibly through Transpose/Identity/Reshape."""
+    src = g.source(name, ("Transpose", "Identity", "Reshape"))
+    return src is not None and src.op_type == "DequantizeLinear"
 
 
 def _check_fp32_remainder(g: _Graph, model: Any) -> list[Finding]:

@@ -102,8 +102,7 @@ def locate_weights(
     """
     import onnx
 
-    from qatsparse.export.graph import OnnxGraph, weight_uses
-    from qatsparse.export.onnx import module_name_of_node
+    from qatsparse.export.graph import OnnxGraph, module_name_of_node, weight_uses
     from qatsparse.sparsity.weights import prunable_weights
 
     proto = onnx.load(str(onnx_model)) if isinstance(onnx_model, (str, Path)) else onnx_model

@@ -16,6 +16,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from qatsparse.export.graph import module_name_of_node
+
 DEFAULT_OPSET = 17
 #: The notice ``torch.onnx.export(dynamo=False)`` emits since PyTorch 2.9 (a regex for ``filterwarnings``).
 LEGACY_EXPORTER_NOTICE = r"You are using the legacy TorchScript-based ONNX export"
@@ -303,29 +305,6 @@ def _drop_unused_initializers(graph: Any) -> None:
     vis = [v for v in graph.value_info if v.name in used]
     del graph.value_info[:]
     graph.value_info.extend(vis)
-
-
-def module_name_of_node(node_name: str) -> str:
-    """The module a TorchScript-exported node came from, read off its scope name.
-
-    The exporter names nodes ``/<scope>/.../<Op>``. A scope level is a child's attribute name, or,
-    for children of containers, ``<attribute>.<key>[.<key>...]`` where ``<attribute>`` is the last
-    level with that name: ``/features/features.1/block/block.0/Conv`` is ``features.1.block.0``.
-
-    Example:
-        >>> module_name_of_node("/layer2/layer2.0/downsample/downsample.0/Conv")
-        'layer2.0.downsample.0'
-    """
-    anchors: dict[str, str] = {}
-    full = ""
-    for part in [p for p in node_name.split("/") if p][:-1]:
-        head, _, rest = part.partition(".")
-        if rest and head in anchors:
-            full = f"{anchors[head]}.{rest}"
-        else:
-            full = f"{full}.{part}" if full else part
-            anchors[head] = full
-    return full
 
 
 def nodes_of_modules(graph: Any, module_names: Sequence[str]) -> tuple[set[str], list[str]]:

@@ -70,6 +70,55 @@ class TorchRunner:
         return tuple(o.detach().float().cpu() for o in as_outputs(out))
 
 
+#: ONNX Runtime's input type names -> the numpy dtype to feed.
+ORT_NUMPY_DTYPES = {
+    "tensor(float)": np.float32,
+    "tensor(float16)": np.float16,
+    "tensor(int64)": np.int64,
+    "tensor(int32)": np.int32,
+    "tensor(double)": np.float64,
+    "tensor(bool)": np.bool_,
+}
+
+
+def as_ort_input(t: torch.Tensor, ort_type: str) -> np.ndarray:
+    """``t`` as the numpy array an ONNX Runtime input of type ``ort_type`` takes (float32 when unknown).
+
+    Example:
+        >>> as_ort_input(torch.ones(2, dtype=torch.float64), "tensor(float16)").dtype
+        dtype('float16')
+    """
+    return t.detach().cpu().numpy().astype(ORT_NUMPY_DTYPES.get(ort_type, np.float32), copy=False)
+
+
+def ort_session(
+    path: str | Path, providers: list[str] | None = None, threads: int | None = None, cuda: bool = True
+) -> Any:
+    """The one place qatsparse opens an ONNX Runtime session on a graph.
+
+    Args:
+        path: the ONNX file.
+        providers: execution providers in order; default CUDA first where installed (and ``cuda``), then CPU.
+        threads: intra-op threads (default: ONNX Runtime's choice).
+        cuda: consider the CUDA provider for the default providers.
+
+    Example:
+        >>> from qatsparse.export.onnx import export_onnx
+        >>> import tempfile; p = export_onnx(nn.Linear(3, 2), [torch.zeros(1, 3)], tempfile.mkdtemp() + "/m.onnx")
+        >>> ort_session(p, cuda=False).get_providers()
+        ['CPUExecutionProvider']
+    """
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    if threads:
+        opts.intra_op_num_threads = threads
+    if providers is None:
+        wanted = ("CUDAExecutionProvider", "CPUExecutionProvider") if cuda else ("CPUExecutionProvider",)
+        providers = [p for p in wanted if p in ort.get_available_providers()]
+    return ort.InferenceSession(str(path), sess_options=opts, providers=providers)
+
+
 class OnnxRuntimeRunner:
     """Runs an ONNX file with ONNX Runtime (CUDA provider first where available, else CPU).
 
@@ -83,15 +132,6 @@ class OnnxRuntimeRunner:
         torch.Size([5, 2])
     """
 
-    _DTYPES = {
-        "tensor(float)": np.float32,
-        "tensor(float16)": np.float16,
-        "tensor(int64)": np.int64,
-        "tensor(int32)": np.int32,
-        "tensor(double)": np.float64,
-        "tensor(bool)": np.bool_,
-    }
-
     def __init__(
         self,
         path: str | Path,
@@ -100,16 +140,8 @@ class OnnxRuntimeRunner:
         providers: list[str] | None = None,
         threads: int | None = None,
     ) -> None:
-        import onnxruntime as ort
-
         self.path, self.name, self.precision = Path(path), name, precision
-        opts = ort.SessionOptions()
-        if threads:
-            opts.intra_op_num_threads = threads
-        available = ort.get_available_providers()
-        if providers is None:
-            providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
-        self.session = ort.InferenceSession(str(self.path), sess_options=opts, providers=providers)
+        self.session = ort_session(self.path, providers, threads)
         self.inputs = self.session.get_inputs()
         self.input_names = [i.name for i in self.inputs]
         self.device = "cuda" if self.session.get_providers()[0] == "CUDAExecutionProvider" else "cpu"
@@ -124,8 +156,5 @@ class OnnxRuntimeRunner:
             inputs = tuple(inputs[n] for n in self.input_names)
         if len(inputs) != len(self.inputs):
             raise ValueError(f"{self.path.name} takes {len(self.inputs)} inputs, got {len(inputs)}")
-        feed = {
-            spec.name: t.detach().cpu().numpy().astype(self._DTYPES.get(spec.type, np.float32), copy=False)
-            for spec, t in zip(self.inputs, inputs)
-        }
+        feed = {spec.name: as_ort_input(t, spec.type) for spec, t in zip(self.inputs, inputs)}
         return tuple(torch.from_numpy(np.asarray(o)).float() for o in self.session.run(None, feed))

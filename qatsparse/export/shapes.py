@@ -156,9 +156,9 @@ def check_dynamic_axes(
     The other size is the example's minus one (plus one when it is 1), applied to every input axis with that
     dim name; inputs are prefixes of the example (or repeats), so token ids stay valid.
     """
-    import onnxruntime as ort
+    from qatsparse.export.runners import ort_session
 
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    session = ort_session(path, cuda=False)
     names = [i.name for i in session.get_inputs()]
     problems: dict[str, str] = {}
     dims = sorted({d for a in axes.values() for d in a.values() if d != BATCH})

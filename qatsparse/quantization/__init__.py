@@ -19,7 +19,6 @@ from qatsparse.quantization.layers import (
     QuantHFConv1D,
     QuantLayer,
     QuantLinear,
-    quant_class_for,
 )
 from qatsparse.quantization.modules import (
     QuantSummary,
@@ -36,6 +35,7 @@ from qatsparse.quantization.modules import (
 from qatsparse.quantization.placement import insert_residual_quantizers, remove_residual_quantizers
 from qatsparse.quantization.quantizer import TensorQuantizer, fake_cast_fp16
 from qatsparse.quantization.sensitivity import LayerSensitivity, format_sensitivity, sensitivity
+from qatsparse.quantization.twins import quant_class_for
 
 __all__ = [
     "CALIBRATORS",

@@ -1,25 +1,13 @@
-"""The quantized twins of the layers TensorRT runs as GEMMs/convolutions, and which twin a layer gets.
+"""The quantized twins of the layers TensorRT runs as GEMMs/convolutions.
 
 A twin is the layer's own class with fake quantizers on the inputs and weights TensorRT quantizes. It
 is made by changing the class of an existing module in place (:func:`~qatsparse.quantization.quantize_model`),
-so its parameters -- and the optimizer state and 2:4 masks that refer to them -- are untouched.
-
-| layer | twin | weight scales along |
-| --- | --- | --- |
-| ``nn.Conv2d``, ``nn.Conv1d`` | :class:`QuantConv2d`, :class:`QuantConv1d` | axis 0 |
-| ``nn.ConvTranspose2d`` (groups=1) | :class:`QuantConvTranspose2d` | axis 1 |
-| ``nn.Linear`` | :class:`QuantLinear` | axis 0 |
-| transformers ``Conv1D`` (GPT-2) | :class:`QuantHFConv1D` + the transformers class | axis 1 |
-| ``nn.MultiheadAttention`` | :class:`~qatsparse.quantization.attention.QuantMultiheadAttention` | axis 0 |
-
-A subclass of one of these that keeps the base class's ``forward`` (e.g. the ``out_proj`` of
-``nn.MultiheadAttention``, a ``NonDynamicallyQuantizableLinear``) gets a generated twin that is both
-the user's class and the quantized one; a subclass with its own ``forward`` is left alone and named
-(its forward may do anything: swapping it would silently drop that code).
+so its parameters -- and the optimizer state and 2:4 masks that refer to them -- are untouched. Which twin a
+layer gets is decided in :mod:`qatsparse.quantization.twins`.
 
 Example:
-    >>> quant_class_for(nn.Linear(4, 4))[0].__name__, quant_class_for(nn.ReLU())
-    ('QuantLinear', (None, None))
+    >>> is_quant_layer(QuantLinear(4, 4)), is_quant_layer(nn.Linear(4, 4))
+    (True, False)
 """
 
 from __future__ import annotations
@@ -201,68 +189,6 @@ class QuantHFConv1D(QuantLayer):
         if self._track_overflow:
             record_peak(self, x, out)
         return out
-
-
-def _exact_twins() -> dict[type[nn.Module], type[nn.Module]]:
-    from qatsparse.quantization.attention import QuantMultiheadAttention
-
-    return {
-        nn.Conv2d: QuantConv2d,
-        nn.Conv1d: QuantConv1d,
-        nn.ConvTranspose2d: QuantConvTranspose2d,
-        nn.Linear: QuantLinear,
-        nn.MultiheadAttention: QuantMultiheadAttention,
-    }
-
-
-#: Generated twins of subclasses (and of transformers' Conv1D), by float class.
-_GENERATED: dict[type[nn.Module], type[nn.Module]] = {}
-
-
-def _generated_twin(twin: type, base: type[nn.Module]) -> type[nn.Module]:
-    """A class that is both ``base`` (the user's layer class) and ``twin`` (its quantized forward)."""
-    if base not in _GENERATED:
-        name = f"Quant_{base.__module__.replace('.', '_')}_{base.__qualname__.replace('.', '_')}"
-        cls = type(name, (twin, base), {"_qatsparse_float": base, "__module__": __name__})
-        cls.__qualname__ = name
-        globals()[name] = cls  # so that pickle finds it (within this process)
-        _GENERATED[base] = cls
-    return _GENERATED[base]
-
-
-def _overrides_forward(cls: type, base: type) -> bool:
-    return any(
-        getattr(cls, attr, None) is not getattr(base, attr, None)
-        for attr in ("forward", "_conv_forward")
-        if hasattr(base, attr)
-    )
-
-
-def quant_class_for(module: nn.Module) -> tuple[type[nn.Module] | None, str | None]:
-    """``(twin class, None)`` for a layer that can be quantized, ``(None, reason)`` for one of a quantizable
-    type that cannot, ``(None, None)`` for anything else (and for twins already).
-    """
-    from qatsparse.sparsity.weights import is_hf_conv1d
-
-    t = type(module)
-    if isinstance(module, QuantLayer):
-        return None, None
-    if is_hf_conv1d(module):
-        hf_base = next(c for c in t.__mro__ if c.__name__ == "Conv1D" and c.__module__.startswith("transformers."))
-        if _overrides_forward(t, hf_base):
-            return None, f"subclass {t.__name__} of transformers Conv1D with its own forward (kept as it is)"
-        return _generated_twin(QuantHFConv1D, t), None
-    twins = _exact_twins()
-    for base, twin in twins.items():
-        if not isinstance(module, base):
-            continue
-        if t is not base and _overrides_forward(t, base):
-            return None, f"subclass {t.__name__} of {base.__name__} with its own forward (kept as it is)"
-        reason = twin.unsupported(module)  # type: ignore[attr-defined]
-        if reason is not None:
-            return None, reason
-        return (twin if t is base else _generated_twin(twin, t)), None
-    return None, None
 
 
 def float_class(module: nn.Module) -> type[nn.Module] | None:

@@ -15,10 +15,10 @@ from qatsparse.quantization.layers import (
     activation_quantizer,
     float_class,
     is_quant_layer,
-    quant_class_for,
 )
 from qatsparse.quantization.placement import insert_residual_quantizers, remove_residual_quantizers
 from qatsparse.quantization.quantizer import TensorQuantizer
+from qatsparse.quantization.twins import quant_class_for
 
 __all__ = ["QuantConv2d", "QuantLinear", "QuantSummary", "quantize_model"]  # the twins live in layers.py
 

@@ -34,6 +34,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from qatsparse.quantization.layers import is_quant_layer
 from qatsparse.quantization.quantizer import TensorQuantizer
 
 #: Modules that TensorRT folds into the preceding conv (transparent when looking for the conv).
@@ -70,8 +71,6 @@ def _trace(module: nn.Module) -> fx.Graph:
 
 
 def _ends_in_quant_layer(module: nn.Module) -> bool:
-    from qatsparse.quantization.layers import is_quant_layer
-
     if is_quant_layer(module):
         return not isinstance(module, nn.MultiheadAttention)  # a Conv/Linear output, not an attention tuple
     if isinstance(module, nn.Sequential):
@@ -153,8 +152,6 @@ def insert_residual_quantizers(
         >>> m = nn.Sequential(BasicBlock(8, 8)); s = quantize_model(m, QuantConfig()); list(s.residual)
         ['0.residual_quantizer']
     """
-    from qatsparse.quantization.layers import is_quant_layer
-
     placed: dict[str, str] = {}
     notes: dict[str, str] = {}
     device = next((p.device for p in model.parameters()), torch.device("cpu"))

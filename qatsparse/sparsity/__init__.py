@@ -10,7 +10,7 @@ from qatsparse.sparsity.check import (
 from qatsparse.sparsity.eligibility import Eligibility, find_prunable, shape_reason
 from qatsparse.sparsity.masks import apply_masks, compute_2to4_mask, is_2to4, worst_group
 from qatsparse.sparsity.prune import MaskSet, compute_masks, prune_2to4
-from qatsparse.sparsity.record import pruned_record, restore_pruned_record, set_pruned_record
+from qatsparse.sparsity.record import pruned_record, set_pruned_record
 from qatsparse.sparsity.summary import format_summary, sparsity_metrics
 from qatsparse.sparsity.weights import PRUNABLE_TYPES, PrunableWeight, prunable_weights, resolve_weight, weight_key
 
@@ -33,7 +33,6 @@ __all__ = [
     "pruned_layers_from_metadata",
     "pruned_record",
     "resolve_weight",
-    "restore_pruned_record",
     "set_pruned_record",
     "shape_reason",
     "sparsity_metrics",

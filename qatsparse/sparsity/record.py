@@ -1,8 +1,7 @@
-"""Which layers of a module are 2:4: recorded on the module and in checkpoints, read by check_2to4."""
+"""Which layers of a module are 2:4: recorded on the module, read by check_2to4 (the checkpoint side is
+:func:`qatsparse.checkpointing.restore_pruned_record`)."""
 
 from __future__ import annotations
-
-from typing import Any
 
 from torch import nn
 
@@ -24,22 +23,3 @@ def pruned_record(module: nn.Module) -> list[str] | None:
     """
     layers = getattr(module, PRUNED_ATTR, None)
     return list(layers) if layers is not None else None
-
-
-def restore_pruned_record(module: nn.Module, checkpoint: dict[str, Any]) -> bool:
-    """Set the record from a checkpoint written by :class:`~qatsparse.TwoFourSparsity`; True when it did.
-
-    :func:`qatsparse.restore_structure` calls it, so ``LightningModule.load_from_checkpoint`` of a
-    sparse checkpoint yields a module that ``check_2to4`` checks without further arguments.
-
-    Example:
-        >>> m = nn.Linear(16, 8); restore_pruned_record(m, {"qatsparse": {"sparsity": {"pruned_layers": [""]}}})
-        True
-    """
-    from qatsparse.checkpointing import CHECKPOINT_KEY
-
-    state = (checkpoint.get(CHECKPOINT_KEY) or {}).get("sparsity")
-    if not state:
-        return False
-    set_pruned_record(module, state["pruned_layers"])
-    return True

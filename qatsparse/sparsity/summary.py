@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import re
 from collections import defaultdict
 
 import torch
 from torch import nn
 
+from qatsparse.sparsity.magnitude import KeptMagnitude
 from qatsparse.sparsity.prune import MaskSet
 from qatsparse.sparsity.weights import prunable_weights
 
@@ -97,4 +99,82 @@ def format_summary(masks: MaskSet, model: nn.Module) -> str:
         lines.append(f"    {why}: {_names(names)}")
     if len(by_reason) > _MAX_REASONS:
         lines.append(f"    ... {len(by_reason) - _MAX_REASONS} more reasons (see TwoFourSparsity.masks.skipped)")
+    return "\n".join(lines)
+
+
+def kept_report(
+    plain: dict[str, KeptMagnitude], permuted: dict[str, KeptMagnitude]
+) -> dict[str, dict[str, float | None]]:
+    """Per layer: share of ``|w|`` kept by plain 2:4 and after the permutation (None when not permuted).
+
+    Example:
+        >>> kept_report({"fc": KeptMagnitude(6.0, 10.0)}, {"fc": KeptMagnitude(7.0, 10.0)})["fc"]
+        {'plain': 0.6, 'permuted': 0.7, 'total': 10.0}
+    """
+    return {
+        name: {
+            "plain": k.share,
+            "permuted": permuted[name].share if name in permuted else None,
+            "total": k.total,
+        }
+        for name, k in plain.items()
+    }
+
+
+def overall_kept(kept: dict[str, dict[str, float | None]]) -> dict[str, float | None]:
+    """All pruned layers together (weighted by each layer's sum of ``|w|``).
+
+    Example:
+        >>> a, b = {"plain": 0.5, "permuted": 0.6, "total": 1.0}, {"plain": 0.7, "permuted": None, "total": 3.0}
+        >>> overall_kept({"a": a, "b": b})
+        {'plain': 0.65, 'permuted': None}
+    """
+    total = sum(float(v["total"] or 0.0) for v in kept.values())
+    if total <= 0:
+        return {"plain": None, "permuted": None}
+    plain = sum(float(v["plain"] or 0.0) * float(v["total"] or 0.0) for v in kept.values()) / total
+    if any(v["permuted"] is None for v in kept.values()):
+        return {"plain": plain, "permuted": None}
+    perm = sum(float(v["permuted"]) * float(v["total"] or 0.0) for v in kept.values()) / total  # type: ignore[arg-type]
+    return {"plain": plain, "permuted": perm}
+
+
+def format_kept_magnitude(kept: dict[str, dict[str, float | None]], permutation: dict | None) -> str:
+    """Lines for the summary: magnitude kept overall and for the layers with the most weight, the
+    permutation's groups and time, and the layers it left alone grouped by reason.
+
+    Example:
+        >>> print(format_kept_magnitude({"fc": {"plain": 0.6, "permuted": None, "total": 10.0}}, None))
+          magnitude kept by 2:4 (sum |w| kept / sum |w|): 60.00% (no channel permutation)
+    """
+    o = overall_kept(kept)
+    if o["permuted"] is None:
+        return f"  magnitude kept by 2:4 (sum |w| kept / sum |w|): {o['plain']:.2%} (no channel permutation)"
+    lines = [
+        f"  magnitude kept by 2:4 (sum |w| kept / sum |w|): {o['permuted']:.2%} with channel permutation, "
+        f"{o['plain']:.2%} without (+{(o['permuted'] - o['plain']) * 100:.2f} points)"  # type: ignore[operator]
+    ]
+    biggest = sorted(kept, key=lambda n: -float(kept[n]["total"] or 0.0))
+    for name in biggest[:_MAX_NAMES]:
+        v = kept[name]
+        lines.append(f"    {name}: {v['permuted']:.2%} (plain {v['plain']:.2%})")
+    if len(biggest) > _MAX_NAMES:
+        lines.append(f"    ... {len(biggest) - _MAX_NAMES} more layers (TwoFourSparsity.kept, report.json 'sparsity')")
+    p = permutation or {}
+    if p.get("skipped"):
+        lines.append(f"  channel permutation not applied: {p['skipped']}")
+    elif p:
+        lines.append(
+            f"  channel permutation: {p.get('groups_moved', 0)} of {p.get('groups_searched', 0)} channel groups "
+            f"reordered, search {p.get('search_seconds', 0.0):.1f} s"
+        )
+    by_reason: dict[str, list[str]] = defaultdict(list)
+    for name, why in (p.get("not_permuted") or {}).items():
+        by_reason[re.sub(r"'[^']*'", "'…'", why)].append(name)
+    if by_reason:
+        lines.append(f"  not permuted ({sum(map(len, by_reason.values()))} layers):")
+    for why, names in list(by_reason.items())[:_MAX_REASONS]:
+        lines.append(f"    {why}: {_names(names)}")
+    if len(by_reason) > _MAX_REASONS:
+        lines.append(f"    ... {len(by_reason) - _MAX_REASONS} more reasons (TwoFourSparsity.permutation)")
     return "\n".join(lines)
