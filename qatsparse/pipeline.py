@@ -72,6 +72,9 @@ class ExportSettings:
     dim_ranges: dict[str, tuple[int, int, int]] = field(default_factory=dict)
     #: write the TensorRT hand-off bundle (``dirpath/tensorrt/``: build.sh, check.sh, a validation batch, outputs)
     handoff: bool = True
+    #: ONNX Runtime graph-optimization level validation uses: ``"auto"`` (the default level unless it changes
+    #: the graph's outputs, then none) or a fixed one (:mod:`qatsparse.export.ort_level`)
+    ort_graph_optimization: str = "auto"
 
 
 def plain_copy(module: nn.Module) -> nn.Module:
@@ -130,13 +133,21 @@ def onnx_precision(path: str | Path) -> str:
     return "fp16" if fp16 else "fp32"
 
 
-def _write_fp16(src: Path, dst: Path, keep_fp32: Sequence[str], notes: list[str]) -> None:
+def _write_fp16(
+    src: Path, dst: Path, keep_fp32: Sequence[str], notes: list[str], problems: list[str] | None = None
+) -> None:
     import onnx
 
     from qatsparse.export.fp16 import convert_to_fp16
 
     proto, info = convert_to_fp16(onnx.load(str(src)), keep_fp32=keep_fp32)
     save_model(proto, dst)
+    if problems is not None:
+        problems += [
+            f"{dst.name}: FP16 changed the numbers of {p} -- keep those layers in FP32 (keep_fp32=[...]) or fix "
+            "the training that produced them"
+            for p in info.problems
+        ]
     if info.kept_fp32_nodes:
         notes.append(f"{len(info.kept_fp32_nodes)} node(s) of {list(keep_fp32)} kept in FP32 in {dst.name}")
     if info.missing_modules:
@@ -193,8 +204,12 @@ def export_artifacts(
     keep_fp32: Sequence[str] = (),
     notes: list[str] | None = None,
     input_names: Sequence[str] | None = None,
+    problems: list[str] | None = None,
 ) -> dict[str, Path]:
     """Write ``model_fp32.onnx`` and the deployable ``model.onnx`` for ``final``'s precision.
+
+    ``problems`` collects what the export itself got wrong and must fail the report (or warn, per
+    ``on_fail``): FP16 constants clamped, flushed or raised in a layer's weights, normalization or Q/DQ scales.
 
     INT8 (fake-quantized) models give a Q/DQ graph -- exported at opset >= 19 and with the rest of the
     graph in FP16 when ``settings.fp16_remainder`` (Q/DQ in FP16 need opset 19); FP16 models give the
@@ -227,13 +242,13 @@ def export_artifacts(
             tmp_qdq = d / ".model_qdq_fp32.onnx"
             try:
                 export_onnx(qdq, inputs, tmp_qdq, opset=opset, **names)
-                _write_fp16(tmp_qdq, deploy, keep_fp32, notes)
+                _write_fp16(tmp_qdq, deploy, keep_fp32, notes, problems)
             finally:
                 tmp_qdq.unlink(missing_ok=True)
         else:
             export_onnx(qdq, inputs, deploy, opset=opset, **names)
     elif precision == "fp16":
-        _write_fp16(fp32_path, deploy, keep_fp32, notes)
+        _write_fp16(fp32_path, deploy, keep_fp32, notes, problems)
     else:
         with atomic_path(deploy) as tmp:
             shutil.copyfile(fp32_path, tmp)
@@ -386,6 +401,22 @@ def _lint(path: Path, settings: ExportSettings, notes: list[str]) -> list[dict[s
     return findings
 
 
+def _onnxruntime(
+    path: Path, final: nn.Module, val_loader: Any, settings: ExportSettings, notes: list[str], extra: dict[str, Any]
+) -> OnnxRuntimeRunner:
+    """The ONNX Runtime runner of ``path`` at the graph-optimization level chosen on the first validation
+    batch (:func:`~qatsparse.export.ort_level.choose_graph_optimization`); the level and why go into the
+    report (``report["onnxruntime"]`` and a note)."""
+    from qatsparse.batches import batch_inputs
+    from qatsparse.export.ort_level import choose_graph_optimization
+
+    inputs = batch_inputs(final, next(iter(val_loader)))
+    choice = choose_graph_optimization(path, inputs, settings.ort_graph_optimization, onnx_io_names(path)[1])
+    extra["onnxruntime"] = choice.to_dict()
+    notes.append(f"ONNX Runtime ran {path.name} at graph optimization level {choice.level!r}: {choice.why}")
+    return OnnxRuntimeRunner(path, "onnxruntime", onnx_precision(path), optimization=choice.level)
+
+
 def _validate_and_report(
     runners: list[Runner],
     final: nn.Module,
@@ -417,6 +448,8 @@ def _validate_and_report(
     )
     completed.append("validation")
     passed, failures = gate(result, settings.max_metric_drop)
+    export_problems = list(extra.get("export_problems") or [])
+    passed, failures = passed and not export_problems, [*failures, *export_problems]
     sparsity = {
         **sparsity_summary(final),
         "pruned_layers": list(pruned_layers),
@@ -529,14 +562,17 @@ def export_and_validate(
 
     completed = completed if completed is not None else []
     with progress.task("exporting ONNX", total=None):
-        paths = export_artifacts(final, inputs, settings, pruned_layers, keep_fp32, notes, input_names=dict_names)
+        problems: list[str] = []
+        paths = export_artifacts(
+            final, inputs, settings, pruned_layers, keep_fp32, notes, input_names=dict_names, problems=problems
+        )
         completed.append("export")
         deploy = paths["model.onnx"]
         _, output_names = onnx_io_names(deploy)
         artifacts = {k: str(v) for k, v in paths.items()}
-        extra: dict[str, Any] = {"lint": _lint(deploy, settings, notes)}
+        extra: dict[str, Any] = {"lint": _lint(deploy, settings, notes), "export_problems": problems}
         completed.append("lint")
-        runners.append(OnnxRuntimeRunner(deploy, "onnxruntime", onnx_precision(deploy)))
+        runners.append(_onnxruntime(deploy, final, val_loader, settings, notes, extra))
         bundle = _write_handoff(deploy, settings, final, val_loader, runners, pruned_layers, notes, artifacts,
                                 validate_command)  # fmt: skip
         completed.append("handoff")
@@ -618,7 +654,7 @@ def validate_artifacts(
     if onnx_path and not onnx_file.exists():
         raise FileNotFoundError(f"no ONNX file at {onnx_file}")
     if onnx_file.exists():
-        runners.append(OnnxRuntimeRunner(onnx_file, "onnxruntime", onnx_precision(onnx_file)))
+        runners.append(_onnxruntime(onnx_file, final, val_loader, settings, notes, extra))
         artifacts["model.onnx"] = str(onnx_file)
         output_names = onnx_io_names(onnx_file)[1]
         extra["lint"] = _lint(onnx_file, settings, notes)

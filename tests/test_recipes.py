@@ -19,12 +19,13 @@ RECIPES = [
     "cifar10_resnet18_int8_sparse",
     "digits_fp16",
     "digits_int8_sparse",
+    "digits_transformer_int8_sparse",
     "imagefolder_resnet18_int8_sparse",
     "two_head_int8",
 ]
 
 
-def test_the_five_recipes_are_shipped_and_mirrored_at_the_top_level():
+def test_the_six_recipes_are_shipped_and_mirrored_at_the_top_level():
     assert sorted(recipe_paths()) == RECIPES
     for name, path in recipe_paths().items():
         top = REPO / "recipes" / f"{name}.yaml"
@@ -75,6 +76,37 @@ def test_digits_fp16_smoke(tmp_path):
     types = {i.data_type for i in onnx.load(str(out / "model.onnx")).graph.initializer}
     assert onnx.TensorProto.FLOAT16 in types
     assert (out / "config.yaml").is_file()  # the resolved config is saved beside the artifacts
+
+
+def test_digits_transformer_smoke_prunes_and_quantizes_the_attention(tmp_path):
+    cfg = shortened("digits_transformer_int8_sparse", tmp_path, 30, 10, 20, model={"d_model": 32, "ffn": 64})
+    main(["fit", "--config", str(cfg)])
+    report = _report(tmp_path, "digits_transformer_int8_sparse")
+    attn = [f"encoder.layers.{i}.self_attn" for i in range(2)]
+    pruned = set(report["sparsity"]["pruned_layers"])
+    assert {f"{a}.in_proj_weight" for a in attn} | {f"{a}.out_proj" for a in attn} <= pruned
+    assert set(attn) <= set(report["quantization"]["quantized"])
+    assert report["backends"]["onnxruntime"]["precision"] == "int8+fp16"
+    assert report["onnxruntime"]["level"] in ("all", "disabled")  # the level validation used, and why
+    assert check_2to4(tmp_path / "runs" / "digits_transformer_int8_sparse" / "model.onnx") == []
+
+
+def test_transformer_recipe_numbers_in_the_docs_and_header_are_the_scripts_tables_of_the_raw_json():
+    import sys
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        import transformer_recipe
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+    docs = (REPO / "docs" / "quantization.md").read_text()
+    header = recipe_paths()["digits_transformer_int8_sparse"].read_text()
+    for name in ("digits_transformer.json", "digits_transformer_patch2.json"):
+        results = json.loads((REPO / "benchmarks" / "results" / name).read_text())
+        assert transformer_recipe.table(results) in docs, name
+    shipped = json.loads((REPO / "benchmarks" / "results" / "digits_transformer.json").read_text())
+    for row in transformer_recipe.table(shipped).splitlines()[2:5]:  # dense, int8_2to4, int8_2to4_attention_matmuls
+        assert "# " + row in header
 
 
 def test_two_head_smoke_exports_two_inputs_two_outputs_with_dynamic_batch(tmp_path):
@@ -245,6 +277,7 @@ def test_docs_list_every_callback_and_example_argument():
     recipes = (REPO / "docs" / "recipes.md").read_text()
     classes = (
         ex.ResidualCNN,
+        ex.DigitsTransformer,
         ex.ImageClassifier,
         ex.TwoHeadNet,
         ex.DigitsDataModule,

@@ -60,3 +60,43 @@ def load_checkpoint_for_setup(trainer: pl.Trainer) -> dict[str, Any] | None:
     from lightning_fabric.utilities.cloud_io import _load
 
     return _load(path, map_location="cpu", weights_only=False)
+
+
+class HealthWatch:
+    """The compression callbacks' glue to :class:`qatsparse.health.HealthMonitor`: baseline gradient norms in
+    the steps before ``event_step``, then a check of every step's gradients and loss in the window after it,
+    with a warning naming the step and the layers at the first problem."""
+
+    def __init__(self) -> None:
+        from qatsparse.health import HealthMonitor
+
+        self.monitor = HealthMonitor()
+
+    def started(self, trainer: pl.Trainer, what: str) -> None:
+        if "16" in str(trainer.precision) and "bf16" not in str(trainer.precision):
+            self.monitor.nonfinite_patience = 3  # GradScaler skips a few non-finite steps on its own
+        self.monitor.start(f"{what} at step {trainer.global_step}", trainer.global_step)
+
+    def before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, event_step: int) -> None:
+        step = trainer.global_step
+        if self.monitor.wants_baseline(step, event_step):
+            self.monitor.record_baseline(pl_module)
+        else:
+            self._warn(self.monitor.check_gradients(pl_module, step))
+
+    def after_batch(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, event_step: int) -> None:
+        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+        step = trainer.global_step - 1  # the step this batch's optimizer step was
+        if not isinstance(loss, torch.Tensor):
+            return
+        if self.monitor.wants_baseline(step, event_step):
+            self.monitor.record_loss(float(loss.detach()))
+        elif self.monitor.watching(step):
+            self._warn(self.monitor.check_loss(float(loss.detach()), pl_module, step))
+
+    @staticmethod
+    def _warn(event: Any) -> None:
+        if event is not None:
+            from pytorch_lightning.utilities import rank_zero_warn
+
+            rank_zero_warn(event.message())

@@ -79,6 +79,10 @@ class TensorRTExport(Callback):
         dim_ranges: TensorRT ``(min, opt, max)`` per dynamic dim name besides the batch, e.g.
             ``{"sequence": (1, 128, 512)}`` (without one, the profile fixes that dim at the example's size
             and the report says so; the batch uses ``batch_sizes``).
+        ort_graph_optimization: ONNX Runtime graph-optimization level of the validation: ``"auto"`` (ONNX
+            Runtime's default unless, on the first validation batch, it changes the graph's outputs -- as its
+            fused integer kernels do on some Q/DQ graphs -- then none), or ``"all"``, ``"extended"``,
+            ``"basic"``, ``"disabled"``. The level used and why are in ``report["onnxruntime"]``.
 
     Example:
         >>> cb = TensorRTExport(dirpath="export/", max_metric_drop=0.01,
@@ -103,6 +107,7 @@ class TensorRTExport(Callback):
         lint: bool = True,
         dynamic_axes: Mapping[str, Mapping[int, str]] | Literal["auto"] | None = "auto",
         dim_ranges: Mapping[str, Sequence[int]] | None = None,
+        ort_graph_optimization: Literal["auto", "all", "extended", "basic", "disabled"] = "auto",
     ) -> None:
         if on_fail not in ("raise", "warn"):
             raise ValueError(f"TensorRTExport(on_fail={on_fail!r}): on_fail must be 'raise' or 'warn'")
@@ -112,6 +117,9 @@ class TensorRTExport(Callback):
             )
         check_opset(opset)
         check_max_metric_drop(max_metric_drop)
+        from qatsparse.export.ort_level import check_level
+
+        check_level(ort_graph_optimization)
         from qatsparse.export.shapes import check_axes_spec, check_dim_ranges
 
         if dynamic_axes is not None and dynamic_axes != "auto":
@@ -131,6 +139,7 @@ class TensorRTExport(Callback):
             lint=lint,
             dynamic_axes=dynamic_axes,
             dim_ranges=check_dim_ranges(dim_ranges),
+            ort_graph_optimization=ort_graph_optimization,
         )
         if metrics is not None:  # bad metric configurations fail here, before training
             from qatsparse.validation import metric_specs

@@ -14,6 +14,7 @@ from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 
 from qatsparse.attention import fast_paths_off
 from qatsparse.callbacks._common import (
+    HealthWatch,
     forward_batch,
     load_checkpoint_for_setup,
     notify_before_compression,
@@ -159,6 +160,7 @@ class QuantizationAwareTraining(Callback):
         # loop too): off from QAT start to the end of the run, the user's setting restored at teardown.
         self._fast_paths: contextlib.ExitStack | None = None
         self._pending_amax: dict[str, torch.Tensor] | None = None  # FSDP resume: see _before_state_dict_load
+        self.health = HealthWatch()  # a loss or gradient blowing up after QAT starts is reported at once
 
     # ------------------------------------------------------------------ hooks
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -260,6 +262,14 @@ class QuantizationAwareTraining(Callback):
         if not self.applied and trainer.global_step >= self.start_step:
             self._apply(trainer, pl_module)
 
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
+        self.health.before_optimizer_step(trainer, pl_module, self.start_step)
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        self.health.after_batch(trainer, pl_module, outputs, self.start_step)
+
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.applied and self.config.precision == "fp16":
             self._check_fp16(trainer, pl_module, "training")
@@ -300,6 +310,7 @@ class QuantizationAwareTraining(Callback):
         with full_weights(trainer):
             self._quantize_and_calibrate(trainer, pl_module)
         self.applied = True
+        self.health.started(trainer, "INT8 QAT started" if self.config.precision == "int8" else "FP16 QAT started")
         log_to_loggers(trainer, {}, quantization_hparams(self.config.to_dict()))
         if self.compile:
             self._compile(pl_module)
@@ -433,7 +444,8 @@ class QuantizationAwareTraining(Callback):
 
         Keys: the config, ``applied``, ``start_step``, ``calib_batches``, ``quantized``, ``skipped``,
         ``residual_quantizers``, ``notes``, ``input_amax``/``residual_amax`` (INT8), ``keep_fp32``
-        (module names to keep in FP32 in the FP16/INT8 ONNX), ``fp16_overflow`` and ``sensitivity``.
+        (module names to keep in FP32 in the FP16/INT8 ONNX), ``fp16_overflow``, ``sensitivity`` and ``health``
+        (non-finite or exploding loss/gradients after QAT started, with the step and the layers named).
         """
         out: dict[str, Any] = {
             **self.config.to_dict(),
@@ -444,6 +456,7 @@ class QuantizationAwareTraining(Callback):
             "keep_fp32": self.keep_fp32(),
             "fp16_overflow": dict(self.fp16_overflow),
             "sensitivity": [r.to_dict() for r in self.sensitivity],
+            "health": [e.to_dict() for e in self.health.monitor.events],
         }
         if self.summary is not None:
             qs = quantizers(pl_module)
@@ -468,6 +481,7 @@ class QuantizationAwareTraining(Callback):
             "start_step": self.start_step,
             "sensitivity": [r.to_dict() for r in self.sensitivity],
             "fp16_overflow": dict(self.fp16_overflow),
+            "health": self.health.monitor.state_dict(),
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -476,3 +490,4 @@ class QuantizationAwareTraining(Callback):
             self.config = QuantConfig(**state_dict["config"])
         self.sensitivity = [LayerSensitivity(**r) for r in state_dict.get("sensitivity", [])]
         self.fp16_overflow = dict(state_dict.get("fp16_overflow", {}))
+        self.health.monitor.load_state_dict(state_dict.get("health") or {})

@@ -9,7 +9,7 @@ import torch
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 
 from qatsparse.batches import batch_inputs
-from qatsparse.callbacks._common import find_callback, notify_before_compression
+from qatsparse.callbacks._common import HealthWatch, find_callback, notify_before_compression
 from qatsparse.checkpointing import CHECKPOINT_KEY
 from qatsparse.lightning_compat import Callback
 from qatsparse.patterns import compile_patterns
@@ -116,6 +116,7 @@ class TwoFourSparsity(Callback):
         self._handles: list[Any] = []
         self._hooked: list[int] = []
         self._bound: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None
+        self.health = HealthWatch()  # a loss or gradient blowing up after pruning is reported at once
 
     @property
     def pruned(self) -> bool:
@@ -159,6 +160,14 @@ class TwoFourSparsity(Callback):
                 self._prune(trainer, pl_module, batch)
         elif self._hooked != [id(o) for o in trainer.optimizers]:  # optimizers were replaced
             self._attach(trainer, pl_module)
+
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
+        self.health.before_optimizer_step(trainer, pl_module, self.start_step)
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        self.health.after_batch(trainer, pl_module, outputs, self.start_step)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         with full_weights(trainer):
@@ -221,6 +230,7 @@ class TwoFourSparsity(Callback):
         self.masks = masks
         self.pruned_at_step = trainer.global_step
         self._attach(trainer, pl_module)
+        self.health.started(trainer, "2:4 pruning")
         if self.verbose:
             with full_weights(trainer):
                 text = self.summary(pl_module)
@@ -331,6 +341,7 @@ class TwoFourSparsity(Callback):
             "masks": self.masks.state_dict() if self.masks else None,
             "kept": self.kept,
             "permutation": self.permutation,
+            "health": self.health.monitor.state_dict(),
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -340,3 +351,4 @@ class TwoFourSparsity(Callback):
             # The permuted weights are in the checkpoint's state_dict: nothing is permuted again.
             self.kept = state_dict.get("kept") or {}
             self.permutation = state_dict.get("permutation")
+        self.health.monitor.load_state_dict(state_dict.get("health") or {})

@@ -31,6 +31,20 @@ import numpy as np
 
 FP16_MAX = float(np.finfo(np.float16).max)
 FP16_TINY = float(2.0**-24)  # smallest positive FP16 (subnormal): Q/DQ scales below it would become 0
+#: share of a constant's norm that may flush to 0 in FP16 before it counts as changed
+FLUSH_SHARE = 0.01
+#: ops whose constant inputs are a layer's numbers (weights, biases, normalization parameters, Q/DQ scales)
+_NUMERIC_USERS = frozenset(
+    {"Conv", "ConvTranspose", "Gemm", "MatMul", "BatchNormalization", "LayerNormalization", "InstanceNormalization",
+     "GroupNormalization", "QuantizeLinear", "DequantizeLinear", "PRelu"}
+)  # fmt: skip
+#: the inputs of those ops that multiply (weights, normalization scales, Q/DQ scales): a value flushed to 0
+#: there can remove a layer's output; an added one (bias, shift, mean) flushed to 0 changes a sum by less
+#: than 2**-24, below the FP16 resolution of any activation above 2**-14, so that is only noted
+_MULTIPLIES = {"Conv": {1}, "ConvTranspose": {1}, "Gemm": {0, 1}, "MatMul": {0, 1}, "PRelu": {1},
+               "BatchNormalization": {1}, "LayerNormalization": {1}, "InstanceNormalization": {1},
+               "GroupNormalization": {1}, "QuantizeLinear": {0, 1}, "DequantizeLinear": {1}}  # fmt: skip
+_PASS_ON = frozenset({"Cast", "Transpose", "Identity", "Reshape", "Unsqueeze", "Squeeze"})
 _QDQ = ("QuantizeLinear", "DequantizeLinear")
 
 
@@ -47,6 +61,12 @@ class FP16Conversion:
     kept_fp32_nodes: list[str] = field(default_factory=list)
     missing_modules: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    #: constant name -> what the conversion changed in it (clamped, flushed, scales raised)
+    changed: dict[str, str] = field(default_factory=dict)
+    #: the constants of ``changed`` whose only change is values flushed to 0
+    flushed_only: set[str] = field(default_factory=set)
+    #: the changes that alter a layer's numbers, with the module named (the export fails or warns on them)
+    problems: list[str] = field(default_factory=list)
 
 
 def _opset(model: Any) -> int:
@@ -69,16 +89,58 @@ def _param(params: Sequence[Any], i: int) -> Any | None:
 
 def _to_fp16_array(arr: np.ndarray, is_scale: bool, name: str, conv: FP16Conversion) -> np.ndarray:
     a = arr.astype(np.float32)
+    changes = []
     over = int((np.abs(a) > FP16_MAX).sum())
     if over:
-        conv.notes.append(f"{name}: {over} value(s) beyond the FP16 range clamped to +-{FP16_MAX:g}")
+        changes.append(f"{over} value(s) beyond the FP16 range clamped to +-{FP16_MAX:g}")
         a = np.clip(a, -FP16_MAX, FP16_MAX)
     if is_scale:
         small = int(((a > 0) & (a < FP16_TINY)).sum())
         if small:
-            conv.notes.append(f"{name}: {small} Q/DQ scale(s) below the smallest FP16 raised to {FP16_TINY:g}")
+            changes.append(f"{small} Q/DQ scale(s) below the smallest FP16 raised to {FP16_TINY:g}")
             a = np.where((a > 0) & (a < FP16_TINY), FP16_TINY, a)
-    return a.astype(np.float16)
+    out = a.astype(np.float16)
+    lost = (a != 0) & (out == 0)
+    norm = float(np.linalg.norm(a.astype(np.float64)))
+    if lost.any() and float(np.linalg.norm(a[lost].astype(np.float64))) >= FLUSH_SHARE * norm:
+        changes.append(
+            f"{int(lost.sum())} of {int((a != 0).sum())} nonzero value(s) flushed to 0 (below the smallest FP16)"
+        )
+        if len(changes) == 1:
+            conv.flushed_only.add(name)
+    if changes:
+        conv.changed[name] = "; ".join(changes)
+        conv.notes.append(f"{name}: {conv.changed[name]}")
+    return out
+
+
+def _harmful_changes(graph: Any, conv: FP16Conversion, renamed: dict[str, str]) -> list[str]:
+    """The constant changes that alter a layer's numbers -- a weight, bias, normalization parameter or Q/DQ
+    scale clamped, or a multiplying one flushed to 0 -- named by module; a mask or fill value (e.g.
+    ``finfo.min`` in an attention mask) clamped to the FP16 range acts the same and is only noted."""
+    from qatsparse.export.onnx import module_name_of_node
+
+    consumers: dict[str, list[tuple[Any, int]]] = {}
+    for n in graph.node:
+        for i, t in enumerate(n.input):
+            consumers.setdefault(t, []).append((n, i))
+    out = []
+    for name, what in conv.changed.items():
+        stack, users = [name, renamed.get(name, "")], []
+        while stack:
+            t = stack.pop()
+            for n, i in consumers.get(t, []):
+                if n.op_type in _PASS_ON:  # follow a weight through its dequantize/cast/transpose
+                    stack.extend(n.output)
+                else:
+                    users.append((n, i))
+        hit = [n for n, i in users if n.op_type in _NUMERIC_USERS]
+        if name in conv.flushed_only:
+            hit = [n for n, i in users if i in _MULTIPLIES.get(n.op_type, ())]
+        if hit:
+            modules = sorted({module_name_of_node(n.name) or n.name for n in hit})
+            out.append(f"{', '.join(modules)} ({hit[0].op_type} constant {name}): {what}")
+    return out
 
 
 def convert_to_fp16(
@@ -251,6 +313,7 @@ def convert_to_fp16(
     graph.node.extend(new_nodes)
     graph.initializer.extend(new_inits)
     del graph.value_info[:]
+    conv.problems = _harmful_changes(graph, conv, renamed_const)
     return model, conv
 
 

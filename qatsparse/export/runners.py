@@ -91,8 +91,17 @@ def as_ort_input(t: torch.Tensor, ort_type: str) -> np.ndarray:
     return t.detach().cpu().numpy().astype(ORT_NUMPY_DTYPES.get(ort_type, np.float32), copy=False)
 
 
+#: ONNX Runtime graph-optimization levels by the names qatsparse takes ("all" is ONNX Runtime's default)
+ORT_LEVELS = ("all", "extended", "basic", "disabled")
+
+
 def ort_session(
-    path: str | Path, providers: list[str] | None = None, threads: int | None = None, cuda: bool = True
+    path: str | Path,
+    providers: list[str] | None = None,
+    threads: int | None = None,
+    cuda: bool = True,
+    optimization: str = "all",
+    save_optimized: str | Path | None = None,
 ) -> Any:
     """The one place qatsparse opens an ONNX Runtime session on a graph.
 
@@ -101,6 +110,8 @@ def ort_session(
         providers: execution providers in order; default CUDA first where installed (and ``cuda``), then CPU.
         threads: intra-op threads (default: ONNX Runtime's choice).
         cuda: consider the CUDA provider for the default providers.
+        optimization: graph-optimization level, one of :data:`ORT_LEVELS` (see :mod:`qatsparse.export.ort_level`).
+        save_optimized: write the graph as ONNX Runtime optimized it to this path.
 
     Example:
         >>> from qatsparse.export.onnx import export_onnx
@@ -110,7 +121,19 @@ def ort_session(
     """
     import onnxruntime as ort
 
+    levels = dict(zip(ORT_LEVELS, (
+        ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+        ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+        ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+        ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+    )))  # fmt: skip
+    if optimization not in levels:
+        raise ValueError(f"optimization must be one of {list(ORT_LEVELS)}, got {optimization!r}")
     opts = ort.SessionOptions()
+    opts.graph_optimization_level = levels[optimization]
+    if save_optimized is not None:  # the graph as ONNX Runtime rewrote it (see qatsparse.export.ort_level)
+        opts.optimized_model_filepath = str(save_optimized)
+        opts.log_severity_level = 3  # its warning that the file is hardware-specific: known, not for users
     if threads:
         opts.intra_op_num_threads = threads
     if providers is None:
@@ -123,7 +146,9 @@ class OnnxRuntimeRunner:
     """Runs an ONNX file with ONNX Runtime (CUDA provider first where available, else CPU).
 
     Inputs are fed by position in the graph's input order, or by name (a dict), and cast to each input's
-    declared type.
+    declared type. ``optimization`` is the graph-optimization level (``"all"``, ONNX Runtime's default,
+    ``"extended"``, ``"basic"`` or ``"disabled"``; see :mod:`qatsparse.export.ort_level`); ``save_optimized``
+    writes the graph as ONNX Runtime optimized it.
 
     Example:
         >>> from qatsparse.export.onnx import export_onnx
@@ -139,9 +164,14 @@ class OnnxRuntimeRunner:
         precision: str = "onnx",
         providers: list[str] | None = None,
         threads: int | None = None,
+        optimization: str = "all",
+        save_optimized: str | Path | None = None,
     ) -> None:
         self.path, self.name, self.precision = Path(path), name, precision
-        self.session = ort_session(self.path, providers, threads)
+        self.optimization = optimization
+        self.session = ort_session(
+            self.path, providers, threads, optimization=optimization, save_optimized=save_optimized
+        )
         self.inputs = self.session.get_inputs()
         self.input_names = [i.name for i in self.inputs]
         self.device = "cuda" if self.session.get_providers()[0] == "CUDAExecutionProvider" else "cpu"

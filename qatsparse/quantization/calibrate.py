@@ -40,13 +40,21 @@ def calibrate(
     batches: Batches,
     forward: Callable[[Any], Any],
     unreached: Literal["raise", "keep"] = "raise",
+    batchnorm: Literal["batch", "running"] = "batch",
 ) -> int:
     """Calibrate every INT8 quantizer of ``model``: ``forward(batch)`` for each batch, then set ``amax``.
 
     All quantizers pass their input through unchanged while calibrating (as in pytorch-quantization:
-    each layer's statistics are those of the float model). Runs in eval mode (BatchNorm uses its
-    running statistics, as at deployment) and restores the previous mode, with PyTorch's attention
-    fast paths off so that every quantized layer really runs (:func:`qatsparse.attention.fast_paths_off`).
+    each layer's statistics are those of the float model). Runs in eval mode (no dropout) and restores the
+    previous mode, with PyTorch's attention fast paths off so that every quantized layer really runs
+    (:func:`qatsparse.attention.fast_paths_off`).
+
+    BatchNorm: with ``batchnorm="batch"`` (default) BatchNorm layers normalize with the statistics of each
+    calibration batch -- what the QAT training steps that follow compute -- and their running statistics
+    are restored afterwards, so calibration never changes the model. With ``"running"`` they use their
+    running statistics (what a deployed model computes), which is the same once those have settled, but
+    far off when QAT starts early: ranges calibrated on activations training never sees made the first
+    QAT steps of ResNet-50 and MNASNet non-finite (docs/quantization.md, ``benchmarks/bn_calibration.py``).
 
     A quantizer the batches never reached (its layer's ``forward`` did not run) stays uncalibrated: the
     identity. ``unreached="raise"`` then raises ``RuntimeError`` naming those quantizers;
@@ -75,6 +83,8 @@ def calibrate(
     """
     if unreached not in ("raise", "keep"):
         raise ValueError(f"unreached must be 'raise' or 'keep', got {unreached!r}")
+    if batchnorm not in ("batch", "running"):
+        raise ValueError(f"batchnorm must be 'batch' or 'running', got {batchnorm!r}")
     named = {n: q for n, q in quantizers(model).items() if q.precision == "int8"}
     qs = list(named.values())
     seen: set[int] = set()
@@ -88,6 +98,7 @@ def calibrate(
     cuda = sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
     was_training = model.training
     model.eval()
+    bn_state = _batch_statistics(model, handles) if batchnorm == "batch" else []
     try:
         with _replayable_rng(cuda) as reset_rng, fast_paths_off():
             if two_pass:
@@ -107,6 +118,9 @@ def calibrate(
             q._calibrator = None
         raise
     finally:
+        for m, state in bn_state:
+            for k, v in state.items():
+                getattr(m, k).copy_(v)
         model.train(was_training)
         for h in handles:
             h.remove()
@@ -126,6 +140,31 @@ def calibrate(
             "Exclude those layers, or let the QAT callback keep them in higher precision"
         )
     return n
+
+
+def _batch_statistics(model: nn.Module, handles: list[Any]) -> list[tuple[nn.Module, dict[str, torch.Tensor]]]:
+    """Switch every BatchNorm with running statistics to batch statistics (train mode); returns what to
+    restore: each one's running statistics. A call with one value per channel (batch of 1 after a global
+    pool), where batch statistics do not exist, uses the running ones (hooks appended to ``handles``)."""
+    out = []
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats:
+            names = [n for n in ("running_mean", "running_var", "num_batches_tracked") if getattr(m, n) is not None]
+            out.append((m, {n: getattr(m, n).detach().clone() for n in names}))
+            m.train()
+            handles.append(m.register_forward_pre_hook(_one_value_per_channel_uses_running))
+            handles.append(m.register_forward_hook(_back_to_batch_statistics))
+    return out
+
+
+def _one_value_per_channel_uses_running(m: nn.Module, args: tuple[Any, ...]) -> None:
+    x = args[0] if args else None
+    if isinstance(x, torch.Tensor) and x.dim() >= 2 and x.numel() <= x.shape[1]:
+        m.training = False
+
+
+def _back_to_batch_statistics(m: nn.Module, args: tuple[Any, ...], out: Any) -> None:
+    m.training = True
 
 
 def _optional(model: nn.Module, quantizer_name: str) -> bool:
