@@ -268,3 +268,29 @@ def test_fp16_graph_has_no_same_type_cast_and_opens_without_graph_optimizations(
     (out,) = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})
     with torch.no_grad():
         np.testing.assert_allclose(out, model(x).numpy(), rtol=0, atol=5e-3)
+
+
+class _Normalize(nn.Module):
+    """Swin V2's cosine attention in small: ``F.normalize`` of keys, some of which are all zero (padding tokens)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        k = torch.nn.functional.normalize(x * (x.abs() > 0.5), dim=-1)  # rows of zeros where |x| <= 0.5
+        return k @ k.transpose(-1, -2)
+
+
+def test_fp16_graph_keeps_normalize_finite_on_zero_vectors(tmp_path):
+    """``F.normalize``'s epsilon (1e-12) flushed to 0 in FP16 turned a zero key into 0 / 0 = NaN (torchvision
+    swin_v2_t at 64 px: cosine 0.29 against the PyTorch model); the conversion raises it to the smallest FP16."""
+    model = _Normalize().eval()
+    x = torch.tensor([[[0.9, -0.8, 0.7, 0.6], [0.1, 0.2, -0.3, 0.4], [1.0, 0.0, 0.0, -1.0]]])
+    p32 = export_onnx(model, [x], tmp_path / "m32.onnx")
+    proto, info = convert_to_fp16(onnx.load(str(p32)))
+    assert any("lower bound(s) below the smallest FP16 raised" in n for n in info.notes)
+    onnx.save(proto, str(tmp_path / "m16.onnx"))
+    for level in (ort.GraphOptimizationLevel.ORT_ENABLE_ALL, ort.GraphOptimizationLevel.ORT_DISABLE_ALL):
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = level
+        sess = ort.InferenceSession(str(tmp_path / "m16.onnx"), opts, providers=["CPUExecutionProvider"])
+        (out,) = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})
+        with torch.no_grad():
+            np.testing.assert_allclose(out, model(x).numpy(), rtol=0, atol=5e-3)

@@ -16,6 +16,8 @@ pass driven by the ONNX operator schemas:
   each output;
 * constants are converted once, at conversion time (clamped to the FP16 range, reported), so no cast
   of a weight is left for the runtime;
+* a positive ``Clip``/``Max`` lower bound below the smallest FP16 (``F.normalize``'s 1e-12) is raised to it, so
+  that it does not flush to 0 (0 / 0 = NaN on a zero vector);
 * a ``Transpose`` feeding a ``MatMul`` with a 2-D constant weight is moved below it (exact; ONNX Runtime's
   CPU optimizer crashes on that pattern in FP16, see :mod:`qatsparse.export.rewrites`).
 """
@@ -172,7 +174,7 @@ def convert_to_fp16(
     from onnx import TensorProto, helper, numpy_helper
 
     from qatsparse.export.onnx import nodes_of_modules
-    from qatsparse.export.rewrites import sink_transposes_below_matmuls
+    from qatsparse.export.rewrites import raise_underflowing_bounds, sink_transposes_below_matmuls
 
     FLOAT, HALF = TensorProto.FLOAT, TensorProto.FLOAT16
     conv = FP16Conversion()
@@ -182,6 +184,12 @@ def convert_to_fp16(
         conv.notes.append(
             f"{moved} Transpose(s) moved below their MatMul (same values; avoids an ONNX Runtime crash on FP16 "
             "Transpose->MatMul, see qatsparse.export.rewrites)"
+        )
+    raised = raise_underflowing_bounds(model)
+    if raised:
+        conv.notes.append(
+            f"{len(raised)} Clip/Max lower bound(s) below the smallest FP16 raised to it (F.normalize's 1e-12 would "
+            "flush to 0 and turn a zero vector into NaN, see qatsparse.export.rewrites)"
         )
     opset = _opset(model)
     inferred = onnx.shape_inference.infer_shapes(model)

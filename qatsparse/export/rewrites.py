@@ -1,7 +1,8 @@
 """Exact graph rewrites of exported ONNX: weights TensorRT can fuse, patterns ONNX Runtime can run.
 
 :func:`slice_dequantized_weights` gives every GEMM of a packed, partly used INT8 weight its own INT8
-initializer. :func:`sink_transposes_below_matmuls` removes a pattern on which ONNX Runtime crashes:
+initializer. :func:`raise_underflowing_bounds` keeps ``F.normalize``'s epsilon alive in FP16.
+:func:`sink_transposes_below_matmuls` removes a pattern on which ONNX Runtime crashes:
 
 **The ONNX Runtime crash on INT8+FP16 graphs** (ONNX Runtime 1.2x, CPU execution provider, default
 ``ORT_ENABLE_ALL``): a ``MatMul`` whose first input comes from a ``Transpose`` with ``perm=[1, 0, 2]``
@@ -178,3 +179,57 @@ def _live(nodes: list[Any], outputs: set[str]) -> list[Any]:
         if len(kept) == len(nodes):
             return kept
         nodes = kept
+
+
+#: the smallest positive FP16 value (a subnormal)
+_FP16_TINY = float(2.0**-24)
+
+
+def raise_underflowing_bounds(model: Any) -> list[str]:
+    """Raise each positive constant lower bound of a ``Clip`` (its ``min``) or ``Max`` that FP16 would flush to 0
+    to the smallest FP16 value, in place; returns the names of the nodes changed.
+
+    ``F.normalize`` exports as ``x / Clip(ReduceL2(x), min=1e-12)``: in FP16 the bound becomes 0 and an all-zero
+    vector gives 0 / 0 = NaN where FP32 gives 0 -- torchvision's Swin V2 normalizes the keys of the zero tokens
+    that pad a window larger than the feature map, and the NaN then spreads through the attention (cosine 0.29
+    against the PyTorch model at 64 px). The bound moves from below 6e-8 to 6e-8, which changes no value that
+    FP16 can represent.
+
+    Example:
+        >>> from onnx import TensorProto, helper, numpy_helper
+        >>> eps = numpy_helper.from_array(np.array(1e-12, np.float32), "eps")
+        >>> g = helper.make_graph([helper.make_node("Clip", ["x", "eps"], ["y"], name="clip")], "g",
+        ...     [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
+        ...     [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])], [eps])
+        >>> m = helper.make_model(g); raise_underflowing_bounds(m)
+        ['clip']
+        >>> float(numpy_helper.to_array(m.graph.initializer[-1]))
+        5.960464477539063e-08
+    """
+    from onnx import numpy_helper
+
+    graph = model.graph
+    consts = {i.name: i for i in graph.initializer}
+    for n in graph.node:
+        if n.op_type == "Constant" and n.output:
+            value = next((a.t for a in n.attribute if a.name == "value"), None)
+            if value is not None:
+                consts[n.output[0]] = value
+    changed = []
+    for n in graph.node:
+        slots = [1] if n.op_type == "Clip" else range(len(n.input)) if n.op_type == "Max" else []
+        for i in slots:
+            name = n.input[i] if i < len(n.input) else ""
+            if name not in consts:
+                continue
+            a = numpy_helper.to_array(consts[name])
+            if a.dtype != np.float32 or not ((a > 0) & (a < _FP16_TINY)).any():
+                continue
+            raised = np.where((a > 0) & (a < _FP16_TINY), np.float32(_FP16_TINY), a).astype(np.float32)
+            new = f"{name}__fp16_bound"
+            if new not in consts:
+                graph.initializer.append(numpy_helper.from_array(raised, new))
+                consts[new] = graph.initializer[-1]
+            n.input[i] = new
+            changed.append(n.name)
+    return changed
