@@ -430,6 +430,34 @@ def render_ddp(results: dict[str, Any], name: str = "ddp_2xh200.json") -> str:
     )
 
 
+def render_fsdp(results: dict[str, Any]) -> str:
+    """Every ``fsdp*.json`` of ``benchmarks/fsdp_check.py``: one row per run."""
+    runs = [(n, r) for n, r in results.items() if n.startswith("fsdp") and isinstance(r, dict) and "fsdp" in r]
+    if not runs:
+        return "No run yet (`benchmarks/run_gpu.sh fsdp` writes `fsdp.json`)."
+    rows = []
+    for name, d in runs:
+        a, env, multi, trip = d["args"], d["environment"], d["fsdp"], d["resume"]
+        n = a["devices"]
+        cpu = f"{n} CPU processes, gloo ({env.get('cpu_count', '?')} cores)"
+        where = f"{n}× {env['gpu']}" if env.get("gpu") else cpu
+        digest = multi["digests"][0]
+        same = f"yes (`{digest['masks'][:8]}…` / `{digest['amax'][:8]}…`)" if multi["identical"] else "**no**"
+        rows.append([
+            f"`{name}` ({env['date'][:10]})",
+            where,
+            f"b{a['batch']}, {a['image_size']}², {a['steps']} timed steps, units: {a.get('wrap', 'none')}",
+            same,
+            "yes" if trip["bit_identical"] else "**no**",
+            f"{d['single']['median_ms']:.2f}",
+            f"{multi['median_ms']:.2f}",
+            f"{d['weak_scaling_efficiency']:.2f}",
+        ])  # fmt: skip
+    header = ["run", "devices", "ResNet-18", "masks / amax identical on every rank (SHA-256)", "resume bit-identical",
+              "QAT step, 1 device (ms)", "QAT step, FSDP (ms)", "weak-scaling efficiency"]  # fmt: skip
+    return table(header, rows, "lllllrrr")
+
+
 def render_ddp_strides(results: dict[str, Any]) -> str:
     runs = [(n, r) for n, r in results.items() if n.startswith("ddp_strides") and isinstance(r, dict)]
     if not runs:
@@ -500,6 +528,7 @@ SECTIONS = {
     "earlier": render_earlier,
     "ddp": render_ddp,
     "ddp_strides": render_ddp_strides,
+    "fsdp": render_fsdp,
     "saved_tensors": render_saved_tensors,
     "gpu_tests": render_gpu_tests,
 }

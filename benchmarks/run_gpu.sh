@@ -3,6 +3,7 @@
 #   bash benchmarks/run_gpu.sh env train tests          # call A: paired benchmark of ResNet-50; GPU tests
 #   bash benchmarks/run_gpu.sh train-r18 train-vit ddp1 # call B: ResNet-18, ViT-B/16; DDP strides on 1 GPU
 #   bash benchmarks/run_gpu.sh inference ddp            # inference; DDP on 2 GPUs
+#   bash benchmarks/run_gpu.sh fsdp                     # FSDP on 2 GPUs (copy fsdp.json to results/fsdp_2xh200.json)
 #   bash benchmarks/run_gpu.sh permutation              # channel permutation: search (GPU and CPU), study
 #   bash benchmarks/run_gpu.sh coverage search          # coverage matrix on the host's CPUs; permutation search
 # Results go to $OUT (or ./bench-out); copy the JSON/XML files into benchmarks/results/ and run
@@ -35,6 +36,8 @@ for section in "$@"; do
     inference) python3 benchmarks/inference.py --out "$OUT/inference.json" 2>&1 | quiet ;;
     ddp) NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 \
          python3 benchmarks/ddp_check.py --devices 2 --out "$OUT/ddp.json" 2>&1 | quiet ;;
+    fsdp) NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 \
+          timeout 480 python3 benchmarks/fsdp_check.py --devices 2 --out "$OUT/fsdp.json" 2>&1 | quiet ;;
     permutation)  # the study's seeds and experiments in parallel processes of 1 CPU thread, then one JSON
          P=$OUT/permutation_parts; mkdir -p "$P"
          python3 benchmarks/permutation_search.py --device cuda --out "$OUT/permutation_search_h200.json" > "$P/search_cuda.log" 2>&1 &

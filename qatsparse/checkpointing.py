@@ -57,9 +57,10 @@ def add_load_hint(checkpoint: dict[str, Any], model_name: str) -> None:
         checkpoint["state_dict"] = hinted
 
 
-def drop_load_hint(state_dict: dict[str, Any]) -> dict[str, Any]:
-    """Remove the :func:`load_hint` entry from ``state_dict`` in place (and return it)."""
-    for key in [k for k in state_dict if isinstance(k, str) and k.startswith(HINT_PREFIX)]:
+def drop_load_hint(state_dict: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Remove the :func:`load_hint` entry (under ``prefix``, e.g. FSDP's wrapper prefix) from ``state_dict`` in
+    place (and return it)."""
+    for key in [k for k in state_dict if isinstance(k, str) and k.startswith(prefix + HINT_PREFIX)]:
         del state_dict[key]
     return state_dict
 

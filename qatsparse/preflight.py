@@ -421,9 +421,14 @@ def run_preflight(trainer: Any, pl_module: nn.Module, caller: Any = None) -> Non
     callbacks = preflight_callbacks(trainer)
     if not callbacks or (caller is not None and caller is not callbacks[0]):
         return
+    from qatsparse.sharding import check_strategy, full_weights
+
     check, data = Checks(), FitData(trainer, pl_module)
-    for cb in callbacks:
-        cb.preflight(check, trainer, pl_module, data)
+    check(check_strategy, trainer, pl_module)
+    if not check.problems:  # an unsupported strategy would make the checks below fail in confusing ways
+        with full_weights(trainer):  # FSDP: the forwards below need the full weights (every rank gathers them)
+            for cb in callbacks:
+                cb.preflight(check, trainer, pl_module, data)
     ok = trainer.strategy.reduce_boolean_decision(not check.problems, all=True)
     if ok:
         return

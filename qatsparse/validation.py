@@ -266,6 +266,11 @@ class _BackendMetrics:
             _update(m, outs[i], targets[i])
 
     def compute(self) -> dict[str, float]:
+        for _, _, m in self.items or []:
+            # The validation runs in one process (rank 0 at the end of a DDP/FSDP fit): torchmetrics must not wait
+            # for the other ranks to gather their states (they have none, and are not calling).
+            if hasattr(m, "sync_on_compute"):
+                m.sync_on_compute = m._to_sync = False
         return {s.name: float(m.compute()) for s, _, m in self.items or []}
 
 

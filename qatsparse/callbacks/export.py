@@ -32,6 +32,7 @@ from qatsparse.preflight import (
 )
 from qatsparse.progress import QUIET, Progress, progress_for
 from qatsparse.recovery import export_failed, gate_failed, save_checkpoint
+from qatsparse.sharding import check_full_state_dict, full_weights
 from qatsparse.validation import GateFailed, enforce_gate
 
 
@@ -167,10 +168,12 @@ class TensorRTExport(Callback):
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         checkpoint = save_checkpoint(trainer, self.settings.dirpath)  # the trained model is safe from here on
-        if trainer.is_global_zero:
-            self.report = self._export_or_explain(trainer, pl_module, checkpoint)
-            # LightningModule.log is not allowed in on_fit_end: the loggers' own API (logged before the gate raises)
-            log_to_loggers(trainer, report_metrics(self.report))
+        # Under FSDP rank 0 gathers the full model (on the CPU) and exports it; the other ranks wait and write nothing.
+        with full_weights(trainer, rank0_only=True):
+            if trainer.is_global_zero:
+                self.report = self._export_or_explain(trainer, pl_module, checkpoint)
+                # LightningModule.log is not allowed in on_fit_end: the loggers' own API (logged before the gate raises)
+                log_to_loggers(trainer, report_metrics(self.report))
         trainer.strategy.barrier()
         if self.report is not None:
             try:
@@ -182,6 +185,7 @@ class TensorRTExport(Callback):
     def preflight(self, check: Checks, trainer: pl.Trainer, pl_module: pl.LightningModule, data: FitData) -> None:
         """Before step 0 (see :mod:`qatsparse.preflight`): what the export, validation and gate will need."""
         check(check_engine_available, self.settings.build_engine)
+        check(check_full_state_dict, trainer, "TensorRTExport")
         for warning in check(check_validation, data, self.settings, self.on_fail) or []:
             rank_zero_warn(warning)
         check(

@@ -51,6 +51,7 @@ from qatsparse.quantization import (
 )
 from qatsparse.quantization.calibrate import unreached_layers
 from qatsparse.quantization.sensitivity import METRICS, Metric
+from qatsparse.sharding import FSDP_PREFIX, check_full_state_dict, clean_name, full_weights, module_names
 
 
 class QuantizationAwareTraining(Callback):
@@ -158,6 +159,7 @@ class QuantizationAwareTraining(Callback):
         # PyTorch's attention fast paths bypass the quantized modules in eval mode (Lightning's validation
         # loop too): off from QAT start to the end of the run, the user's setting restored at teardown.
         self._fast_paths: contextlib.ExitStack | None = None
+        self._pending_amax: dict[str, torch.Tensor] | None = None  # FSDP resume: see _before_state_dict_load
         self.health = HealthWatch()  # a loss or gradient blowing up after QAT starts is reported at once
 
     # ------------------------------------------------------------------ hooks
@@ -172,11 +174,37 @@ class QuantizationAwareTraining(Callback):
         self._load_hook = pl_module.register_load_state_dict_pre_hook(partial(self._before_state_dict_load, trainer))
 
     def _before_state_dict_load(self, trainer: pl.Trainer, module: Any, state_dict: dict, prefix: str, *_: Any) -> None:
-        if not prefix:
-            drop_load_hint(state_dict)
-        if prefix or is_quantized(module) or not any(k.endswith("_quantizer.amax") for k in state_dict):
+        # The module itself is loaded (prefix ""), or as the one module inside FSDP's root wrapper.
+        if prefix not in ("", FSDP_PREFIX):
+            return
+        drop_load_hint(state_dict, prefix)
+        if is_quantized(module) or not any(k.endswith("_quantizer.amax") for k in state_dict):
+            return
+        if prefix == FSDP_PREFIX:
+            # FSDP: inner units' weights are still shards here, so the quantizers cannot be sized yet. Their amax
+            # leaves the state_dict now (nothing else expects it) and they are rebuilt at on_train_start.
+            self._pending_amax = {
+                # torch.clone also reads a tensor Lightning's lazy checkpoint loader has not read yet
+                clean_name(k.removeprefix(prefix)).removesuffix(".amax"): torch.clone(state_dict.pop(k))
+                for k in [k for k in state_dict if k.endswith("_quantizer.amax")]
+            }
             return
         self._restore_from(load_checkpoint_for_setup(trainer), module)
+
+    def _restore_pending(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Under FSDP, after a resume: rebuild the quantizers of the recorded config on the full weights and load
+        the amax values the checkpoint held (every rank)."""
+        pending, self._pending_amax = self._pending_amax, None
+        with full_weights(trainer):
+            self.summary = quantize_model(pl_module, self.config)
+            qs = quantizers(pl_module)
+            extra = sorted(set(pending) - set(qs))
+            if extra:
+                raise RuntimeError(f"QuantizationAwareTraining: quantizers in the checkpoint, not the model: {extra}")
+            for name, amax in pending.items():
+                qs[name].load_amax(amax)
+            if self.config.precision == "fp16":
+                track_overflow(pl_module)
 
     def _restore_from(self, ckpt: dict[str, Any] | None, pl_module: pl.LightningModule) -> None:
         if ckpt is None:
@@ -193,6 +221,8 @@ class QuantizationAwareTraining(Callback):
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._remove_load_hook()  # checkpoints are restored by now; don't let deepcopies carry the hook
+        if self._pending_amax is not None:
+            self._restore_pending(trainer, pl_module)
         if self.applied:
             self._hold_fast_paths_off()
         if self.applied and self.compile:  # resumed after QAT started
@@ -244,8 +274,9 @@ class QuantizationAwareTraining(Callback):
         if self.applied and self.config.precision == "fp16":
             self._check_fp16(trainer, pl_module, "training")
         if self.applied:  # identical on every rank; sync_dist only keeps Lightning's DDP warning quiet
-            pl_module.log_dict(quantization_metrics(self.report(pl_module)), on_step=False, on_epoch=True,
-                               sync_dist=True)  # fmt: skip
+            with module_names(trainer):  # FSDP: the names the quantizers were inserted under
+                metrics = quantization_metrics(self.report(pl_module))
+            pl_module.log_dict(metrics, on_step=False, on_epoch=True, sync_dist=True)
 
     def on_save_checkpoint(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
@@ -259,6 +290,7 @@ class QuantizationAwareTraining(Callback):
         """Before step 0 (see :mod:`qatsparse.preflight`): QAT's step is reached, ``exclude`` matches layers,
         and the model takes a training batch as calibration will feed it."""
         check(check_start_step, trainer, "QuantizationAwareTraining", self.start_step, done=self.applied)
+        check(check_full_state_dict, trainer, "QuantizationAwareTraining")
         if not self.applied:
             check(check_quantizable_patterns, pl_module, self.config.exclude)
             check(self._calibration_batch, pl_module, data)
@@ -273,6 +305,20 @@ class QuantizationAwareTraining(Callback):
 
     # ------------------------------------------------------------------ work
     def _apply(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Under FSDP every rank works on the full weights: quantizers sized by the full weights, calibration
+        # forwards and per-channel weight amax on them, statistics reduced over the ranks as under DDP.
+        with full_weights(trainer):
+            self._quantize_and_calibrate(trainer, pl_module)
+        self.applied = True
+        self.health.started(trainer, "INT8 QAT started" if self.config.precision == "int8" else "FP16 QAT started")
+        log_to_loggers(trainer, {}, quantization_hparams(self.config.to_dict()))
+        if self.compile:
+            self._compile(pl_module)
+        if self.verbose:
+            with module_names(trainer):
+                rank_zero_info(self.describe(pl_module))
+
+    def _quantize_and_calibrate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         notify_before_compression(trainer, pl_module)
         self._hold_fast_paths_off()
         self.summary = quantize_model(pl_module, self.config)
@@ -308,13 +354,6 @@ class QuantizationAwareTraining(Callback):
                 self._auto_exclude(trainer, pl_module, list(batches()))
                 if self.config.precision == "fp16":
                     track_overflow(pl_module)  # requantize made fresh quantizers: keep watching them
-        self.applied = True
-        self.health.started(trainer, "INT8 QAT started" if self.config.precision == "int8" else "FP16 QAT started")
-        log_to_loggers(trainer, {}, quantization_hparams(self.config.to_dict()))
-        if self.compile:
-            self._compile(pl_module)
-        if self.verbose:
-            rank_zero_info(self.describe(pl_module))
 
     def _keep_unreached(self, pl_module: pl.LightningModule) -> None:
         """Layers whose forward the calibration batches never ran stay in higher precision, named."""
@@ -344,6 +383,10 @@ class QuantizationAwareTraining(Callback):
         rank_zero_info(format_sensitivity(rows, kept=keep))
 
     def _check_fp16(self, trainer: pl.Trainer, pl_module: pl.LightningModule, where: str) -> None:
+        with full_weights(trainer):  # FSDP: weights' peaks and requantize on the full weights (re-entrant)
+            self._check_fp16_full(pl_module, where)
+
+    def _check_fp16_full(self, pl_module: pl.LightningModule, where: str) -> None:
         flagged = overflowing_layers(pl_module)
         if not flagged:
             return

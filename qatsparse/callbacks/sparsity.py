@@ -14,6 +14,7 @@ from qatsparse.checkpointing import CHECKPOINT_KEY
 from qatsparse.lightning_compat import Callback
 from qatsparse.patterns import compile_patterns
 from qatsparse.preflight import Checks, FitData, check_int, check_start_step, run_preflight
+from qatsparse.sharding import check_unsharded, full_weights, local_masks
 from qatsparse.sparsity import MaskSet, compute_masks, find_prunable, format_summary, sparsity_metrics
 from qatsparse.sparsity.magnitude import kept_magnitude
 from qatsparse.sparsity.masks import apply_masks
@@ -48,7 +49,9 @@ class TwoFourSparsity(Callback):
     After pruning, the pruned weights are zeroed again right after every optimizer step (a post-step
     hook on each optimizer, so gradient accumulation, several optimizers, manual optimization and
     AMP-skipped steps are all covered). Masks are saved in the checkpoint and restored on resume; under
-    DDP rank 0's masks are broadcast so that every rank holds the same ones. See docs/sparsity.md.
+    DDP and FSDP rank 0's masks are broadcast so that every rank holds the same ones (under FSDP they are
+    computed on the full weights and each rank keeps its shard of them: docs/distributed.md). See
+    docs/sparsity.md.
 
     Args:
         start_step: optimizer step (``trainer.global_step``) at which to prune; 0 prunes before the
@@ -167,13 +170,17 @@ class TwoFourSparsity(Callback):
         self.health.after_batch(trainer, pl_module, outputs, self.start_step)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        metrics = sparsity_metrics(pl_module, self.pruned_layers)
+        with full_weights(trainer):
+            metrics = sparsity_metrics(pl_module, self.pruned_layers)
         # Identical on every rank (masks are broadcast); sync_dist only keeps Lightning's DDP warning quiet.
         pl_module.log_dict(metrics, on_step=False, on_epoch=True, sync_dist=True)
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.masks is not None and self.make_permanent:
-            self.masks.apply(pl_module)
+            if self._bound is not None:
+                apply_masks(*self._bound)
+            else:
+                self.masks.apply(pl_module)
             self._detach()
             self._bound = None
             self.masks = MaskSet.from_state_dict(self.masks.state_dict())  # bool, on the CPU
@@ -195,6 +202,7 @@ class TwoFourSparsity(Callback):
                 rank_zero_warn(f"TwoFourSparsity: no layer is eligible for 2:4 pruning; skipped: {elig.skipped}")
             if self.permute:
                 check(self._check_order, trainer)
+                check(check_unsharded, trainer, "TwoFourSparsity(permute=True)", "use permute=False or strategy='ddp'")
 
     def _eligible(self, pl_module: pl.LightningModule) -> Any:
         try:
@@ -204,16 +212,18 @@ class TwoFourSparsity(Callback):
 
     # ------------------------------------------------------------------ work
     def _prune(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any = None) -> None:
-        notify_before_compression(trainer, pl_module)
-        eligible = list(find_prunable(pl_module, self.include, self.exclude).eligible)
-        plain = kept_magnitude(pl_module, eligible)
-        if self.permute:
-            # Rank 0 searches, every rank applies its moves (weights, BN statistics, optimizer state),
-            # checks the outputs are unchanged, and undoes them all if any rank sees a difference.
-            self.permutation = self._permute(trainer, pl_module, batch, eligible)
-        after = kept_magnitude(pl_module, eligible) if self.permute else {}
-        self.kept = kept_report(plain, after)
-        masks = compute_masks(pl_module, self.include, self.exclude)
+        # FSDP: the reference snapshot, the magnitudes and the masks see the full weights (permute is refused there)
+        with full_weights(trainer):
+            notify_before_compression(trainer, pl_module)
+            eligible = list(find_prunable(pl_module, self.include, self.exclude).eligible)
+            plain = kept_magnitude(pl_module, eligible)
+            if self.permute:
+                # Rank 0 searches, every rank applies its moves (weights, BN statistics, optimizer state),
+                # checks the outputs are unchanged, and undoes them all if any rank sees a difference.
+                self.permutation = self._permute(trainer, pl_module, batch, eligible)
+            after = kept_magnitude(pl_module, eligible) if self.permute else {}
+            self.kept = kept_report(plain, after)
+            masks = compute_masks(pl_module, self.include, self.exclude)
         # Rank 0's masks are authoritative; broadcast before any weight is zeroed, so that a rank whose
         # weights differ (nondeterminism) still ends with exactly rank 0's zero pattern.
         masks.masks = trainer.strategy.broadcast({k: v.cpu() for k, v in masks.masks.items()}, src=0)
@@ -222,7 +232,9 @@ class TwoFourSparsity(Callback):
         self._attach(trainer, pl_module)
         self.health.started(trainer, "2:4 pruning")
         if self.verbose:
-            rank_zero_info(self.summary(pl_module))
+            with full_weights(trainer):
+                text = self.summary(pl_module)
+            rank_zero_info(text)
 
     def _permute(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, eligible: list[str]
@@ -277,7 +289,10 @@ class TwoFourSparsity(Callback):
     def _attach(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._detach()
         assert self.masks is not None
-        self._bound = self.masks.bind(pl_module)
+        with full_weights(trainer):
+            weights, full = self.masks.bind(pl_module)
+        # Under FSDP each rank zeroes its shard of every weight with its shard of the mask (every rank calls this).
+        self._bound = (weights, local_masks(trainer, weights, full))
         apply_masks(*self._bound)
         set_pruned_record(pl_module, self.pruned_layers)
 
