@@ -28,6 +28,10 @@ VOCAB = 1000
 #: Per-model settings that differ from the defaults (64 px, the builder's defaults), with the reason.
 TORCHVISION_SETTINGS: dict[str, tuple[dict[str, Any], int, str]] = {
     "inception_v3": ({"aux_logits": False}, 96, "aux_logits=False: the auxiliary head needs 299 px inputs"),
+    **{
+        name: ({}, 224, "224 px: ONNX export needs the adaptive pooling input to be a multiple of its 7x7 (6x6) output")
+        for name in ("alexnet", "vgg11", "vgg11_bn", "vgg13", "vgg13_bn", "vgg16", "vgg16_bn", "vgg19", "vgg19_bn")
+    },
     "maxvit_t": ({}, 224, "224 px: the block grid (7x7 windows) needs it"),
     "vit_b_16": ({"image_size": 32}, 32, "image_size=32 (2x2 patches)"),
     "vit_b_32": ({"image_size": 64}, 64, "image_size=64 (2x2 patches)"),

@@ -90,6 +90,8 @@ def fit(devices: int, args: argparse.Namespace, steps: int, *, timed: bool, work
         QuantizationAwareTraining(calib_batches=2, start_step=1, exclude=["fc$"], verbose=False),
         digest,
     ]
+    if getattr(args, "plain", False):  # the same run without qatsparse: what FSDP itself costs
+        callbacks = [timer]
     saving = workdir is not None and ckpt is None  # the first half of the round trip: a checkpoint after step 2
     if saving:
         callbacks.append(pl.callbacks.ModelCheckpoint(workdir, filename="{step}", every_n_train_steps=2, save_top_k=-1))
@@ -125,7 +127,7 @@ def fit(devices: int, args: argparse.Namespace, steps: int, *, timed: bool, work
     y = torch.randint(0, 1000, (args.batch,), generator=g).to(device)
     loader = DataLoader(FixedBatches(x, y, steps + 4), batch_size=None)
     trainer.fit(model, train_dataloaders=loader, ckpt_path=ckpt)
-    digests = gather(digest.digest)
+    digests = gather(digest.digest) if digest in callbacks else []
     out = {"devices": devices, "steps": steps, "digests": digests, "identical": all(d == digests[0] for d in digests)}
     if timed:
         out["median_ms"] = statistics.median(timer.times)
@@ -138,7 +140,11 @@ def round_trip(devices: int, args: argparse.Namespace) -> dict:
     straight = fit(devices, args, 4, timed=False, workdir=workdir)
     resumed = fit(devices, args, 4, timed=False, workdir=workdir, ckpt=workdir / "step=2.ckpt")
     same = [a == b for a, b in zip(straight["digests"], resumed["digests"])]
-    return {"straight": straight, "resumed": resumed, "bit_identical": all(same) and straight["identical"]}
+    # control: the same 4 steps again without a checkpoint; if these differ too, the device is not deterministic
+    again = fit(devices, args, 4, timed=False)
+    repeatable = [a == b for a, b in zip(straight["digests"], again["digests"])]
+    return {"straight": straight, "resumed": resumed, "again": again, "repeatable": all(repeatable),
+            "bit_identical": all(same) and straight["identical"]}  # fmt: skip
 
 
 def main() -> None:
@@ -154,6 +160,7 @@ def main() -> None:
     p.add_argument("--single", action="store_true", help="internal: the 1-device reference run")
     p.add_argument("--workdir", default="fsdp_check_ckpt", help="checkpoints of the resume round trip (removed)")
     p.add_argument("--out", default=None)
+    p.add_argument("--plain", action="store_true", help="no qatsparse callbacks (timing baseline)")
     a = p.parse_args()
     if a.quick:
         a.batch, a.image_size, a.warmup, a.steps = 4, 32, 1, 3
@@ -163,15 +170,19 @@ def main() -> None:
     if a.accelerator == "cpu":
         torch.set_num_threads(1)
     multi = fit(a.devices, a, a.warmup + a.steps, timed=True)
-    trip = round_trip(a.devices, a)
+    trip = round_trip(a.devices, a) if not a.plain else {"bit_identical": True, "skipped": "plain timing run"}
     if dist.is_initialized() and dist.get_rank() != 0:
         return
     shutil.rmtree(a.workdir, ignore_errors=True)
     argv = [sys.executable, __file__, "--single", "--accelerator", a.accelerator, "--batch", str(a.batch),
-            "--image-size", str(a.image_size), "--warmup", str(a.warmup), "--steps", str(a.steps)]  # fmt: skip
+            "--image-size", str(a.image_size), "--warmup", str(a.warmup), "--steps", str(a.steps),
+            *(["--plain"] if a.plain else [])]  # fmt: skip
     drop = ("LOCAL_RANK", "RANK", "WORLD_SIZE", "MASTER_PORT", "MASTER_ADDR", "NODE_RANK")
-    env = {k: v for k, v in os.environ.items() if k not in drop}
-    out = subprocess.run(argv, capture_output=True, text=True, env=env, check=True).stdout
+    env = {k: v for k, v in os.environ.items() if k not in drop and not k.startswith(("PL_", "TORCHELASTIC"))}
+    proc = subprocess.run(argv, capture_output=True, text=True, env=env)
+    if proc.returncode:
+        raise SystemExit(f"the 1-device reference run failed:\n{proc.stderr[-3000:]}")
+    out = proc.stdout
     single = json.loads(out.strip().splitlines()[-1])
     result = {
         "environment": environment(),

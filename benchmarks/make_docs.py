@@ -441,21 +441,29 @@ def render_fsdp(results: dict[str, Any]) -> str:
         n = a["devices"]
         cpu = f"{n} CPU processes, gloo ({env.get('cpu_count', '?')} cores)"
         where = f"{n}× {env['gpu']}" if env.get("gpu") else cpu
-        digest = multi["digests"][0]
-        same = f"yes (`{digest['masks'][:8]}…` / `{digest['amax'][:8]}…`)" if multi["identical"] else "**no**"
+        plain = bool(a.get("plain"))
+        if plain:
+            same = resumed = "— (no qatsparse callbacks)"
+        else:
+            digest = multi["digests"][0]
+            same = f"yes (`{digest['masks'][:8]}…` / `{digest['amax'][:8]}…`)" if multi["identical"] else "**no**"
+            resumed = "yes" if trip["bit_identical"] else "**no**"
+            if "repeatable" in trip:  # the control: the same steps twice without a checkpoint
+                resumed += f" (the same run twice: {'identical' if trip['repeatable'] else 'different'})"
         rows.append([
             f"`{name}` ({env['date'][:10]})",
             where,
             f"b{a['batch']}, {a['image_size']}², {a['steps']} timed steps, units: {a.get('wrap', 'none')}",
+            ("FP32" if not env.get("gpu") else "AMP") + (" only (FSDP baseline)" if plain else " + 2:4 + INT8 QAT"),
             same,
-            "yes" if trip["bit_identical"] else "**no**",
+            resumed,
             f"{d['single']['median_ms']:.2f}",
             f"{multi['median_ms']:.2f}",
             f"{d['weak_scaling_efficiency']:.2f}",
         ])  # fmt: skip
-    header = ["run", "devices", "ResNet-18", "masks / amax identical on every rank (SHA-256)", "resume bit-identical",
-              "QAT step, 1 device (ms)", "QAT step, FSDP (ms)", "weak-scaling efficiency"]  # fmt: skip
-    return table(header, rows, "lllllrrr")
+    header = ["run", "devices", "ResNet-18", "step", "masks / amax identical on every rank (SHA-256)",
+              "resume bit-identical", "step, 1 device (ms)", "step, FSDP (ms)", "weak-scaling efficiency"]  # fmt: skip
+    return table(header, rows, "llllllrrr")
 
 
 def render_ddp_strides(results: dict[str, Any]) -> str:

@@ -7,6 +7,7 @@ The export callback and the ``qatsparse export``/``validate`` commands call :fun
 from __future__ import annotations
 
 import copy
+import json
 import shutil
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -19,10 +20,12 @@ from torch import nn
 from qatsparse.batches import Inputs, example_inputs, input_tensors
 from qatsparse.batches import input_names as keyword_names
 from qatsparse.export.onnx import (
+    ABSENT_METADATA_KEY,
     FP16_QDQ_OPSET,
     atomic_path,
     default_input_names,
     export_onnx,
+    get_metadata,
     record_pruned_layers,
     save_model,
 )
@@ -254,8 +257,15 @@ def export_artifacts(
             shutil.copyfile(fp32_path, tmp)
         notes.append("no quantization callback ran: model.onnx is the FP32 graph")
     if pruned_layers:
-        record_pruned_layers(fp32_path, list(pruned_layers), model=fp32)
-        record_pruned_layers(deploy, list(pruned_layers), model=final)
+        record_pruned_layers(fp32_path, list(pruned_layers), model=fp32, inputs=inputs)
+        record_pruned_layers(deploy, list(pruned_layers), model=final, inputs=inputs)
+        absent = json.loads(get_metadata(deploy).get(ABSENT_METADATA_KEY, "{}"))
+        if absent:
+            notes.append(
+                f"{len(absent)} pruned layer(s) have no node in {deploy.name} (TensorRT never runs them): "
+                + "; ".join(f"{k}: {why}" for k, why in list(absent.items())[:8])
+                + ("; ..." if len(absent) > 8 else "")
+            )
     return {"model_fp32.onnx": fp32_path, "model.onnx": deploy}
 
 

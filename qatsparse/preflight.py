@@ -268,9 +268,13 @@ def check_validation(data: FitData, settings: Any, on_fail: str) -> list[str]:
             "`trainer.fit(model, train_dataloaders, val_dataloaders)`, or use a LightningDataModule or "
             "LightningModule with a `val_dataloader()` (the validation loop itself may be off)"
         )
+    from qatsparse.export.pooling import adaptive_pool_problems
+
     module = data.module
     batch = data.val_batch()
-    inputs, out = check_forward(module, batch, "TensorRTExport (validation batches)")
+    with adaptive_pool_problems(module) as pooling:
+        inputs, out = check_forward(module, batch, "TensorRTExport (validation batches)")
+    source = "the first validation batch"
     example = getattr(module, "example_input_array", None)
     if example is not None:
         where = f"TensorRTExport (the export example, {type(module).__name__}.example_input_array)"
@@ -280,12 +284,19 @@ def check_validation(data: FitData, settings: Any, on_fail: str) -> list[str]:
             ex_inputs = example_inputs(module)
         except TypeError as e:
             raise TypeError(f"{where}: {e}") from None
-        ex_out = run_forward(module, inputs_to(ex_inputs, data.device), where)
+        with adaptive_pool_problems(module) as pooling:
+            ex_out = run_forward(module, inputs_to(ex_inputs, data.device), where)
         if len(as_outputs(ex_out)) != len(as_outputs(out)):
             raise ValueError(
                 f"{where}: gives {len(as_outputs(ex_out))} outputs, a validation batch {len(as_outputs(out))}"
             )
-        inputs = ex_inputs
+        inputs, source = ex_inputs, f"{type(module).__name__}.example_input_array"
+    if pooling:
+        raise ValueError(
+            f"TensorRTExport: the model cannot be exported to ONNX at the size of its export input ({source}, "
+            f"{describe(inputs)}): {'; '.join(pooling)}. Export (and validate) at a size that gives such a multiple "
+            "-- torchvision VGG and AlexNet need 224x224 images -- or pool with a fixed kernel"
+        )
     outs = as_outputs(out)
     keys = input_names(inputs)
     n_in = len(input_tensors(inputs))

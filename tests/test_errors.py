@@ -58,6 +58,17 @@ class BadExample(Tiny):
         self.example_input_array = torch.zeros(1, 8)  # the model takes 16 features
 
 
+class OddPool(Tiny):
+    """Pools a 4x4 map to 3x3 (VGG's AdaptiveAvgPool2d((7, 7)) on small images): the ONNX exporter refuses."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pool, self.fc = nn.AdaptiveAvgPool2d((3, 3)), nn.Linear(9, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.pool(self.body(x).reshape(-1, 1, 4, 4)).flatten(1))
+
+
 class Records(Dataset):
     """Dict samples ``{"image": ..., "label": ...}``."""
 
@@ -198,6 +209,8 @@ CASES = [
          export(keep_fp32=["head"])),
     Case("example_input_array", "TensorRTExport (the export example, BadExample.example_input_array): BadExample "
          "cannot take the inputs", export(), model=BadExample),
+    Case("adaptive pooling the exporter refuses", "TensorRTExport: the model cannot be exported to ONNX at the size of "
+         "its export input", export(), model=OddPool),
     Case("build_engine=True without TensorRT", "TensorRTExport(build_engine=True): `import tensorrt` fails",
          export(build_engine=True), skip="TensorRT is importable here" if tensorrt_available() else None),
 ]  # fmt: skip

@@ -232,3 +232,39 @@ def test_tracer_warnings_reach_the_user_and_only_the_exporters_own_notices_are_s
     kinds = [(w.category.__name__, str(w.message)) for w in caught]
     assert any(k == "TracerWarning" and "Converting a tensor to a Python boolean" in m for k, m in kinds), kinds
     assert not [k for k in kinds if k[0] == "DeprecationWarning"], kinds  # the legacy exporter's notices only
+
+
+class _Sdpa(nn.Module):
+    """timm's attention in small: the exporter's decomposition of ``F.scaled_dot_product_attention`` computes its
+    scale as ``Cast(to=float)`` of ``1 / sqrt(head_dim)``, a cast to the type the value already has."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.qkv = nn.Linear(16, 48)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.qkv(x).reshape(x.shape[0], x.shape[1], 3, 2, 8).permute(2, 0, 3, 1, 4)
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v).flatten(1)
+
+
+def test_fp16_graph_has_no_same_type_cast_and_opens_without_graph_optimizations(tmp_path):
+    """ONNX Runtime 1.30 refused FP16 graphs with a Cast from FP16 to FP16 when its graph optimizations were off
+    ("Type (tensor(float)) of output arg (InsertedPrecisionFreeCast_...)"): the conversion makes them Identity."""
+    torch.manual_seed(0)
+    model, x = _Sdpa().eval(), torch.randn(2, 5, 16)
+    p32 = export_onnx(model, [x], tmp_path / "m32.onnx")
+    assert any(n.op_type == "Cast" for n in onnx.load(str(p32)).graph.node)  # the exporter's scale casts
+    proto, _ = convert_to_fp16(onnx.load(str(p32)))
+    proto = onnx.shape_inference.infer_shapes(proto, check_type=True, strict_mode=True)
+    g = proto.graph
+    types = {v.name: v.type.tensor_type.elem_type for v in [*g.value_info, *g.input, *g.output]}
+    types.update({i.name: i.data_type for i in g.initializer})
+    same = [n.name for n in g.node if n.op_type == "Cast" and types.get(n.input[0]) == n.attribute[0].i]
+    assert not same
+    onnx.save(proto, str(tmp_path / "m16.onnx"))
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    sess = ort.InferenceSession(str(tmp_path / "m16.onnx"), opts, providers=["CPUExecutionProvider"])
+    (out,) = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})
+    with torch.no_grad():
+        np.testing.assert_allclose(out, model(x).numpy(), rtol=0, atol=5e-3)

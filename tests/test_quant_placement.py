@@ -87,6 +87,15 @@ class TrainingDependent(nn.Module):
         return y + x if self.training else y + 2 * x
 
 
+class OptionalShortcut(CustomAdd):
+    """timm DLA's block: ``shortcut=None`` means "x" (torch.fx would trace it as always given)."""
+
+    def forward(self, x: torch.Tensor, shortcut: torch.Tensor | None = None) -> torch.Tensor:
+        if shortcut is None:
+            shortcut = x
+        return self.bn(self.conv(x)) + shortcut
+
+
 class Mixed(nn.Module):
     def __init__(self) -> None:
         super().__init__()
@@ -94,9 +103,11 @@ class Mixed(nn.Module):
         self.noconv = NoConvAdd()
         self.datadep = DataDependent()
         self.traindep = TrainingDependent()
+        self.optional = OptionalShortcut()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.traindep(self.datadep(self.noconv(self.custom(x))))
+        x = self.traindep(self.datadep(self.noconv(self.custom(x))))
+        return self.optional(x) + self.optional(x, x * 2)
 
 
 def _quantized(model: nn.Module, shape: tuple[int, ...], **cfg) -> nn.Module:
@@ -193,6 +204,12 @@ def test_generic_adds_found_and_limits_reported():
     assert "(mul)" in s.residual["custom.residual_quantizer"]  # `skip = x * 2`, not the conv branch
     assert "could not trace" in s.notes["datadep"]
     assert "self.training" in s.notes["traindep"]
+    assert "optional argument(s) ['shortcut']" in s.notes["optional"]
+    model = Mixed().eval()
+    quantize_model(model, QuantConfig())
+    x = torch.randn(2, 4, 8, 8)
+    calibrate(model, [x], model)
+    assert torch.isfinite(model(x)).all()  # the block runs with and without its optional argument
     assert "noconv" not in s.notes  # no quantized layer: nothing to search for
 
 

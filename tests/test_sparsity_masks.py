@@ -312,3 +312,22 @@ def test_onnx_default_checks_only_recorded_layers(tmp_path):
         check_2to4(build("none.onnx", None))
     with pytest.raises(FileNotFoundError):
         check_2to4(tmp_path / "missing.onnx")
+
+
+def test_layers_that_transform_their_weight_are_skipped_with_the_reason():
+    """timm's weight-standardised convs (ResNetV2-BiT, NF-Nets) compute with ``(W - mean) / std``: pruned zeros would
+    not reach the graph, so they are named, not pruned; a subclass that only pads (Conv2dSame) is pruned."""
+    layers = pytest.importorskip("timm.layers")
+    model = nn.Sequential(
+        layers.StdConv2d(16, 16, 3),
+        layers.ScaledStdConv2d(16, 16, 3),
+        layers.Conv2dSame(16, 16, 3),
+        nn.Conv2d(16, 16, 1),
+    )
+    torch.nn.init.zeros_(model[1].gain)  # NF-Nets start a block's last conv at gain 0: a constant output
+    state = torch.random.get_rng_state()
+    e = find_prunable(model)
+    assert torch.equal(state, torch.random.get_rng_state())  # the check draws from its own generator
+    assert sorted(e.eligible) == ["2", "3"]
+    assert "StdConv2d computes with a transform of its weight" in e.skipped["0"]
+    assert "ScaledStdConv2d computes with a transform" in e.skipped["1"]

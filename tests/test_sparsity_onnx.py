@@ -3,6 +3,7 @@ in the exported ONNX; mobilenet's depthwise convs are skipped with their reason.
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import numpy as np
@@ -93,3 +94,45 @@ def test_torchvision_models_are_2to4_in_pytorch_and_onnx(tmp_path, arch):
     with torch.no_grad():
         want = model.eval()(x).numpy()
     np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-4)
+
+
+class _AuxAndBias(nn.Module):
+    """googlenet's auxiliary head (run in training only) and Swin V2's position-bias MLP (over a fixed
+    coordinate table): both prunable, neither in the exported graph (coverage matrix, issue 11)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(32, 32)
+        self.aux = nn.Linear(32, 16)
+        self.bias_mlp = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 32))
+        self.register_buffer("table", torch.linspace(-1, 1, 4 * 16).reshape(4, 16))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.fc(x) + self.bias_mlp(self.table).mean(0)
+        return torch.cat([y, self.aux(x)], 1) if self.training else y
+
+
+def test_pruned_layers_without_a_node_are_named_not_failed(tmp_path):
+    from qatsparse.export.onnx import ABSENT_METADATA_KEY, get_metadata
+    from qatsparse.pipeline import ExportSettings, export_artifacts
+    from qatsparse.quantization import QuantConfig, calibrate, quantize_model
+    from qatsparse.sparsity import prune_2to4
+
+    torch.manual_seed(0)
+    model = _AuxAndBias()
+    pruned = list(prune_2to4(model).masks)
+    assert {"fc", "aux", "bias_mlp.0", "bias_mlp.2"} == set(pruned)
+    quantize_model(model.eval(), QuantConfig(exclude=["aux"]))  # the QAT callback keeps it as it is
+    x = torch.randn(8, 32)
+    calibrate(model, [x], model)
+    notes: list[str] = []
+    paths = export_artifacts(model, (x[:2],), ExportSettings(dirpath=tmp_path), pruned_layers=pruned, notes=notes)
+    # The Q/DQ graph keeps the bias MLP (DequantizeLinear of its INT8 weights is never folded); the FP32 one folds it.
+    for name, keys in (("model_fp32.onnx", {"aux", "bias_mlp.0", "bias_mlp.2"}), ("model.onnx", {"aux"})):
+        absent = json.loads(get_metadata(paths[name])[ABSENT_METADATA_KEY])
+        assert absent.keys() == keys, (name, absent)
+        assert "eval mode" in absent["aux"] and all("constant" in absent[k] for k in keys - {"aux"})
+        assert check_2to4(paths[name]) == []  # the pruned layers that are in the graph are 2:4
+    assert any("1 pruned layer(s) have no node in model.onnx" in n and "aux: not run" in n for n in notes)
+    with pytest.raises(ValueError, match="pruned layers not found"):  # without the inputs: no explanation
+        record_pruned_layers(paths["model.onnx"], pruned, model=model)

@@ -178,7 +178,9 @@ class TwoFourSparsity(Callback):
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.masks is not None and self.make_permanent:
             if self._bound is not None:
-                apply_masks(*self._bound)
+                # Lightning's teardown (before on_fit_end) moves a single device's model to the CPU.
+                weights, masks = self._bound
+                apply_masks(weights, [m.to(w.device) for w, m in zip(weights, masks)])
             else:
                 self.masks.apply(pl_module)
             self._detach()

@@ -336,6 +336,13 @@ def _retype_outputs(n: Any, fp16: bool, cur: dict[str, int], elem: dict[str, int
         to = next(a for a in n.attribute if a.name == "to")
         if to.i == FLOAT:
             to.i = HALF
+        if n.input and cur.get(n.input[0]) == to.i:
+            # A cast to the type it already has (the exporter's ``x.to(q.dtype)`` of an FP32 scalar, now FP16
+            # on both sides) is an Identity: ONNX Runtime 1.30's CPU cast insertion retypes such a Cast's output
+            # to FP32 and then rejects the session ("Type (tensor(float)) of output arg
+            # (InsertedPrecisionFreeCast_...)") when its graph optimizations are off.
+            n.op_type = "Identity"
+            del n.attribute[:]
         for o in float_outs:
             cur[o] = to.i
         return

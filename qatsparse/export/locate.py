@@ -133,3 +133,85 @@ def locate_weights(
             found.setdefault(best[2], []).append(use.node)
     missing = [k for k in keys if k not in found]
     return found, missing
+
+
+#: Why a pruned weight has no node in an exported graph although the lookup works (see :func:`absent_reasons`).
+NOT_RUN_IN_EVAL = "not run in eval mode (e.g. an auxiliary training head): the exported graph has no node for it"
+CONSTANT_INPUT = (
+    "its input does not depend on the model's inputs (e.g. a position-bias MLP over a fixed coordinate table): "
+    "the exporter computed it into a constant"
+)
+
+
+def _perturbed(t: Any, g: torch.Generator) -> Any:
+    """Another input of the same shape and type: float tensors get noise, integer ones are rolled."""
+    if not isinstance(t, torch.Tensor) or t.numel() == 0:
+        return t
+    if t.is_floating_point():
+        return t + torch.randn(t.shape, generator=g, dtype=t.dtype).to(t.device) * (t.float().std().nan_to_num(1.0) + 1)
+    if t.dtype == torch.bool:
+        return t
+    return torch.roll(t, shifts=1, dims=-1)
+
+
+@torch.no_grad()
+def absent_reasons(model: nn.Module, inputs: Any, keys: Sequence[str]) -> dict[str, str]:
+    """Why some prunable weights of ``model`` have no node in its exported graph: ``{key: reason}`` for the keys
+    whose module does not run in eval mode on ``inputs`` (:data:`NOT_RUN_IN_EVAL`) or runs on the same input
+    whatever the model's inputs are (:data:`CONSTANT_INPUT`: the exporter folds it). Keys not listed have no
+    such explanation. The model runs twice in eval mode (``inputs`` and a perturbed copy) on a copy.
+
+    Example:
+        >>> class M(nn.Module):
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.fc, self.bias_mlp, self.aux = nn.Linear(16, 8), nn.Linear(4, 8), nn.Linear(16, 8)
+        ...     def forward(self, x):
+        ...         y = self.fc(x) + self.bias_mlp(torch.ones(1, 4))
+        ...         return y + self.aux(x) if self.training else y
+        >>> sorted(absent_reasons(M(), (torch.randn(2, 16),), ["fc", "bias_mlp", "aux"]))
+        ['aux', 'bias_mlp']
+    """
+    import copy
+
+    from qatsparse.attention import fast_paths_off
+    from qatsparse.batches import call_model
+    from qatsparse.sparsity.weights import prunable_weights
+
+    model = copy.deepcopy(model).eval()
+    weights = prunable_weights(model)
+    owners = {k: weights[k].module for k in keys if k in weights}
+    seen: dict[str, list[list[torch.Tensor]]] = {k: [[], []] for k in owners}
+    run = [0]
+
+    def hook(key: str) -> Any:
+        def record(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
+            seen[key][run[0]].extend(t.detach().clone() for t in tensors[:1])
+
+        return record
+
+    handles = [m.register_forward_pre_hook(hook(k), with_kwargs=True) for k, m in owners.items()]
+    g = torch.Generator().manual_seed(0)
+    other = (
+        {k: _perturbed(v, g) for k, v in inputs.items()}
+        if isinstance(inputs, dict)
+        else tuple(_perturbed(t, g) for t in inputs)
+    )
+    try:
+        with fast_paths_off():
+            for i, feed in enumerate((inputs, other)):
+                run[0] = i
+                call_model(model, feed)
+    except Exception:  # the model does not run on these inputs: nothing can be said
+        return {}
+    finally:
+        for h in handles:
+            h.remove()
+    out = {}
+    for k, (a, b) in seen.items():
+        if not a:
+            out[k] = NOT_RUN_IN_EVAL
+        elif len(a) == len(b) and all(x.shape == y.shape and torch.equal(x, y) for x, y in zip(a, b)):
+            out[k] = CONSTANT_INPUT
+    return out

@@ -362,7 +362,7 @@ def get_metadata(path: str | Path) -> dict[str, str]:
 
 
 def record_pruned_layers(
-    path: str | Path, module_names: Sequence[str], model: nn.Module | None = None
+    path: str | Path, module_names: Sequence[str], model: nn.Module | None = None, inputs: Any = None
 ) -> dict[str, list[str]]:
     """Store ``{weight key: [node names]}`` of the pruned weights in the ONNX metadata and return it.
 
@@ -371,18 +371,25 @@ def record_pruned_layers(
     this finds weights used without their module's ``forward`` (attention projections, torchvision Swin)
     and survives quantization and FP16. Without ``model`` a key is found by the node's scope name (the
     first Conv/Gemm/MatMul exported from that module), which only works for ``Linear``/``Conv`` layers
-    called through their own ``forward``.
+    called through their own ``forward``. With ``model`` and ``inputs`` (the export's example inputs), a
+    pruned weight the graph has no node for because its layer does not run in eval mode or computes a
+    constant (:func:`qatsparse.export.locate.absent_reasons`) is recorded with no nodes, and the reason is
+    stored under :data:`ABSENT_METADATA_KEY`: TensorRT never runs it.
 
     Raises:
-        ValueError: a pruned weight has no Conv/Gemm/MatMul node in the graph.
+        ValueError: a pruned weight has no Conv/Gemm/MatMul node in the graph, for no reason found.
     """
     from qatsparse.sparsity.check import PRUNED_METADATA_KEY
 
+    absent: dict[str, str] = {}
     if model is not None:
-        from qatsparse.export.locate import locate_weights
+        from qatsparse.export.locate import absent_reasons, locate_weights
 
         mapping, missing = locate_weights(path, model, list(module_names))
         nodes = sorted(n for ns in mapping.values() for n in ns)
+        if missing and inputs is not None:
+            absent = absent_reasons(model, inputs, missing)
+            missing = [m for m in missing if m not in absent]
     else:
         by_scope = weighted_node_names(path)
         missing = [m for m in module_names if m not in by_scope]
@@ -390,6 +397,11 @@ def record_pruned_layers(
         nodes = sorted(by_scope.values())
     if missing:
         raise ValueError(f"pruned layers not found in {path}: {missing}; weighted nodes: {nodes}")
-    mapping = {m: mapping[m] for m in module_names}
-    set_metadata(path, {PRUNED_METADATA_KEY: json.dumps(mapping)})
+    mapping = {m: mapping.get(m, []) for m in module_names}
+    set_metadata(path, {PRUNED_METADATA_KEY: json.dumps(mapping), ABSENT_METADATA_KEY: json.dumps(absent)})
     return mapping
+
+
+#: ONNX metadata: ``{weight key: reason}`` of the pruned weights the graph has no node for (see
+#: :func:`record_pruned_layers`).
+ABSENT_METADATA_KEY = "qatsparse.pruned_not_in_graph"

@@ -19,7 +19,8 @@ the user rewriting the model:
    traced code with the quantizer applied to the residual. Parameters, hooks and other attributes
    are untouched; ``isinstance`` checks still hold; :func:`remove_residual_quantizers` swaps back.
 
-Limits: adds written in a ``LightningModule``'s own ``forward`` or in untraceable forwards are not
+Limits: adds written in a ``LightningModule``'s own ``forward``, in untraceable forwards or in forwards
+that use an argument defaulting to ``None`` (its use depends on the call, which tracing cannot see) are not
 found (wrap them in a submodule, or exclude nothing and accept the unfused add); a Python-level flag
 read in ``forward`` other than ``self.training`` is frozen at its value when tracing; the generated
 classes exist per process, so pickle the ``state_dict``, not the module object.
@@ -67,6 +68,11 @@ def _trace(module: nn.Module) -> fx.Graph:
         module.train(was)
     if graphs[0].python_code("self").src != graphs[1].python_code("self").src:
         raise RuntimeError("forward depends on self.training")
+    # torch.fx traces an argument that defaults to None as a tensor, so `if shortcut is None: shortcut = x`
+    # (timm DLA, transformers embeddings) would be traced as always given: a call without it would break.
+    optional = [str(n.target) for n in graphs[1].nodes if n.op == "placeholder" and n.args == (None,) and n.users]
+    if optional:
+        raise RuntimeError(f"forward uses optional argument(s) {optional} that may be None")
     return graphs[1]
 
 
