@@ -16,6 +16,7 @@ Per run it records every backend's top-1 from ``report.json`` (``onnxruntime`` i
     PYTHONPATH=. python benchmarks/transformer_recipe.py --table benchmarks/results/digits_transformer.json
     PYTHONPATH=. python benchmarks/transformer_recipe.py --seeds 0 1 2 --patch 2 \\
         --out benchmarks/results/digits_transformer_patch2.json   # 16 patch tokens: more attention
+    (``--resume`` keeps the runs already in ``--out`` and runs only the missing ones.)
 """
 
 from __future__ import annotations
@@ -144,6 +145,7 @@ def main() -> None:
     ap.add_argument("--max-steps", type=int, help="shorter schedule (a quick check of this script)")
     ap.add_argument("--patch", type=int, help="model.init_args.patch (e.g. 2: 16 patch tokens instead of 8 rows)")
     ap.add_argument("--out", type=Path)
+    ap.add_argument("--resume", action="store_true", help="keep the runs already in --out, run only the missing ones")
     ap.add_argument("--table", type=Path, help="print the Markdown table of a results JSON")
     args = ap.parse_args()
     if args.table:
@@ -160,8 +162,16 @@ def main() -> None:
         "torch": torch.__version__,
         "runs": [],
     }
+    if args.resume and args.out and args.out.exists():
+        previous = json.loads(args.out.read_text())
+        if previous.get("model_overrides", {}) != model or previous["max_steps"] != results["max_steps"]:
+            raise SystemExit(f"{args.out} holds another configuration: cannot resume it with these arguments")
+        results["runs"] = [r for r in previous["runs"] if "error" not in r]
+    done = {(r["variant"], r["seed"]) for r in results["runs"]}
     for seed in args.seeds:  # variants interleaved within each seed
         for v in args.variants:
+            if (v, seed) in done:
+                continue
             results["runs"].append(run(v, seed, args.threads, args.max_steps, model))
             r = results["runs"][-1]
             print(v, seed, r.get("top1", r.get("error", "")[-500:]), f"{r['seconds']:.0f} s", flush=True)
