@@ -52,11 +52,12 @@ for section in "$@"; do
     search) python3 benchmarks/permutation_search.py --device cuda --out "$OUT/permutation_search_h200.json" 2>&1 | quiet &
             python3 benchmarks/permutation_search.py --device cpu --threads 2 --out "$OUT/permutation_search_cpu.json" 2>&1 | quiet
             wait ;;
-    coverage)  # the matrix on the host's CPUs: COV_N shards of 1 thread at once (each saves after every model), one JSON
+    coverage)  # the matrix on the host's CPUs: COV_N shards of 1 thread at once (each saves after every model), one JSON;
+               # COV_TIMEOUT (s) and COV_RSS_GB bound each model, COV_S each shard
          P=/tmp/coverage_parts; mkdir -p "$P"; N=${COV_N:-12}
          for k in $(seq 0 $((N - 1))); do
            QATSPARSE_COMMIT=${QATSPARSE_COMMIT:-unknown} timeout "${COV_S:-500}" python3 benchmarks/coverage.py --fresh --shard "$k/$N" --out "$P/part_$k.json" --doc '' \
-             --timeout 400 --max-rss-gb 8 > "$P/part_$k.log" 2>&1 &
+             --timeout "${COV_TIMEOUT:-400}" --max-rss-gb "${COV_RSS_GB:-8}" > "$P/part_$k.log" 2>&1 &
          done
          wait; tail -q -n 1 "$P"/part_*.log
          python3 benchmarks/coverage.py --merge "$P"/part_*.json --out "$OUT/coverage_cpu.json" --doc '' ;;
