@@ -103,6 +103,7 @@ def render(data: Mapping[str, Any], causes: list[dict[str, str]], json_name: str
     number = {id(r): i for i, g in enumerate(ranked, 1) for r in g["models"]}
 
     n_pass = sum(r["status"] == "pass" for r in results)
+    not_run = data.get("not_run") or {}
     lines = [
         "# Coverage matrix: third-party models through prune → QAT → export → ONNX Runtime",
         "",
@@ -133,6 +134,12 @@ def render(data: Mapping[str, Any], causes: list[dict[str, str]], json_name: str
         lines.append(f"| {z} | {len(rows)} | {p} | {len(rows) - p} | {_pct(p / len(rows) if rows else None)} |")
     lines.append(f"| **all** | {len(results)} | {n_pass} | {len(results) - n_pass} | "
                  f"{_pct(n_pass / len(results) if results else None)} |")  # fmt: skip
+    if not_run.get("models"):
+        lines += [
+            "",
+            f"Not run ({len(not_run['models'])} models, not counted above): {not_run['why']}: "
+            + ", ".join(f"`{m}`" for m in not_run["models"]) + ".",
+        ]
     lines += ["", "## Failures by cause", ""]
     if not ranked:
         lines.append("None.")
