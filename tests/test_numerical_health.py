@@ -69,11 +69,9 @@ class _LrJump(ResidualCNN):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
 
-def test_a_blow_up_after_qat_starts_is_reported_at_once_with_the_step_and_layers():
-    pl.seed_everything(0)
-    qat = QuantizationAwareTraining(start_step=10, calib_batches=2, verbose=False)
-    trainer = pl.Trainer(
-        max_steps=16,
+def _trainer(qat: QuantizationAwareTraining, max_steps: int) -> pl.Trainer:
+    return pl.Trainer(
+        max_steps=max_steps,
         callbacks=[qat],
         accelerator="cpu",
         logger=False,
@@ -82,6 +80,12 @@ def test_a_blow_up_after_qat_starts_is_reported_at_once_with_the_step_and_layers
         enable_model_summary=False,
         limit_val_batches=0,
     )
+
+
+def test_a_blow_up_after_qat_starts_is_reported_at_once_with_the_step_and_layers():
+    pl.seed_everything(0)
+    qat = QuantizationAwareTraining(start_step=10, calib_batches=2, verbose=False)
+    trainer = _trainer(qat, max_steps=16)
     model = _LrJump(widths=(16, 32))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -97,16 +101,7 @@ def test_a_blow_up_after_qat_starts_is_reported_at_once_with_the_step_and_layers
 def test_quiet_training_reports_nothing():
     pl.seed_everything(0)
     qat = QuantizationAwareTraining(start_step=4, calib_batches=2, verbose=False)
-    trainer = pl.Trainer(
-        max_steps=8,
-        callbacks=[qat],
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-    )
+    trainer = _trainer(qat, max_steps=8)
     trainer.fit(ResidualCNN(widths=(16, 32)), datamodule=DigitsDataModule(batch_size=32))
     assert qat.health.monitor.events == []
 
