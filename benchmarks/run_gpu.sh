@@ -4,8 +4,8 @@
 #   bash benchmarks/run_gpu.sh train-r18 train-vit ddp1 # call B: ResNet-18, ViT-B/16; DDP strides on 1 GPU
 #   bash benchmarks/run_gpu.sh inference ddp            # inference; DDP on 2 GPUs
 #   bash benchmarks/run_gpu.sh fsdp                     # FSDP on 2 GPUs (copy fsdp.json to results/fsdp_2xh200.json)
-#   bash benchmarks/run_gpu.sh permutation              # channel permutation: search (GPU and CPU), study
-#   bash benchmarks/run_gpu.sh coverage search          # coverage matrix on the host's CPUs; permutation search
+#   bash benchmarks/run_gpu.sh permutation search       # channel permutation: accuracy study; search (GPU and CPU)
+#   bash benchmarks/run_gpu.sh coverage                 # coverage matrix on the host's CPUs
 # Results go to $OUT (or ./bench-out); copy the JSON/XML files into benchmarks/results/ and run
 # `python benchmarks/make_docs.py`. TRAIN_S / R18_S / VIT_S (seconds) bound each train section: the
 # benchmark starts no lane or round that would end later, writes its JSON after every lane and round,
@@ -39,9 +39,7 @@ for section in "$@"; do
     fsdp) NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 \
           timeout 480 python3 benchmarks/fsdp_check.py --devices 2 --out "$OUT/fsdp.json" 2>&1 | quiet ;;
     permutation)  # the study's seeds and experiments in parallel processes of 1 CPU thread, then one JSON
-         P=$OUT/permutation_parts; mkdir -p "$P"
-         python3 benchmarks/permutation_search.py --device cuda --out "$OUT/permutation_search_h200.json" > "$P/search_cuda.log" 2>&1 &
-         python3 benchmarks/permutation_search.py --device cpu --threads 2 --out "$OUT/permutation_search_cpu.json" > "$P/search_cpu.log" 2>&1 &
+         P=/tmp/permutation_parts; mkdir -p "$P"  # not under $OUT: only the merged JSON comes back
          for seed in 0 1 2 3 4; do for e in oneshot recipe; do
            CUDA_VISIBLE_DEVICES= timeout 560 python3 benchmarks/permutation_study.py run --experiments $e --seeds $seed --threads 1 \
              --out "$P/study_${e}_$seed.json" > "$P/study_${e}_$seed.log" 2>&1 &
