@@ -7,92 +7,33 @@ The export callback and the ``qatsparse export``/``validate`` commands call :fun
 from __future__ import annotations
 
 import copy
-import json
-import shutil
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-import torch
 from torch import nn
 
-from qatsparse.batches import Inputs, example_inputs, input_tensors
+from qatsparse.artifacts import export_artifacts, model_precision, onnx_io_names, onnx_precision, plain_copy
+from qatsparse.batches import Inputs, example_inputs
 from qatsparse.batches import input_names as keyword_names
-from qatsparse.export.onnx import (
-    ABSENT_METADATA_KEY,
-    FP16_QDQ_OPSET,
-    atomic_path,
-    default_input_names,
-    export_onnx,
-    get_metadata,
-    record_pruned_layers,
-    save_model,
-)
+from qatsparse.engine_stage import engine_facts, maybe_build_engine, write_handoff
 from qatsparse.export.runners import OnnxRuntimeRunner, Runner, TorchRunner
+from qatsparse.export_settings import ExportSettings
 from qatsparse.progress import QUIET, Progress
-from qatsparse.quantization import prepare_for_onnx_export, quantizers, remove_quantizers
+from qatsparse.quantization import remove_quantizers
 from qatsparse.report import build_report, print_console, write_report
 from qatsparse.sparsity.check import onnx_sparsity_summary, sparsity_summary
 from qatsparse.validation import gate, validate
 
-
-@dataclass
-class ExportSettings:
-    """Where and how to export, build and gate (see :class:`~qatsparse.TensorRTExport`).
-
-    Example:
-        >>> ExportSettings(dirpath=Path("export")).batch_sizes
-        (1, 32, 256)
-    """
-
-    dirpath: Path
-    max_metric_drop: float | Mapping[str, float] = 0.01
-    build_engine: bool | Literal["auto"] = "auto"
-    batch_sizes: tuple[int, ...] = (1, 32, 256)
-    workspace_gb: float = 4.0
-    input_names: list[str] | None = None
-    output_names: list[str] | None = None
-    opset: int = 17
-    device: str = field(default_factory=lambda: "cuda" if torch.cuda.is_available() else "cpu")
-    #: the user's metrics (see :func:`qatsparse.validation.metric_specs`); None = top-1 / MSE per output
-    metrics: Any = None
-    #: INT8 graphs: convert the non-quantized remainder to FP16 (strongly typed TensorRT runs it as typed)
-    fp16_remainder: bool = True
-    #: module names kept in FP32 in FP16 graphs, on top of the QAT report's ``keep_fp32``
-    keep_fp32: list[str] = field(default_factory=list)
-    #: run :func:`qatsparse.export.lint` on model.onnx before any build and put the findings in the report
-    lint: bool = True
-    #: persistent TensorRT timing cache (default: ``dirpath/timing.cache``)
-    timing_cache: Path | None = None
-    #: limit validation to this many batches (None: the whole dataloader)
-    max_batches: int | None = None
-    #: input axes besides the batch that may vary: ``"auto"`` (axis 1 of integer inputs is ``"sequence"``),
-    #: None (batch only) or ``{input name: {axis: dim name}}`` (see :mod:`qatsparse.export.shapes`); the
-    #: exported graphs carry them as ``dim_param`` (:func:`qatsparse.export.profile.onnx_input_dims`)
-    dynamic_axes: Any = "auto"
-    #: (min, opt, max) of dynamic dims other than the batch, by their ONNX ``dim_param`` name (TensorRT profile)
-    dim_ranges: dict[str, tuple[int, int, int]] = field(default_factory=dict)
-    #: write the TensorRT hand-off bundle (``dirpath/tensorrt/``: build.sh, check.sh, a validation batch, outputs)
-    handoff: bool = True
-    #: ONNX Runtime graph-optimization level validation uses: ``"auto"`` (the default level unless it changes
-    #: the graph's outputs, then none) or a fixed one (:mod:`qatsparse.export.ort_level`)
-    ort_graph_optimization: str = "auto"
-
-
-def plain_copy(module: nn.Module) -> nn.Module:
-    """A deep copy on the CPU in FP32 eval mode, without ``LightningModule.compile()``'s wrapper (the
-    copied wrapper would still call the original module)."""
-    module = copy.deepcopy(module).cpu().float().eval()
-    for m in module.modules():
-        if getattr(m, "_compiled_call_impl", None) is not None:
-            m._compiled_call_impl = None
-    return module
-
-
-def _precision(model: nn.Module) -> str:
-    qs = list(quantizers(model).values())
-    return qs[0].precision if qs else "fp32"
+__all__ = [
+    "ExportSettings",
+    "export_and_validate",
+    "export_artifacts",
+    "onnx_io_names",
+    "onnx_precision",
+    "plain_copy",
+    "validate_artifacts",
+]
 
 
 def _torch_precision(precision: str) -> str:
@@ -104,299 +45,6 @@ def _example(final: nn.Module, val_loader: Any) -> tuple[Inputs, list[str] | Non
     names that keyword inputs give."""
     inputs = example_inputs(final, val_loader)
     return inputs, keyword_names(inputs)
-
-
-def onnx_io_names(path: str | Path) -> tuple[list[str], list[str]]:
-    """Input and output names of an ONNX graph (initializers excluded)."""
-    import onnx
-
-    g = onnx.load(str(path), load_external_data=False).graph
-    inits = {i.name for i in g.initializer}
-    return [i.name for i in g.input if i.name not in inits], [o.name for o in g.output]
-
-
-def onnx_precision(path: str | Path) -> str:
-    """``"int8+fp16"``, ``"int8"``, ``"fp16"`` or ``"fp32"``: what the graph computes in.
-
-    Example:
-        >>> import tempfile
-        >>> onnx_precision(export_onnx(nn.Linear(2, 2), [torch.zeros(1, 2)], tempfile.mkdtemp() + "/m.onnx"))
-        'fp32'
-    """
-    import onnx
-
-    m = onnx.load(str(path), load_external_data=False)
-    qdq = any(n.op_type == "QuantizeLinear" for n in m.graph.node)
-    fp16 = any(i.data_type == onnx.TensorProto.FLOAT16 for i in m.graph.initializer) or any(
-        n.op_type == "Cast" and any(a.name == "to" and a.i == onnx.TensorProto.FLOAT16 for a in n.attribute)
-        for n in m.graph.node
-    )
-    if qdq:
-        return "int8+fp16" if fp16 else "int8"
-    return "fp16" if fp16 else "fp32"
-
-
-def _write_fp16(
-    src: Path, dst: Path, keep_fp32: Sequence[str], notes: list[str], problems: list[str] | None = None
-) -> None:
-    import onnx
-
-    from qatsparse.export.fp16 import convert_to_fp16
-
-    proto, info = convert_to_fp16(onnx.load(str(src)), keep_fp32=keep_fp32)
-    save_model(proto, dst)
-    if problems is not None:
-        problems += [
-            f"{dst.name}: FP16 changed the numbers of {p} -- keep those layers in FP32 (keep_fp32=[...]) or fix "
-            "the training that produced them"
-            for p in info.problems
-        ]
-    if info.kept_fp32_nodes:
-        notes.append(f"{len(info.kept_fp32_nodes)} node(s) of {list(keep_fp32)} kept in FP32 in {dst.name}")
-    if info.missing_modules:
-        notes.append(f"keep_fp32 modules with no node in {dst.name}: {info.missing_modules}")
-    notes += [f"{dst.name}: {n}" for n in info.notes]
-
-
-def _dynamic_axes(
-    fp32: nn.Module,
-    inputs: Inputs,
-    in_names: list[str],
-    settings: ExportSettings,
-    path: Path,
-    notes: list[str],
-) -> dict[str, dict[int, str]]:
-    """Export the FP32 graph with the resolved dynamic axes and check them (ONNX Runtime at another size).
-
-    A declared axis the graph does not honour is an error; one found by convention is dropped (the graph is
-    exported again with the example's size there) and the notes say so. Returns the axes that hold.
-    """
-    from qatsparse.export.shapes import check_dynamic_axes, dynamic_axes_of, resolve_axes
-
-    tensors = input_tensors(inputs)  # keyword inputs: the graph's inputs are the dict's values, in order
-    axes, declared = resolve_axes(settings.dynamic_axes, tensors, in_names)
-    names = {"input_names": in_names, "output_names": settings.output_names}
-    export_onnx(fp32, inputs, path, opset=settings.opset, dynamic_axes=axes, **names)
-    problems = check_dynamic_axes(path, tensors, dynamic_axes_of(path)) if axes else {}
-    if problems and declared:
-        raise ValueError(
-            "the exported graph does not accept other sizes of the declared dynamic axes: "
-            + "; ".join(f"{dim}: {why}" for dim, why in problems.items())
-            + " (the model's forward fixes that size, e.g. a reshape from a Python int: drop it from dynamic_axes)"
-        )
-    if problems:
-        axes = {n: {a: dim for a, dim in ax.items() if dim not in problems} for n, ax in axes.items()}
-        axes = {n: ax for n, ax in axes.items() if ax}
-        notes.append(
-            f"dynamic axes {sorted(problems)} (found by convention) dropped: the graph fixes their size "
-            f"({next(iter(problems.values()))})"
-        )
-        export_onnx(fp32, inputs, path, opset=settings.opset, dynamic_axes=axes, **names)
-    if axes:
-        desc = ", ".join(f"{n}[{a}]={dim!r}" for n, ax in axes.items() for a, dim in ax.items())
-        how = "declared" if declared else "convention: axis 1 of integer inputs"
-        notes.append(f"dynamic axes besides the batch: {desc} ({how}); ONNX Runtime ran them at another size")
-    return axes
-
-
-def export_artifacts(
-    final: nn.Module,
-    inputs: Inputs,
-    settings: ExportSettings,
-    pruned_layers: Sequence[str] = (),
-    keep_fp32: Sequence[str] = (),
-    notes: list[str] | None = None,
-    input_names: Sequence[str] | None = None,
-    problems: list[str] | None = None,
-) -> dict[str, Path]:
-    """Write ``model_fp32.onnx`` and the deployable ``model.onnx`` for ``final``'s precision.
-
-    ``problems`` collects what the export itself got wrong and must fail the report (or warn, per
-    ``on_fail``): FP16 constants clamped, flushed or raised in a layer's weights, normalization or Q/DQ scales.
-
-    INT8 (fake-quantized) models give a Q/DQ graph -- exported at opset >= 19 and with the rest of the
-    graph in FP16 when ``settings.fp16_remainder`` (Q/DQ in FP16 need opset 19); FP16 models give the
-    FP32 graph converted to FP16 with casts at the I/O and ``keep_fp32`` modules left in FP32; FP32
-    models give a copy of the FP32 graph. Every file is written atomically; the pruned layers are
-    recorded in both graphs' metadata.
-    """
-    notes = notes if notes is not None else []
-    d = Path(settings.dirpath)
-    d.mkdir(parents=True, exist_ok=True)
-    final = plain_copy(final)
-    precision = _precision(final)
-    fp32 = remove_quantizers(copy.deepcopy(final))
-    in_names = (
-        settings.input_names
-        or list(input_names or keyword_names(inputs) or [])
-        or default_input_names(final, len(inputs))
-    )
-    fp32_path = d / "model_fp32.onnx"
-    axes = _dynamic_axes(fp32, inputs, in_names, settings, fp32_path, notes)
-    names = {"input_names": in_names, "output_names": settings.output_names, "dynamic_axes": axes}
-    deploy = d / "model.onnx"
-    if precision == "int8":
-        qdq = copy.deepcopy(final)
-        prepare_for_onnx_export(qdq)
-        opset = max(settings.opset, FP16_QDQ_OPSET) if settings.fp16_remainder else settings.opset
-        if opset != settings.opset:
-            notes.append(f"model.onnx uses opset {opset}: FP16 Q/DQ needs opset >= {FP16_QDQ_OPSET}")
-        if settings.fp16_remainder:
-            tmp_qdq = d / ".model_qdq_fp32.onnx"
-            try:
-                export_onnx(qdq, inputs, tmp_qdq, opset=opset, **names)
-                _write_fp16(tmp_qdq, deploy, keep_fp32, notes, problems)
-            finally:
-                tmp_qdq.unlink(missing_ok=True)
-        else:
-            export_onnx(qdq, inputs, deploy, opset=opset, **names)
-    elif precision == "fp16":
-        _write_fp16(fp32_path, deploy, keep_fp32, notes, problems)
-    else:
-        with atomic_path(deploy) as tmp:
-            shutil.copyfile(fp32_path, tmp)
-        notes.append("no quantization callback ran: model.onnx is the FP32 graph")
-    if pruned_layers:
-        record_pruned_layers(fp32_path, list(pruned_layers), model=fp32, inputs=inputs)
-        record_pruned_layers(deploy, list(pruned_layers), model=final, inputs=inputs)
-        absent = json.loads(get_metadata(deploy).get(ABSENT_METADATA_KEY, "{}"))
-        if absent:
-            notes.append(
-                f"{len(absent)} pruned layer(s) have no node in {deploy.name} (TensorRT never runs them): "
-                + "; ".join(f"{k}: {why}" for k, why in list(absent.items())[:8])
-                + ("; ..." if len(absent) > 8 else "")
-            )
-    return {"model_fp32.onnx": fp32_path, "model.onnx": deploy}
-
-
-def _profile(onnx_path: Path, settings: ExportSettings, inputs: Sequence[torch.Tensor], notes: list[str]) -> dict:
-    """The optimization profile of ``onnx_path``'s inputs (batch: ``settings.batch_sizes``; other dynamic dims:
-    ``settings.dim_ranges``, else the size they have in ``inputs``)."""
-    from qatsparse.export.profile import onnx_input_dims, profile_shapes
-
-    dims = onnx_input_dims(onnx_path)
-    example = {n: tuple(t.shape) for n, t in zip(dims, inputs)}
-    return profile_shapes(dims, settings.batch_sizes, settings.dim_ranges, example, notes)
-
-
-def _maybe_build_engine(
-    onnx_path: Path,
-    d: Path,
-    settings: ExportSettings,
-    precision: str,
-    sparse: bool,
-    inputs: Sequence[torch.Tensor],
-    notes: list[str],
-    artifacts: dict[str, str],
-    progress: Progress = QUIET,
-) -> tuple[Runner | None, dict[str, Any] | None]:
-    from qatsparse.export.engine_info import engine_precision_label
-    from qatsparse.export.tensorrt import TensorRTRunner, build_engine, tensorrt_available
-
-    if settings.build_engine is False:
-        notes.append("TensorRT engine build disabled (build_engine=False)")
-        return None, None
-    if not tensorrt_available():
-        if settings.build_engine is True:
-            raise RuntimeError("build_engine=True but TensorRT (or a CUDA device) is not available")
-        notes.append(
-            "TensorRT is not importable here: no engine was built and no TensorRT result is reported; "
-            f"{d / 'tensorrt'} holds build.sh and check.sh for a TensorRT machine"
-        )
-        return None, None
-    plan = d / "model.plan"
-    facts = build_engine(
-        onnx_path,
-        plan,
-        settings.batch_sizes,
-        settings.workspace_gb,
-        sparse_weights=sparse,
-        precision=precision,
-        timing_cache=settings.timing_cache or d / "timing.cache",
-        build_json=d / "build.json",
-        dim_ranges=settings.dim_ranges,
-        example_shapes={n: tuple(t.shape) for n, t in zip(onnx_io_names(onnx_path)[0], inputs)},
-        progress=progress,
-    )
-    notes += facts.get("notes", [])
-    artifacts["model.plan"] = str(plan)
-    artifacts["build.json"] = str(d / "build.json")
-    return TensorRTRunner(plan, "tensorrt", engine_precision_label(facts.get("inspector"))), facts
-
-
-def _validation_batch(
-    final: nn.Module, val_loader: Any, max_batch: int, graph_inputs: Sequence[str]
-) -> tuple[tuple[torch.Tensor, ...], bool]:
-    """The inputs of the first validation batch, cut to at most ``max_batch`` rows, in the graph's input order;
-    and whether the model takes them as keywords (named as the graph's inputs)."""
-    from qatsparse.batches import batch_inputs
-
-    inputs = batch_inputs(final, next(iter(val_loader)))
-    keywords = isinstance(inputs, Mapping)
-    ordered = tuple(inputs[n] for n in graph_inputs) if keywords else inputs
-    return tuple(t[:max_batch] for t in ordered), keywords
-
-
-def _write_handoff(
-    deploy: Path,
-    settings: ExportSettings,
-    final: nn.Module,
-    val_loader: Any,
-    runners: Sequence[Runner],
-    pruned_layers: Sequence[str],
-    notes: list[str],
-    artifacts: dict[str, str],
-    validate_command: str | None,
-) -> dict[str, Any] | None:
-    """Write ``dirpath/tensorrt/`` (see :mod:`qatsparse.export.handoff`); a failure is noted, not raised: the
-    validation and the report still run."""
-    from qatsparse.export.handoff import BUNDLE_DIR, write_bundle
-
-    if not settings.handoff:
-        return None
-    try:
-        graph_inputs = onnx_io_names(deploy)[0]
-        batch, keywords = _validation_batch(final, val_loader, int(settings.batch_sizes[-1]), graph_inputs)
-        shapes = _profile(deploy, settings, batch, notes)
-        by_name = {r.name: r for r in runners}
-        torch_runner = by_name.get("pytorch_qat") or by_name["pytorch_final"]
-        if keywords:  # the bundle feeds the graph's inputs in order; the model takes them by name
-            keyword_runner = torch_runner
-
-            def torch_runner(ts: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
-                return keyword_runner(dict(zip(graph_inputs, ts)))
-
-        bundle = write_bundle(
-            Path(settings.dirpath) / BUNDLE_DIR,
-            deploy,
-            batch,
-            torch_runner,
-            by_name["onnxruntime"],
-            shapes,
-            sparse_layers=pruned_layers,
-            precision=onnx_precision(deploy),
-            workspace_gb=settings.workspace_gb,
-            validate_command=validate_command,
-        )
-    except Exception as e:  # the bundle must not cost the user the validation and the report
-        notes.append(f"TensorRT hand-off bundle not written: {type(e).__name__}: {e}")
-        return None
-    artifacts.update({f"tensorrt/{k}": str(v) for k, v in bundle.files.items()})
-    notes += bundle.notes
-    return bundle.summary()
-
-
-def _engine_facts(plan: Path) -> dict[str, Any] | None:
-    """Build facts of an engine on disk: ``build.json`` beside it (qatsparse's build) or what build.sh left
-    (trtexec's layer information and log)."""
-    import json
-
-    from qatsparse.export.engine_info import trtexec_build_facts
-
-    build_json = plan.with_name("build.json")
-    if build_json.is_file():
-        return json.loads(build_json.read_text())
-    return trtexec_build_facts(plan.parent)
 
 
 def _lint(path: Path, settings: ExportSettings, notes: list[str]) -> list[dict[str, str]]:
@@ -514,7 +162,7 @@ def _torch_runners(
     """Plain copies of the final model and of the reference (the final model without quantizers when
     there is none), its precision, and the two PyTorch runners every validation starts with."""
     final = plain_copy(final)
-    precision = _precision(final)
+    precision = model_precision(final)
     reference = plain_copy(reference) if reference is not None else remove_quantizers(copy.deepcopy(final))
     final_name = "pytorch_qat" if precision != "fp32" else "pytorch_final"
     runners: list[Runner] = [
@@ -583,14 +231,14 @@ def export_and_validate(
         extra: dict[str, Any] = {"lint": _lint(deploy, settings, notes), "export_problems": problems}
         completed.append("lint")
         runners.append(_onnxruntime(deploy, final, val_loader, settings, notes, extra))
-        bundle = _write_handoff(deploy, settings, final, val_loader, runners, pruned_layers, notes, artifacts,
+        bundle = write_handoff(deploy, settings, final, val_loader, runners, pruned_layers, notes, artifacts,
                                 validate_command)  # fmt: skip
         completed.append("handoff")
     if bundle is not None:
         extra["tensorrt_bundle"] = bundle
     graph_inputs = onnx_io_names(deploy)[0]
     example = tuple(inputs[n] for n in graph_inputs) if isinstance(inputs, Mapping) else inputs
-    engine_runner, facts = _maybe_build_engine(
+    engine_runner, facts = maybe_build_engine(
         deploy, d, settings, precision, bool(pruned_layers), example, notes, artifacts, progress
     )
     completed.append("engine")
@@ -675,7 +323,7 @@ def validate_artifacts(
         raise FileNotFoundError(f"no TensorRT engine at {plan}")
     if plan.exists():
         if tensorrt_available():
-            facts = _engine_facts(plan)
+            facts = engine_facts(plan)
             runners.append(TensorRTRunner(plan, "tensorrt", engine_precision_label((facts or {}).get("inspector"))))
             artifacts["model.plan"] = str(plan)
             if facts is not None:

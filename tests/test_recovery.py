@@ -14,7 +14,6 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 import qatsparse
-import qatsparse.pipeline as pipeline
 from qatsparse import QuantizationAwareTraining, TensorRTExport, TwoFourSparsity
 from qatsparse.cli import main
 from qatsparse.export.runners import OnnxRuntimeRunner
@@ -25,13 +24,14 @@ from tests.test_errors import Tiny, loaders
 from tests.test_recipes_helpers import shortened
 
 
-def _fail(monkeypatch, name: str, error: Exception) -> None:
-    """Make ``qatsparse.pipeline.<name>`` raise ``error`` (a full disk, a TensorRT builder error, ...)."""
+def _fail(monkeypatch, target: str, error: Exception) -> None:
+    """Make ``target`` (``module.name``, where the pipeline looks it up) raise ``error`` (a full disk, a
+    TensorRT builder error, ...)."""
 
     def broken(*args, **kwargs):
         raise error
 
-    monkeypatch.setattr(pipeline, name, broken)
+    monkeypatch.setattr(target, broken)
 
 
 def _fit(out: Path, model: Tiny | None = None) -> None:
@@ -58,10 +58,15 @@ def _fit(out: Path, model: Tiny | None = None) -> None:
 @pytest.mark.parametrize(
     ("broken", "error", "stage", "completed"),
     [
-        ("export_onnx", OSError(28, "No space left on device"), "export", ["checkpoint"]),
-        ("_maybe_build_engine", RuntimeError("builder failed"), "engine", ["checkpoint", "export", "lint", "handoff"]),
+        ("qatsparse.artifacts.export_onnx", OSError(28, "No space left on device"), "export", ["checkpoint"]),
         (
-            "validate",
+            "qatsparse.pipeline.maybe_build_engine",
+            RuntimeError("builder failed"),
+            "engine",
+            ["checkpoint", "export", "lint", "handoff"],
+        ),
+        (
+            "qatsparse.pipeline.validate",
             RuntimeError("out of memory"),
             "validation",
             ["checkpoint", "export", "lint", "handoff", "engine"],
@@ -105,7 +110,7 @@ def failed_run(tmp_path_factory):
     torch.manual_seed(0)
     model = ValidatingTiny()
     with pytest.MonkeyPatch.context() as mp:
-        _fail(mp, "export_onnx", OSError(28, "No space left on device"))
+        _fail(mp, "qatsparse.artifacts.export_onnx", OSError(28, "No space left on device"))
         with pytest.raises(ExportFailed):
             _fit(out, model)
     return model.eval(), out
@@ -161,7 +166,7 @@ def test_trainer_validate_on_the_checkpoint_with_the_mixin_and_the_fix_without_i
 def test_qatsparse_export_completes_a_cli_run_whose_export_failed(monkeypatch, tmp_path):
     cfg = shortened("digits_int8_sparse", tmp_path, 12, 4, 8, model={"widths": [8, 16]})
     with monkeypatch.context() as mp:
-        _fail(mp, "export_onnx", OSError(28, "No space left on device"))
+        _fail(mp, "qatsparse.artifacts.export_onnx", OSError(28, "No space left on device"))
         with pytest.raises(ExportFailed) as e:
             main(["fit", "--config", str(cfg)])
     out = tmp_path / "runs" / "digits_int8_sparse"
