@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import io
 from collections.abc import Callable
 from functools import partial
 from typing import Any, Literal
@@ -42,14 +41,14 @@ from qatsparse.quantization import (
     calibrate,
     format_sensitivity,
     is_quantized,
-    overflowing_layers,
     quantize_model,
-    quantizers,
     requantize,
     sensitivity,
     track_overflow,
 )
-from qatsparse.quantization.calibrate import unreached_layers
+from qatsparse.quantization.higher_precision import keep_most_sensitive, keep_overflowing, keep_unreached
+from qatsparse.quantization.reporting import describe_quantization, kept_fp32, summary_entries
+from qatsparse.quantization.resume import restore_quantizers
 from qatsparse.quantization.sensitivity import METRICS, Metric
 from qatsparse.sharding import FSDP_PREFIX, check_full_state_dict, clean_name, full_weights, module_names
 
@@ -196,15 +195,7 @@ class QuantizationAwareTraining(Callback):
         the amax values the checkpoint held (every rank)."""
         pending, self._pending_amax = self._pending_amax, None
         with full_weights(trainer):
-            self.summary = quantize_model(pl_module, self.config)
-            qs = quantizers(pl_module)
-            extra = sorted(set(pending) - set(qs))
-            if extra:
-                raise RuntimeError(f"QuantizationAwareTraining: quantizers in the checkpoint, not the model: {extra}")
-            for name, amax in pending.items():
-                qs[name].load_amax(amax)
-            if self.config.precision == "fp16":
-                track_overflow(pl_module)
+            self.summary = restore_quantizers(pl_module, self.config, pending)
 
     def _restore_from(self, ckpt: dict[str, Any] | None, pl_module: pl.LightningModule) -> None:
         if ckpt is None:
@@ -212,9 +203,7 @@ class QuantizationAwareTraining(Callback):
         state = (ckpt.get("callbacks") or {}).get(self.state_key) or {}
         if state.get("applied"):  # idempotent when the module already holds quantizers
             self.config = QuantConfig(**state["config"])
-            self.summary = quantize_model(pl_module, self.config)
-            if self.config.precision == "fp16":
-                track_overflow(pl_module)
+            self.summary = restore_quantizers(pl_module, self.config)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         run_preflight(trainer, pl_module, caller=self)
@@ -357,13 +346,9 @@ class QuantizationAwareTraining(Callback):
 
     def _keep_unreached(self, pl_module: pl.LightningModule) -> None:
         """Layers whose forward the calibration batches never ran stay in higher precision, named."""
-        missing = unreached_layers(pl_module)
+        missing = keep_unreached(pl_module, self.config)
         if not missing:
             return
-        for name, qs in missing.items():
-            self.config.higher_precision[name] = (
-                f"not reached by the calibration batches ({', '.join(qs)} saw no data: its forward did not run)"
-            )
         rank_zero_warn(
             f"qatsparse: calibration never ran {sorted(missing)}; they are kept in higher precision "
             "(see the quantization summary)"
@@ -374,11 +359,7 @@ class QuantizationAwareTraining(Callback):
         rows = sensitivity(pl_module, batches, self.sensitivity_metric, forward=lambda m, b: forward_batch(m, b))
         rows = trainer.strategy.broadcast(rows, src=0)  # every rank keeps the same layers
         self.sensitivity = rows
-        keep = {
-            r.name: f"auto-excluded: sensitivity rank {i} (metric drop {r.drop:.4g})"
-            for i, r in enumerate(rows[: self.auto_exclude], 1)
-        }
-        self.config.higher_precision.update(keep)
+        keep = keep_most_sensitive(rows, self.auto_exclude, self.config)
         self.summary = requantize(pl_module, self.config)
         rank_zero_info(format_sensitivity(rows, kept=keep))
 
@@ -387,12 +368,10 @@ class QuantizationAwareTraining(Callback):
             self._check_fp16_full(pl_module, where)
 
     def _check_fp16_full(self, pl_module: pl.LightningModule, where: str) -> None:
-        flagged = overflowing_layers(pl_module)
+        flagged = keep_overflowing(pl_module, self.config, where)
         if not flagged:
             return
         self.fp16_overflow.update(flagged)
-        for name, peak in flagged.items():
-            self.config.higher_precision[name] = f"fp16 overflow on {where} (peak |x| {peak:.4g})"
         rank_zero_warn(
             "qatsparse: layers outside the FP16 range (kept in FP32 from now on): "
             + ", ".join(f"{n} (peak {p:.4g})" for n, p in flagged.items())
@@ -403,41 +382,12 @@ class QuantizationAwareTraining(Callback):
     # ------------------------------------------------------------------ reporting
     def keep_fp32(self) -> list[str]:
         """Layers kept in higher precision on purpose: excluded by the user, auto-excluded, FP16 overflow."""
-        if self.summary is None:
-            return sorted(self.config.higher_precision)
-        return sorted({n for n in self.summary.skipped if self.config.keeps(n)} | set(self.config.higher_precision))
+        return kept_fp32(self.config, self.summary)
 
     def describe(self, pl_module: pl.LightningModule) -> str:
         """A summary table of what is quantized and with which amax."""
-        from rich.console import Console
-        from rich.table import Table
-
         assert self.summary is not None
-        qs = quantizers(pl_module)
-        int8 = self.config.precision == "int8"
-        title = (
-            f"QAT ({self.config.precision}, calibrator={self.config.calibrator}): "
-            f"{len(self.summary.quantized)} layers quantized, {len(self.summary.residual)} residual quantizers"
-        )
-        table = Table(title=title)
-        for col in ("layer", "precision", "input amax", "weight amax (min..max)", "note"):
-            table.add_column(col)
-        for name in self.summary.quantized:
-            a, w = qs.get(f"{name}.input_quantizer"), qs.get(f"{name}.weight_quantizer")
-            if a is None or w is None:
-                continue
-            amax_in = f"{float(a.amax):.4g}" if int8 else "-"
-            amax_w = f"{float(w.amax.min()):.4g}..{float(w.amax.max()):.4g}" if int8 else "-"
-            table.add_row(name, self.config.precision, amax_in, amax_w, "")
-        for name, what in self.summary.residual.items():
-            table.add_row(name, "int8", f"{float(qs[name].amax):.4g}", "-", what)
-        for name, why in self.summary.skipped.items():
-            table.add_row(name, "fp32", "-", "-", why)
-        buf = io.StringIO()
-        Console(file=buf, width=140, color_system=None).print(table)
-        lines = [buf.getvalue().rstrip()]
-        lines += [f"  note {n}: {why}" for n, why in self.summary.notes.items()]
-        return "\n".join(lines)
+        return describe_quantization(pl_module, self.config, self.summary)
 
     def report(self, pl_module: pl.LightningModule) -> dict[str, Any]:
         """What goes into report.json's ``quantization`` entry.
@@ -459,18 +409,7 @@ class QuantizationAwareTraining(Callback):
             "health": [e.to_dict() for e in self.health.monitor.events],
         }
         if self.summary is not None:
-            qs = quantizers(pl_module)
-            out["quantized"] = self.summary.quantized
-            out["skipped"] = self.summary.skipped
-            out["residual_quantizers"] = self.summary.residual
-            out["notes"] = self.summary.notes
-            if self.config.precision == "int8":
-                out["input_amax"] = {
-                    n: float(qs[f"{n}.input_quantizer"].amax)
-                    for n in self.summary.quantized
-                    if f"{n}.input_quantizer" in qs
-                }
-                out["residual_amax"] = {n: float(qs[n].amax) for n in self.summary.residual if n in qs}
+            out.update(summary_entries(pl_module, self.config, self.summary))
         return out
 
     # ------------------------------------------------------------------ state
