@@ -57,7 +57,7 @@ def onnx_precision(path: str | Path) -> str:
     """``"int8+fp16"``, ``"int8"``, ``"fp16"`` or ``"fp32"``: what the graph computes in.
 
     Example:
-        >>> import tempfile
+        >>> import tempfile, torch
         >>> onnx_precision(export_onnx(nn.Linear(2, 2), [torch.zeros(1, 2)], tempfile.mkdtemp() + "/m.onnx"))
         'fp32'
     """
