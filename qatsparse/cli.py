@@ -32,11 +32,11 @@ from jsonargparse import Namespace
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 from torch import nn
 
+from qatsparse.gate import enforce_gate
 from qatsparse.lightning_compat import is_lightning_module, overrides
 from qatsparse.progress import progress_for
 from qatsparse.restore import RestoredRun
 from qatsparse.restore import restore_run as _restore_run
-from qatsparse.validation import enforce_gate
 
 #: Folder of the shipped recipes (package data; ``recipes/`` at the repository root mirrors it).
 RECIPES_DIR = Path(__file__).resolve().parent / "recipes"

@@ -28,7 +28,7 @@ class ExportSettings:
     output_names: list[str] | None = None
     opset: int = 17
     device: str = field(default_factory=lambda: "cuda" if torch.cuda.is_available() else "cpu")
-    #: the user's metrics (see :func:`qatsparse.validation.metric_specs`); None = top-1 / MSE per output
+    #: the user's metrics (see :func:`qatsparse.metrics.metric_specs`); None = top-1 / MSE per output
     metrics: Any = None
     #: INT8 graphs: convert the non-quantized remainder to FP16 (strongly typed TensorRT runs it as typed)
     fp16_remainder: bool = True

@@ -19,11 +19,12 @@ from qatsparse.batches import input_names as keyword_names
 from qatsparse.engine_stage import engine_facts, maybe_build_engine, write_handoff
 from qatsparse.export.runners import OnnxRuntimeRunner, Runner, TorchRunner
 from qatsparse.export_settings import ExportSettings
+from qatsparse.gate import gate
 from qatsparse.progress import QUIET, Progress
 from qatsparse.quantization import remove_quantizers
 from qatsparse.report import build_report, print_console, write_report
 from qatsparse.sparsity.check import onnx_sparsity_summary, sparsity_summary
-from qatsparse.validation import gate, validate
+from qatsparse.validation import validate
 
 __all__ = [
     "ExportSettings",
@@ -208,7 +209,7 @@ def export_and_validate(
 
     Returns:
         The report dictionary (also written as report.json/md/png). The gate is not enforced here:
-        see :func:`qatsparse.validation.enforce_gate`.
+        see :func:`qatsparse.gate.enforce_gate`.
     """
     d = Path(settings.dirpath)
     d.mkdir(parents=True, exist_ok=True)

@@ -260,7 +260,7 @@ def check_validation(data: FitData, settings: Any, on_fail: str) -> list[str]:
     Returns warnings (gate problems when ``on_fail="warn"``, which would only warn at fit end too).
     """
     from qatsparse.batches import batch_targets, input_names, input_tensors
-    from qatsparse.validation import _BackendMetrics, metric_specs
+    from qatsparse.metrics import BackendMetrics, metric_specs
 
     if data.val_loader() is None:
         raise ValueError(
@@ -319,7 +319,7 @@ def check_validation(data: FitData, settings: Any, on_fail: str) -> list[str]:
     targets = batch_targets(module, batch)
     computed: list[str] = []
     if targets is not None:
-        metrics = _BackendMetrics(specs)
+        metrics = BackendMetrics(specs)
         try:
             metrics.update([o.detach().float().cpu() for o in outs], [t.cpu() for t in targets], outputs)
             computed = list(metrics.compute())

@@ -12,7 +12,7 @@ from typing import Any
 
 from qatsparse.report_figure import metric_names as _metric_names
 from qatsparse.report_figure import plot
-from qatsparse.validation import ValidationResult, is_higher_better, metric_drops
+from qatsparse.validation_result import ValidationResult, is_higher_better, metric_drops
 
 __all__ = ["build_report", "device_info", "library_versions", "plot", "print_console", "to_markdown", "write_report"]
 

@@ -13,6 +13,7 @@ from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 
 from qatsparse.callbacks._common import find_callback
 from qatsparse.checkpointing import snapshot_state_dict, with_metadata
+from qatsparse.gate import GateFailed, enforce_gate
 from qatsparse.lightning_compat import Callback
 from qatsparse.loaders import find_val_dataloader
 from qatsparse.log_metrics import log_to_loggers, report_metrics
@@ -33,7 +34,6 @@ from qatsparse.preflight import (
 from qatsparse.progress import QUIET, Progress, progress_for
 from qatsparse.recovery import export_failed, gate_failed, save_checkpoint
 from qatsparse.sharding import check_full_state_dict, full_weights
-from qatsparse.validation import GateFailed, enforce_gate
 
 
 class TensorRTExport(Callback):
@@ -142,7 +142,7 @@ class TensorRTExport(Callback):
             ort_graph_optimization=ort_graph_optimization,
         )
         if metrics is not None:  # bad metric configurations fail here, before training
-            from qatsparse.validation import metric_specs
+            from qatsparse.metrics import metric_specs
 
             named: list[str] = []
             if isinstance(metrics, Mapping) and "class_path" not in metrics:
