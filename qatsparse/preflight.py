@@ -16,19 +16,41 @@ run when a callback is built; the rest runs at ``on_fit_start`` (after ``setup``
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 import tempfile
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
-from qatsparse.batches import FIX, Inputs, as_outputs, batch_inputs, call_model, describe, inputs_to
-from qatsparse.loaders import find_val_dataloader, peek
+from qatsparse.export_preflight import check_engine_available, check_validation
+from qatsparse.fit_data import FitData
+from qatsparse.forward_check import check_forward, inference_isolated, run_forward
+
+__all__ = [
+    "Checks",
+    "FitData",
+    "PreflightError",
+    "check_batch_sizes",
+    "check_dirpath",
+    "check_engine_available",
+    "check_forward",
+    "check_int",
+    "check_max_metric_drop",
+    "check_module_names",
+    "check_opset",
+    "check_positive",
+    "check_quantizable_patterns",
+    "check_start_step",
+    "check_validation",
+    "inference_isolated",
+    "preflight_callbacks",
+    "run_forward",
+    "run_preflight",
+    "total_steps",
+]
 
 
 class PreflightError(ValueError, TypeError, RuntimeError):
@@ -175,54 +197,6 @@ def check_module_names(module: nn.Module, names: Sequence[str], argument: str) -
         raise ValueError(f"{argument}: {missing} are not module names of {type(module).__name__} (some are {some})")
 
 
-@contextlib.contextmanager
-def inference_isolated(module: nn.Module) -> Iterator[None]:
-    """Eval mode, no gradients, the RNG forked, and afterwards every submodule's train/eval mode and every
-    FP16 overflow record as before: a forward here leaves no trace in the training run."""
-    modes = [(m, m.training) for m in module.modules()]
-    peaks = [(m, m._overflow_peak) for m in module.modules() if hasattr(m, "_overflow_peak")]
-    cuda = sorted({p.device.index or 0 for p in module.parameters() if p.device.type == "cuda"})
-    try:
-        with torch.random.fork_rng(devices=cuda), torch.no_grad():
-            module.eval()
-            yield
-    finally:
-        for m, training in modes:
-            m.training = training
-        for m, peak in peaks:
-            m._overflow_peak = peak
-
-
-def run_forward(module: nn.Module, inputs: Inputs, where: str, batch: Any = None) -> Any:
-    """Run ``module`` on ``inputs`` (isolated, see :func:`inference_isolated`); the output must be tensors.
-
-    Raises:
-        TypeError: naming the batch layout, the inputs, the forward's error and the fix.
-    """
-    try:
-        with inference_isolated(module):
-            out = call_model(module, inputs)
-        as_outputs(out)
-    except Exception as e:
-        how = "module(**inputs)" if isinstance(inputs, Mapping) else "module(*inputs)"
-        read = f"batch {describe(batch)} -> " if batch is not None else ""
-        raise TypeError(
-            f"{where}: {type(module).__name__} cannot take the inputs qatsparse reads: {read}inputs "
-            f"{describe(inputs)} -> {how} raised {type(e).__name__}: {e}. If these are not the forward's inputs "
-            f"(or it returns something other than tensors, or a tuple or dict of them), {FIX}"
-        ) from e
-    return out
-
-
-def check_forward(module: nn.Module, batch: Any, where: str) -> tuple[Inputs, Any]:
-    """Read ``batch``'s inputs (see :mod:`qatsparse.batches`) and run ``module`` on them; returns both."""
-    try:
-        inputs = batch_inputs(module, batch)
-    except TypeError as e:
-        raise TypeError(f"{where}: {e}") from None
-    return inputs, run_forward(module, inputs, where, batch)
-
-
 def check_quantizable_patterns(module: nn.Module, exclude: Sequence[str]) -> None:
     """QAT's ``exclude`` patterns each match a layer that quantization would change."""
     from qatsparse.patterns import compile_patterns, require_matches
@@ -232,169 +206,6 @@ def check_quantizable_patterns(module: nn.Module, exclude: Sequence[str]) -> Non
     names = [n for n, m in module.named_modules() if is_quant_layer(m) or quant_class_for(m)[0] is not None]
     arg = f"QuantizationAwareTraining(exclude={list(exclude)!r})"
     require_matches(compile_patterns(exclude, arg), names, arg, "quantizable layer")
-
-
-def check_engine_available(build_engine: Any) -> None:
-    """``build_engine=True`` needs TensorRT and a CUDA device here."""
-    if build_engine is True:
-        from qatsparse.export.tensorrt import tensorrt_available
-
-        if not tensorrt_available():
-            raise RuntimeError(
-                "TensorRTExport(build_engine=True): `import tensorrt` fails or there is no CUDA device; use "
-                "build_engine='auto' to build the engine only where it can run (or False to never build it)"
-            )
-
-
-def _names(given: Sequence[str] | None, keys: list[str] | None, n: int, stem: str) -> list[str]:
-    from qatsparse.export.onnx import default_io_names
-
-    return list(given or keys or default_io_names(n, stem))
-
-
-def check_validation(data: FitData, settings: Any, on_fail: str) -> list[str]:
-    """What the export and the accuracy gate will do at fit end, tried on the first validation batch: the
-    validation loader exists, the model takes its inputs (and ``example_input_array``), the ONNX input and
-    output names fit, every metric can be computed, and ``max_metric_drop`` names only computed metrics.
-
-    Returns warnings (gate problems when ``on_fail="warn"``, which would only warn at fit end too).
-    """
-    from qatsparse.batches import batch_targets, input_names, input_tensors
-    from qatsparse.metrics import BackendMetrics, metric_specs
-
-    if data.val_loader() is None:
-        raise ValueError(
-            "TensorRTExport needs validation data and this fit has none: pass it to "
-            "`trainer.fit(model, train_dataloaders, val_dataloaders)`, or use a LightningDataModule or "
-            "LightningModule with a `val_dataloader()` (the validation loop itself may be off)"
-        )
-    from qatsparse.export.pooling import adaptive_pool_problems
-
-    module = data.module
-    batch = data.val_batch()
-    with adaptive_pool_problems(module) as pooling:
-        inputs, out = check_forward(module, batch, "TensorRTExport (validation batches)")
-    source = "the first validation batch"
-    example = getattr(module, "example_input_array", None)
-    if example is not None:
-        where = f"TensorRTExport (the export example, {type(module).__name__}.example_input_array)"
-        from qatsparse.batches import example_inputs
-
-        try:
-            ex_inputs = example_inputs(module)
-        except TypeError as e:
-            raise TypeError(f"{where}: {e}") from None
-        with adaptive_pool_problems(module) as pooling:
-            ex_out = run_forward(module, inputs_to(ex_inputs, data.device), where)
-        if len(as_outputs(ex_out)) != len(as_outputs(out)):
-            raise ValueError(
-                f"{where}: gives {len(as_outputs(ex_out))} outputs, a validation batch {len(as_outputs(out))}"
-            )
-        inputs, source = ex_inputs, f"{type(module).__name__}.example_input_array"
-    if pooling:
-        raise ValueError(
-            f"TensorRTExport: the model cannot be exported to ONNX at the size of its export input ({source}, "
-            f"{describe(inputs)}): {'; '.join(pooling)}. Export (and validate) at a size that gives such a multiple "
-            "-- torchvision VGG and AlexNet need 224x224 images -- or pool with a fixed kernel"
-        )
-    outs = as_outputs(out)
-    keys = input_names(inputs)
-    n_in = len(input_tensors(inputs))
-    given = settings.input_names
-    if given and (len(given) != n_in or (keys is not None and list(given) != keys)):
-        want = f"the keywords {keys}" if keys is not None else f"{n_in} name(s)"
-        raise ValueError(
-            f"TensorRTExport(input_names={given!r}): the model takes {describe(inputs)}, so give {want} or leave "
-            "input_names unset"
-        )
-    if settings.output_names and len(settings.output_names) != len(outs):
-        raise ValueError(
-            f"TensorRTExport(output_names={settings.output_names!r}): the model returns {len(outs)} output(s) "
-            f"({describe(out)}); give {len(outs)} name(s)"
-        )
-    outputs = _names(
-        settings.output_names, [str(k) for k in out] if isinstance(out, Mapping) else None, len(outs), "output"
-    )
-    specs = metric_specs(settings.metrics, outputs)
-    targets = batch_targets(module, batch)
-    computed: list[str] = []
-    if targets is not None:
-        metrics = BackendMetrics(specs)
-        try:
-            metrics.update([o.detach().float().cpu() for o in outs], [t.cpu() for t in targets], outputs)
-            computed = list(metrics.compute())
-        except Exception as e:
-            raise ValueError(
-                f"TensorRTExport(metrics={settings.metrics!r}): computing the metrics on the first validation batch "
-                f"(outputs {describe(out)}, targets {describe(targets)}) fails: {type(e).__name__}: {e}"
-            ) from e
-    gate: list[str] = []
-    if not computed:
-        gate.append(
-            f"TensorRTExport: no metric can be computed on the validation batches ({describe(batch)}: "
-            f"{'no target' if targets is None else 'no default metric fits outputs ' + describe(out)}), so the "
-            "accuracy gate would check nothing; give targets (the second element of a tuple batch, a 'labels' "
-            "entry, or `batch_targets(batch)`) and/or `metrics=...`"
-        )
-    bounds = settings.max_metric_drop
-    unknown = [m for m in bounds if m not in computed] if isinstance(bounds, Mapping) else []
-    if unknown and computed:
-        gate.append(
-            f"TensorRTExport(max_metric_drop={dict(bounds)!r}): {unknown} will not be computed; the metrics are "
-            f"{computed} (rename the bounds, or add metrics with `metrics=...`)"
-        )
-    if gate and on_fail == "raise":
-        raise ValueError("\n     ".join(gate))
-    return gate
-
-
-class FitData:
-    """One training and one validation batch of a fit, read once (lazily) for every check.
-
-    The training batch is read the way calibration reads it (a separate pass, samplers' generators and the
-    RNG left as they were, moved to the device); the validation loader is found even when the validation
-    loop does not run (:func:`qatsparse.loaders.find_val_dataloader`).
-    """
-
-    def __init__(self, trainer: Any, pl_module: nn.Module) -> None:
-        self.trainer, self.module = trainer, pl_module
-        self._cache: dict[str, Any] = {}
-
-    def _once(self, key: str, make: Callable[[], Any]) -> Any:
-        if key not in self._cache:
-            self._cache[key] = make()
-        return self._cache[key]
-
-    @property
-    def device(self) -> torch.device:
-        return self.trainer.strategy.root_device
-
-    def train_batch(self) -> Any:
-        def read() -> Any:
-            from qatsparse.loaders import train_dataloader
-
-            with torch.random.fork_rng(devices=self._cuda()):
-                batch = peek(train_dataloader(self.trainer))
-            return self.trainer.strategy.batch_to_device(batch)
-
-        return self._once("train_batch", read)
-
-    def val_loader(self) -> Any:
-        return self._once("val_loader", lambda: find_val_dataloader(self.trainer))
-
-    def val_batch(self) -> Any:
-        def read() -> Any:
-            loader = self.val_loader()
-            if loader is None:
-                raise ValueError("no validation data")
-            with torch.random.fork_rng(devices=self._cuda()):
-                batch = peek(loader)
-            return self.trainer.strategy.batch_to_device(batch)
-
-        return self._once("val_batch", read)
-
-    def _cuda(self) -> list[int]:
-        return [self.device.index or 0] if self.device.type == "cuda" else []
 
 
 class Checks:
