@@ -1,24 +1,20 @@
-"""TensorRT: one process-wide logger, the engine build, the engine inspector and a runner (10.x and 11.x).
+"""TensorRT: the engine build and the engine inspector (10.x and 11.x).
 
-``tensorrt`` is an optional dependency imported lazily: nothing here runs where it is absent, and no
-TensorRT result is ever produced by anything but TensorRT. What TensorRT prints is parsed by the pure
-functions of :mod:`qatsparse.export.engine_info`; the optimization profile comes from
-:mod:`qatsparse.export.profile`. Every TensorRT call used here is listed, with where it is documented, in
-``docs/export.md``.
+``tensorrt`` is an optional dependency imported lazily (:mod:`qatsparse.export.trt_loader`, with the one
+process-wide logger): nothing here runs where it is absent, and no TensorRT result is ever produced by anything
+but TensorRT. What TensorRT prints is parsed by the pure functions of :mod:`qatsparse.export.engine_info`; the
+optimization profile comes from :mod:`qatsparse.export.profile`; engines run in
+:class:`~qatsparse.export.trt_runner.TensorRTRunner` (re-exported here). Every TensorRT call used here and there
+is listed, with where it is documented, in ``docs/export.md``.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
-import sys
-import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
-
-import torch
 
 from qatsparse.export.engine_info import (  # noqa: F401 -- re-exported: the parsers' historical home
     engine_precision_label,
@@ -28,94 +24,21 @@ from qatsparse.export.engine_info import (  # noqa: F401 -- re-exported: the par
     parse_sparsity_log,
 )
 from qatsparse.export.profile import onnx_input_dims, profile_shapes
+from qatsparse.export.trt_loader import import_tensorrt, tensorrt_available, trt_logger
+from qatsparse.export.trt_runner import TensorRTRunner
+
+__all__ = [
+    "SUPPORTED_TENSORRT",
+    "TensorRTRunner",
+    "attach_timing_cache",
+    "build_engine",
+    "inspect_engine",
+    "tensorrt_available",
+    "trt_logger",
+]
 
 #: TensorRT releases this module is written against (Python bindings and headers read for each).
 SUPPORTED_TENSORRT = ("10.0", "11.1")
-
-
-def tensorrt_available() -> bool:
-    """True when ``import tensorrt`` works and a CUDA device is present."""
-    try:
-        import tensorrt  # noqa: F401
-    except Exception:
-        return False
-    return torch.cuda.is_available()
-
-
-def _trt():
-    try:
-        import tensorrt as trt
-    except ImportError as e:
-        raise RuntimeError(
-            "TensorRT is not installed: install the `tensorrt` extra from NVIDIA's package index "
-            "(pip install 'qatsparse[tensorrt]' --extra-index-url https://pypi.nvidia.com)"
-        ) from e
-    major = int(str(trt.__version__).split(".")[0])
-    if major < 10:
-        raise RuntimeError(f"TensorRT {trt.__version__} is too old: qatsparse needs TensorRT >= 10.0 (strong typing)")
-    return trt
-
-
-# ------------------------------------------------------------------------------------ the logger
-_LOGGER: Any = None
-_LOGGER_LOCK = threading.Lock()
-
-
-def trt_logger() -> Any:
-    """The process-wide ``trt.ILogger`` every qatsparse Builder, parser and Runtime is given.
-
-    TensorRT keeps the first logger a process hands it and ignores later ones, so a second logger (one per
-    build, as before) could receive nothing. This one is created once (as Polygraphy does with its own),
-    echoes warnings and errors to stderr, and lets a build :meth:`capture` the INFO lines it needs (the
-    sparsity lists). If another library registered its logger first, a capture stays empty and the build
-    facts say the log was not seen instead of reporting empty lists.
-    """
-    global _LOGGER
-    with _LOGGER_LOCK:
-        if _LOGGER is None:
-            _LOGGER = _make_logger(_trt())
-        return _LOGGER
-
-
-def _make_logger(trt: Any) -> Any:
-    severity = trt.ILogger.Severity
-
-    class QatsparseTrtLogger(trt.ILogger):
-        def __init__(self) -> None:
-            trt.ILogger.__init__(self)  # required by the Python API for custom loggers
-            self._sinks: list[list[str]] = []
-            self._lock = threading.Lock()
-            self.echo_level = int(severity.WARNING)
-
-        def log(self, sev: Any, msg: str) -> None:  # called from TensorRT's threads; must not raise
-            try:
-                level = int(sev)
-                if level <= int(severity.INFO):
-                    with self._lock:
-                        for sink in self._sinks:
-                            sink.append(msg)
-                if level <= self.echo_level:
-                    print(f"[TensorRT] {getattr(sev, 'name', level)}: {msg}", file=sys.stderr)
-            except Exception:  # pragma: no cover - nothing may escape into TensorRT
-                pass
-
-        @contextlib.contextmanager
-        def capture(self, verbose: bool = False) -> Iterator[list[str]]:
-            """Collect the INFO-and-above lines logged inside the block (and echo them with ``verbose``)."""
-            sink: list[str] = []
-            old = self.echo_level
-            with self._lock:
-                self._sinks.append(sink)
-                if verbose:
-                    self.echo_level = int(severity.INFO)
-            try:
-                yield sink
-            finally:
-                with self._lock:
-                    self._sinks.remove(sink)
-                    self.echo_level = old
-
-    return QatsparseTrtLogger()
 
 
 # ------------------------------------------------------------------------------------ the build
@@ -219,7 +142,7 @@ def build_engine(
     from qatsparse.export.onnx import atomic_path
     from qatsparse.report import device_info
 
-    trt = _trt()
+    trt = import_tensorrt()
     onnx_path, plan_path = Path(onnx_path), Path(plan_path)
     build_json = Path(build_json) if build_json else plan_path.with_name("build.json")
     logger = trt_logger()
@@ -308,7 +231,7 @@ def build_engine(
 def inspect_engine(plan_path: str | Path, input_shapes: Mapping[str, Sequence[int]]) -> dict:
     """Deserialize an engine and parse its inspector JSON (with an execution context at ``input_shapes``,
     so formats are resolved instead of "N/A due to dynamic shapes")."""
-    trt = _trt()
+    trt = import_tensorrt()
     runtime = trt.Runtime(trt_logger())
     engine = runtime.deserialize_cuda_engine(Path(plan_path).read_bytes())
     if engine is None:
@@ -319,124 +242,3 @@ def inspect_engine(plan_path: str | Path, input_shapes: Mapping[str, Sequence[in
     inspector = engine.create_engine_inspector()
     inspector.execution_context = context
     return parse_engine_information(inspector.get_engine_information(trt.LayerInformationFormat.JSON))
-
-
-# ------------------------------------------------------------------------------------ the runner
-class TensorRTRunner:
-    """Runs a serialized engine with ``execute_async_v3``, tensors bound by name, torch CUDA buffers.
-
-    Any shape inside the engine's optimization profile works; inputs are matched to the engine's input
-    tensors by position in the engine's I/O order (the ONNX input order) or by name through
-    :meth:`run_named`.
-
-    Example (needs TensorRT and a GPU):
-        >>> runner = TensorRTRunner("export/model.plan")  # doctest: +SKIP
-        >>> outputs = runner((torch.randn(8, 1, 8, 8),))  # doctest: +SKIP
-    """
-
-    device = "cuda"
-
-    def __init__(self, plan_path: str | Path, name: str = "tensorrt", precision: str = "engine") -> None:
-        trt = _trt()
-        self.name, self.precision = name, precision
-        self._trt = trt
-        self.runtime = trt.Runtime(trt_logger())
-        self.engine = self.runtime.deserialize_cuda_engine(Path(plan_path).read_bytes())
-        if self.engine is None:
-            raise RuntimeError(f"TensorRT could not deserialize {plan_path}")
-        self.context = self.engine.create_execution_context()
-        names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
-        mode = self.engine.get_tensor_mode
-        self.input_names = [n for n in names if mode(n) == trt.TensorIOMode.INPUT]
-        self.output_names = [n for n in names if mode(n) == trt.TensorIOMode.OUTPUT]
-        self.profile = {n: tuple(tuple(int(d) for d in s) for s in self.engine.get_tensor_profile_shape(n, 0))
-                        for n in self.input_names}  # fmt: skip
-        self.batch_range = {n: (p[0][0], p[2][0]) for n, p in self.profile.items()}
-
-    def _torch_dtype(self, name: str) -> torch.dtype:
-        trt = self._trt
-        table = {trt.float32: torch.float32, trt.float16: torch.float16, trt.int32: torch.int32, trt.int8: torch.int8}
-        for trt_name, torch_dtype in (("bool", torch.bool), ("int64", torch.int64), ("bfloat16", torch.bfloat16)):
-            if hasattr(trt, trt_name):
-                table[getattr(trt, trt_name)] = torch_dtype
-        return table[self.engine.get_tensor_dtype(name)]
-
-    def _check_shape(self, name: str, shape: tuple[int, ...]) -> None:
-        lo, _, hi = self.profile[name]
-        if len(shape) != len(lo) or any(not a <= s <= b for s, a, b in zip(shape, lo, hi)):
-            what = f"batch {shape[0]}" if shape[1:] == tuple(lo[1:]) == tuple(hi[1:]) else f"shape {shape}"
-            raise ValueError(f"{what} of {name!r} is outside the engine's profile [{lo}, {hi}]")
-
-    def bind(self, inputs: Sequence[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """Set shapes and addresses for ``inputs`` (copied to CUDA on the current stream); returns (device
-        inputs, fresh output buffers). The returned tensors must stay alive while the context runs."""
-        if len(inputs) != len(self.input_names):
-            raise ValueError(f"engine takes {len(self.input_names)} inputs {self.input_names}, got {len(inputs)}")
-        dev_inputs = []
-        for name, t in zip(self.input_names, inputs):
-            self._check_shape(name, tuple(t.shape))
-            t = t.to(device="cuda", dtype=self._torch_dtype(name)).contiguous()
-            self.context.set_input_shape(name, tuple(t.shape))
-            self.context.set_tensor_address(name, int(t.data_ptr()))
-            dev_inputs.append(t)
-        outputs = []
-        for name in self.output_names:
-            shape = tuple(self.context.get_tensor_shape(name))
-            out = torch.empty(shape, dtype=self._torch_dtype(name), device="cuda")
-            self.context.set_tensor_address(name, int(out.data_ptr()))
-            outputs.append(out)
-        return dev_inputs, outputs
-
-    def execute(self, stream: torch.cuda.Stream | None = None) -> None:
-        """Enqueue one inference with the current bindings on ``stream`` (default: the current stream)."""
-        stream = stream or torch.cuda.current_stream()
-        if not self.context.execute_async_v3(stream.cuda_stream):
-            raise RuntimeError("TensorRT execute_async_v3 failed")
-
-    def run_device(self, inputs: Sequence[torch.Tensor], stream: torch.cuda.Stream | None = None) -> list[torch.Tensor]:
-        """Run on tensors already on the device; returns CUDA output tensors (enqueued, not synchronized)."""
-        self._alive, outputs = self.bind(inputs)
-        self.execute(stream)
-        return outputs
-
-    def run_named(self, inputs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Run with inputs given by tensor name; returns CPU float32 outputs by name."""
-        missing = [n for n in self.input_names if n not in inputs]
-        if missing:
-            raise ValueError(f"missing engine inputs {missing}; the engine takes {self.input_names}")
-        outs = self((*(inputs[n] for n in self.input_names),))
-        return dict(zip(self.output_names, outs))
-
-    def timed_callable(
-        self, inputs: Sequence[torch.Tensor], cuda_graph: bool = True
-    ) -> tuple[Callable[[], None], bool]:
-        """A zero-argument function that enqueues one inference on fixed device buffers, for benchmarking.
-
-        The inputs are copied on the current stream; the first enqueue (which does the setup work after a
-        shape change) runs on a side stream that waits for those copies, and is kept out of the graph. With
-        ``cuda_graph`` the enqueue is then captured once into a CUDA graph and replayed (as trtexec does); if
-        capture fails it falls back to plain enqueues. Returns the function and whether a graph is used.
-        """
-        self._bench_buffers = self.bind(inputs)
-        current = torch.cuda.current_stream()
-        stream = torch.cuda.Stream()
-        stream.wait_stream(current)  # the input copies above were enqueued on `current`
-        with torch.cuda.stream(stream):
-            self.execute(stream)
-        stream.synchronize()
-        if cuda_graph:
-            try:
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, stream=stream):
-                    self.execute(torch.cuda.current_stream())
-                current.wait_stream(stream)
-                return graph.replay, True
-            except Exception as e:  # pragma: no cover - depends on the engine
-                print(f"[qatsparse] CUDA graph capture of the TensorRT engine failed ({e}); timing plain enqueues")
-        current.wait_stream(stream)
-        return (lambda: self.execute(torch.cuda.current_stream())), False
-
-    def __call__(self, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
-        outs = self.run_device([t.to("cuda") for t in inputs])
-        torch.cuda.current_stream().synchronize()
-        return tuple(o.float().cpu() for o in outs)
