@@ -16,13 +16,8 @@ the config is parsed -- before anything is built or trained -- with the valid na
 
 from __future__ import annotations
 
-import difflib
-import importlib
-import inspect
 import json
-import re
 import sys
-from argparse import ArgumentTypeError
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -32,159 +27,44 @@ from jsonargparse import Namespace
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 from torch import nn
 
+from qatsparse.cli_parser import QatsparseArgumentParser, error_hints
 from qatsparse.gate import enforce_gate
 from qatsparse.lightning_compat import is_lightning_module, overrides
 from qatsparse.progress import progress_for
+from qatsparse.recipe_configs import (
+    RECIPE_VERSIONS,
+    RECIPES_DIR,
+    RecipeVersionError,
+    list_recipes,
+    print_recipes,
+    recipe_description,
+    recipe_paths,
+    recipe_version,
+    resolve_config,
+    resolve_config_args,
+)
 from qatsparse.restore import RestoredRun
 from qatsparse.restore import restore_run as _restore_run
 
-#: Folder of the shipped recipes (package data; ``recipes/`` at the repository root mirrors it).
-RECIPES_DIR = Path(__file__).resolve().parent / "recipes"
-#: Recipe format versions this release reads (the ``version:`` key of a recipe).
-RECIPE_VERSIONS = (1,)
-
-
-# ---------------------------------------------------------------------------------------- recipes
-def recipe_paths() -> dict[str, Path]:
-    """Shipped recipes by name.
-
-    Example:
-        >>> "digits_int8_sparse" in recipe_paths()
-        True
-    """
-    return {p.stem: p for p in sorted(RECIPES_DIR.glob("*.yaml"))}
-
-
-def recipe_description(path: str | Path) -> str:
-    """The one-line description of a recipe: its first comment line, without a leading ``name --``."""
-    for line in Path(path).read_text().splitlines():
-        if not line.startswith("#"):
-            break
-        text = line.lstrip("#").strip()
-        if text:
-            return re.sub(rf"^{re.escape(Path(path).stem)}\s*(--|:|-)\s*", "", text)
-    return ""
-
-
-def list_recipes() -> dict[str, str]:
-    """``{name: one-line description}`` of the shipped recipes (what ``qatsparse recipes`` prints)."""
-    return {name: recipe_description(p) for name, p in recipe_paths().items()}
-
-
-def resolve_config(value: str) -> str:
-    """A ``--config`` value as a path: an existing file is kept, a shipped recipe's name (with or
-    without ``.yaml``) becomes its path, anything else is an error naming the shipped recipes.
-
-    Example:
-        >>> Path(resolve_config("digits_int8_sparse")).name
-        'digits_int8_sparse.yaml'
-    """
-    if Path(value).exists() or value.lstrip().startswith(("{", "[")) or "\n" in value or ":" in value:
-        return value  # a file, or inline YAML/JSON (jsonargparse accepts both)
-    recipes = recipe_paths()
-    name = value[: -len(".yaml")] if value.endswith(".yaml") else value
-    if name in recipes:
-        return str(recipes[name])
-    raise SystemExit(
-        f"error: --config {value!r} is neither a file nor a shipped recipe; shipped recipes: {', '.join(recipes)}"
-    )
-
-
-def resolve_config_args(argv: Sequence[str]) -> list[str]:
-    """Replace every ``--config``/``-c`` value of a command line with :func:`resolve_config`'s path."""
-    out: list[str] = []
-    it = iter(argv)
-    for arg in it:
-        if arg in ("--config", "-c"):
-            out.append(arg)
-            value = next(it, None)
-            if value is not None:
-                out.append(resolve_config(value))
-        elif arg.startswith("--config="):
-            out.append("--config=" + resolve_config(arg.split("=", 1)[1]))
-        else:
-            out.append(arg)
-    return out
-
-
-class RecipeVersionError(ArgumentTypeError, ValueError):
-    """An unsupported ``version:`` (argparse shows an ArgumentTypeError's message, jsonargparse a ValueError's)."""
-
-
-def recipe_version(value: Any) -> int:
-    """Type of the ``version`` key: an integer among :data:`RECIPE_VERSIONS`."""
-    try:
-        v = int(value)
-    except (TypeError, ValueError):
-        raise RecipeVersionError(f"version must be an integer among {list(RECIPE_VERSIONS)}, got {value!r}") from None
-    if v not in RECIPE_VERSIONS:
-        raise RecipeVersionError(
-            f"recipe version {v} is not supported by this qatsparse; supported versions: {list(RECIPE_VERSIONS)}"
-        )
-    return v
-
-
-# ---------------------------------------------------------------------------------------- parser
-def _accepted_args(class_path: str) -> list[str]:
-    module, _, name = class_path.rpartition(".")
-    try:
-        cls = getattr(importlib.import_module(module), name)
-        params = inspect.signature(cls.__init__).parameters.values()
-    except Exception:
-        return []
-    return [p.name for p in params if p.name != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
-
-
-def _hint(bad: str, valid: Sequence[str]) -> str:
-    close = difflib.get_close_matches(bad, valid, n=1)
-    maybe = f" (did you mean {close[0]!r}?)" if close else ""
-    return f"'{bad}' is not a valid key{maybe}; valid keys: {', '.join(valid)}"
-
-
-def error_hints(message: str, parser_keys: Sequence[str] = ()) -> list[str]:
-    """For each unknown key named in a jsonargparse error: the valid keys there and the closest one.
-
-    Jsonargparse names the unknown key but not the accepted ones; users of recipes need both.
-
-    Example:
-        >>> msg = "Problem with given class_path 'qatsparse.TwoFourSparsity':\\n  Option 'start_stp' is not accepted"
-        >>> "did you mean 'start_step'?" in error_hints(msg)[0]
-        True
-    """
-    hints = []
-    for cls, bad in re.findall(r"class_path '([\w.]+)':\s*\n\s*Option '([\w.]+)' is not accepted", message):
-        hints.append(f"{cls}: {_hint(bad, _accepted_args(cls))}")
-    unknown = re.findall(r"does not accept option '([\w.]+)'", message)
-    unknown += re.findall(r"unrecognized arguments: --([\w.]+)", message)
-    if not hints:
-        unknown += re.findall(r"^Option '([\w.]+)' is not accepted", message, flags=re.M)
-    for key in unknown:
-        prefix = key.rpartition(".")[0]
-        valid = [k[len(prefix) + 1 :] if prefix else k for k in parser_keys if k.rpartition(".")[0] == prefix]
-        if valid:
-            hints.append(f"{prefix or 'top level'}: {_hint(key.rpartition('.')[2], sorted(set(valid)))}")
-    return hints
-
-
-class QatsparseArgumentParser(LightningArgumentParser):
-    """LightningArgumentParser whose errors about unknown keys also list the valid keys.
-
-    Example:
-        >>> p = QatsparseArgumentParser(exit_on_error=False); _ = p.add_argument("--max_steps", type=int)
-        >>> try:
-        ...     p.parse_args(["--max_stesp=3"])
-        ... except Exception as e:
-        ...     print("did you mean 'max_steps'?" in str(e))
-        True
-    """
-
-    def error(self, message: str, ex: Exception | None = None) -> Any:
-        parser = getattr(ex, "subcommand_parser", None) or self
-        keys = [a.dest for a in getattr(parser, "_actions", [])]
-        hints = error_hints(message, keys)
-        if hints:
-            message = message.rstrip() + "\n" + "\n".join(f"  hint: {h}" for h in hints)
-        return super().error(message, ex)
+__all__ = [
+    "RECIPES_DIR",
+    "RECIPE_VERSIONS",
+    "CLITrainer",
+    "QatsparseArgumentParser",
+    "QatsparseCLI",
+    "RecipeVersionError",
+    "error_hints",
+    "list_recipes",
+    "main",
+    "print_recipes",
+    "recipe_description",
+    "recipe_paths",
+    "recipe_version",
+    "resolve_config",
+    "resolve_config_args",
+    "restore_run",
+    "run_cli",
+]
 
 
 # ---------------------------------------------------------------------------------------- commands
@@ -382,15 +262,6 @@ class QatsparseCLI(LightningCLI):
             return super().parse_arguments(parser, args)
         argv = list(sys.argv[1:] if args is None else args)
         self.config = parser.parse_args(resolve_config_args(argv))
-
-
-def print_recipes() -> None:
-    """Print the shipped recipes, one per line with its description."""
-    recipes = list_recipes()
-    width = max(map(len, recipes), default=0)
-    for name, desc in recipes.items():
-        print(f"{name:<{width}}  {desc}")
-    print(f"\nRun one with `qatsparse fit --config NAME`; the files are in {RECIPES_DIR}")
 
 
 def run_cli(args: list[str] | None = None) -> QatsparseCLI | None:
