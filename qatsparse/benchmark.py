@@ -177,8 +177,8 @@ def benchmark(
         >>> r["results"][0]["backend"], r["results"][0]["iterations"] >= 3
         ('pytorch_fp32', True)
     """
+    from qatsparse.environment import device_info, library_versions
     from qatsparse.quantization import is_quantized, remove_quantizers
-    from qatsparse.report import device_info, library_versions
 
     unknown = [b for b in backends if b not in BACKENDS]
     if unknown:
