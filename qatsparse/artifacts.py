@@ -14,16 +14,9 @@ from torch import nn
 
 from qatsparse.batches import Inputs, input_tensors
 from qatsparse.batches import input_names as keyword_names
-from qatsparse.export.onnx import (
-    ABSENT_METADATA_KEY,
-    FP16_QDQ_OPSET,
-    atomic_path,
-    default_input_names,
-    export_onnx,
-    get_metadata,
-    record_pruned_layers,
-    save_model,
-)
+from qatsparse.export.atomic import atomic_path
+from qatsparse.export.metadata import ABSENT_METADATA_KEY, get_metadata, record_pruned_layers
+from qatsparse.export.onnx import FP16_QDQ_OPSET, default_input_names, export_onnx, save_model
 from qatsparse.export_settings import ExportSettings
 from qatsparse.quantization import prepare_for_onnx_export, quantizers, remove_quantizers
 

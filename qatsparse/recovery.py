@@ -110,8 +110,9 @@ def write_partial_report(
     that failed with its error, the checkpoint and the command that finishes it; ``passed`` is false. A
     ``report.md``/``report.png`` of an earlier run is removed, so nothing in ``dirpath`` describes a run
     that did not happen."""
-    from qatsparse.export.onnx import atomic_path
-    from qatsparse.report import json_safe, library_versions
+    from qatsparse.environment import library_versions
+    from qatsparse.export.atomic import atomic_path
+    from qatsparse.report import json_safe
 
     d = Path(dirpath)
     failed = failed_stage(completed)

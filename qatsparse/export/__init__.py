@@ -4,10 +4,12 @@
 for ``Finding`` and the rest).
 """
 
+from qatsparse.export.folding import fold_constants
 from qatsparse.export.fp16 import FP16Conversion, convert_to_fp16
 from qatsparse.export.graph import module_name_of_node
 from qatsparse.export.lint import Finding, lint, lint_errors
-from qatsparse.export.onnx import export_onnx, fold_constants, get_metadata, record_pruned_layers, set_metadata
+from qatsparse.export.metadata import get_metadata, record_pruned_layers, set_metadata
+from qatsparse.export.onnx import export_onnx
 from qatsparse.export.runners import OnnxRuntimeRunner, Runner, TorchRunner
 
 __all__ = [

@@ -100,7 +100,7 @@ class Bundle:
 
 
 def _save_npz(path: Path, arrays: Mapping[str, np.ndarray]) -> Path:
-    from qatsparse.export.onnx import atomic_path
+    from qatsparse.export.atomic import atomic_path
 
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
         np.savez(f, **arrays)
@@ -111,7 +111,7 @@ def _save_polygraphy_outputs(path: Path, outputs: Mapping[str, np.ndarray], runn
     from polygraphy.comparator import IterationResult, RunResults
     from polygraphy.logger import G_LOGGER
 
-    from qatsparse.export.onnx import atomic_path
+    from qatsparse.export.atomic import atomic_path
 
     results = RunResults()
     results.append((runner_name, [IterationResult(outputs=dict(outputs), runner_name=runner_name)]))
@@ -121,7 +121,7 @@ def _save_polygraphy_outputs(path: Path, outputs: Mapping[str, np.ndarray], runn
 
 
 def _write_text(path: Path, text: str, executable: bool = False) -> Path:
-    from qatsparse.export.onnx import atomic_path
+    from qatsparse.export.atomic import atomic_path
 
     with atomic_path(path) as tmp:
         tmp.write_text(text)

@@ -2,21 +2,46 @@
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import json
-import os
-import tempfile
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
+from qatsparse.export.atomic import atomic_path
+from qatsparse.export.folding import fold_constants
 from qatsparse.export.graph import module_name_of_node
+from qatsparse.export.metadata import (
+    ABSENT_METADATA_KEY,
+    get_metadata,
+    nodes_of_modules,
+    record_pruned_layers,
+    set_metadata,
+    weighted_node_names,
+)
+
+__all__ = [
+    "ABSENT_METADATA_KEY",
+    "DEFAULT_OPSET",
+    "FP16_QDQ_OPSET",
+    "LEGACY_EXPORTER_MODULE",
+    "LEGACY_EXPORTER_NOTICE",
+    "atomic_path",
+    "default_input_names",
+    "default_io_names",
+    "export_onnx",
+    "fold_constants",
+    "get_metadata",
+    "module_name_of_node",
+    "nodes_of_modules",
+    "record_pruned_layers",
+    "save_model",
+    "set_metadata",
+    "weighted_node_names",
+]
 
 DEFAULT_OPSET = 17
 #: The notice ``torch.onnx.export(dynamo=False)`` emits since PyTorch 2.9 (a regex for ``filterwarnings``).
@@ -36,26 +61,6 @@ def default_io_names(n: int, stem: str) -> list[str]:
         ['output_0', 'output_1']
     """
     return [stem] if n == 1 else [f"{stem}_{i}" for i in range(n)]
-
-
-@contextlib.contextmanager
-def atomic_path(path: Path) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; move it into place only if the block succeeds.
-
-    A failure inside the block leaves ``path`` as it was (absent or the previous file), never half written.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; the final file gets the usual permissions
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def _output_names_of(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> tuple[int, list[str] | None]:
@@ -140,6 +145,7 @@ def export_onnx(
     and shape inference must pass.
 
     Example:
+        >>> import tempfile
         >>> p = export_onnx(nn.Linear(4, 2), [torch.zeros(1, 4)], tempfile.mkdtemp() + "/m.onnx")
         >>> p.name
         'm.onnx'
@@ -219,189 +225,3 @@ def _export(
         proto = onnx.shape_inference.infer_shapes(proto, check_type=True, strict_mode=True)
         onnx.save(proto, str(tmp))
     return path
-
-
-#: Never folded: DequantizeLinear of a constant is how INT8 weights are stored (folding it would store
-#: FP32 weights and lose the quantization); random ops are not constant.
-_NO_FOLD = {"DequantizeLinear", "RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike", "Multinomial"}
-_MAX_FOLDED_ELEMENTS = 1 << 24
-
-
-def fold_constants(proto: Any) -> Any:
-    """Replace every node whose inputs are all constants by an initializer holding its output.
-
-    The TorchScript exporter leaves ``Clip(amax / 127, tiny)`` feeding each Q/DQ scale and a
-    ``QuantizeLinear`` on each constant weight; TensorRT needs the scales to be constants, and a weight
-    stored as INT8 followed by ``DequantizeLinear`` is what TensorRT (and ModelOpt's exports) expect.
-    Each node is evaluated with ONNX's reference implementation at the model's own opset. No library we
-    depend on folds ONNX constants without also rewriting the graph in backend-specific ways (ONNX
-    Runtime's optimizer) or needing extra packages (onnx-graphsurgeon), hence this small pass.
-
-    Example:
-        >>> import onnx
-        >>> from onnx import TensorProto, helper, numpy_helper
-        >>> g = helper.make_graph([helper.make_node("Relu", ["c"], ["r"]), helper.make_node("Add", ["x", "r"], ["y"])],
-        ...     "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
-        ...     [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])],
-        ...     [numpy_helper.from_array(np.array([-1.0, 2.0], np.float32), "c")])
-        >>> [n.op_type for n in fold_constants(helper.make_model(g)).graph.node]
-        ['Add']
-    """
-    import onnx
-    from onnx import helper, numpy_helper
-    from onnx.reference import ReferenceEvaluator
-
-    proto = copy.deepcopy(proto)
-    graph = proto.graph
-    values: dict[str, np.ndarray] = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
-    graph_outputs = {o.name for o in graph.output}
-    opsets = list(proto.opset_import)
-    kept, new_inits = [], []
-    for node in graph.node:
-        foldable = (
-            node.domain in ("", "ai.onnx")
-            and node.op_type not in _NO_FOLD
-            and not any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute)
-            and all(i == "" or i in values for i in node.input)
-            and not any(o in graph_outputs for o in node.output)
-        )
-        if foldable:
-            ins = [i for i in node.input if i]
-            g = helper.make_graph(
-                [node],
-                "fold",
-                [helper.make_tensor_value_info(i, helper.np_dtype_to_tensor_dtype(values[i].dtype), None) for i in ins],
-                [helper.make_tensor_value_info(o, onnx.TensorProto.UNDEFINED, None) for o in node.output if o],
-            )
-            try:
-                outs = ReferenceEvaluator(helper.make_model(g, opset_imports=opsets)).run(
-                    None, {i: values[i] for i in ins}
-                )
-            except Exception:  # an op the reference cannot run: keep the node as it is
-                outs = None
-            if outs is not None and all(np.asarray(o).size <= _MAX_FOLDED_ELEMENTS for o in outs):
-                for name, arr in zip([o for o in node.output if o], outs):
-                    arr = np.asarray(arr)
-                    values[name] = arr
-                    new_inits.append(numpy_helper.from_array(arr, name))
-                continue
-        kept.append(node)
-    del graph.node[:]
-    graph.node.extend(kept)
-    graph.initializer.extend(new_inits)
-    _drop_unused_initializers(graph)
-    return proto
-
-
-def _drop_unused_initializers(graph: Any) -> None:
-    used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
-    keep = [i for i in graph.initializer if i.name in used]
-    removed = {i.name for i in graph.initializer} - {i.name for i in keep}
-    del graph.initializer[:]
-    graph.initializer.extend(keep)
-    graph_inputs = [i for i in graph.input if i.name not in removed]
-    del graph.input[:]
-    graph.input.extend(graph_inputs)
-    vis = [v for v in graph.value_info if v.name in used]
-    del graph.value_info[:]
-    graph.value_info.extend(vis)
-
-
-def nodes_of_modules(graph: Any, module_names: Sequence[str]) -> tuple[set[str], list[str]]:
-    """Names of the nodes exported from the given modules (or their children), and the modules with none.
-
-    Example:
-        >>> from onnx import helper
-        >>> g = helper.make_graph([helper.make_node("Relu", ["x"], ["y"], name="/head/fc/Relu")], "g", [], [])
-        >>> nodes_of_modules(g, ["head", "body"])
-        ({'/head/fc/Relu'}, ['body'])
-    """
-    found: set[str] = set()
-    missing = []
-    for m in module_names:
-        hits = {n.name for n in graph.node if (mod := module_name_of_node(n.name)) == m or mod.startswith(m + ".")}
-        if not hits:
-            missing.append(m)
-        found |= hits
-    return found, missing
-
-
-def weighted_node_names(path: str | Path) -> dict[str, str]:
-    """{module name: node name} for the Conv/Gemm/MatMul nodes of an exported graph."""
-    import onnx
-
-    graph = onnx.load(str(path), load_external_data=False).graph
-    out: dict[str, str] = {}
-    for n in graph.node:
-        if n.op_type in ("Conv", "ConvTranspose", "Gemm", "MatMul"):
-            out.setdefault(module_name_of_node(n.name), n.name)
-    return out
-
-
-def set_metadata(path: str | Path, metadata: Mapping[str, str]) -> None:
-    """Add or replace metadata entries of an ONNX file (atomically)."""
-    import onnx
-
-    path = Path(path)
-    proto = onnx.load(str(path))
-    keep = [p for p in proto.metadata_props if p.key not in metadata]
-    del proto.metadata_props[:]
-    proto.metadata_props.extend(keep)
-    for k, v in metadata.items():
-        entry = proto.metadata_props.add()
-        entry.key, entry.value = k, v
-    with atomic_path(path) as tmp:
-        onnx.save(proto, str(tmp))
-
-
-def get_metadata(path: str | Path) -> dict[str, str]:
-    """The metadata entries of an ONNX file."""
-    import onnx
-
-    return {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
-
-
-def record_pruned_layers(
-    path: str | Path, module_names: Sequence[str], model: nn.Module | None = None, inputs: Any = None
-) -> dict[str, list[str]]:
-    """Store ``{weight key: [node names]}`` of the pruned weights in the ONNX metadata and return it.
-
-    With ``model`` (the module the graph was exported from, or one with the same weights) every weighted
-    node's constant is compared with the pruned weights (:func:`qatsparse.export.locate.locate_weights`):
-    this finds weights used without their module's ``forward`` (attention projections, torchvision Swin)
-    and survives quantization and FP16. Without ``model`` a key is found by the node's scope name (the
-    first Conv/Gemm/MatMul exported from that module), which only works for ``Linear``/``Conv`` layers
-    called through their own ``forward``. With ``model`` and ``inputs`` (the export's example inputs), a
-    pruned weight the graph has no node for because its layer does not run in eval mode or computes a
-    constant (:func:`qatsparse.export.locate.absent_reasons`) is recorded with no nodes, and the reason is
-    stored under :data:`ABSENT_METADATA_KEY`: TensorRT never runs it.
-
-    Raises:
-        ValueError: a pruned weight has no Conv/Gemm/MatMul node in the graph, for no reason found.
-    """
-    from qatsparse.sparsity.check import PRUNED_METADATA_KEY
-
-    absent: dict[str, str] = {}
-    if model is not None:
-        from qatsparse.export.locate import absent_reasons, locate_weights
-
-        mapping, missing = locate_weights(path, model, list(module_names))
-        nodes = sorted(n for ns in mapping.values() for n in ns)
-        if missing and inputs is not None:
-            absent = absent_reasons(model, inputs, missing)
-            missing = [m for m in missing if m not in absent]
-    else:
-        by_scope = weighted_node_names(path)
-        missing = [m for m in module_names if m not in by_scope]
-        mapping = {m: [by_scope[m]] for m in module_names if m in by_scope}
-        nodes = sorted(by_scope.values())
-    if missing:
-        raise ValueError(f"pruned layers not found in {path}: {missing}; weighted nodes: {nodes}")
-    mapping = {m: mapping.get(m, []) for m in module_names}
-    set_metadata(path, {PRUNED_METADATA_KEY: json.dumps(mapping), ABSENT_METADATA_KEY: json.dumps(absent)})
-    return mapping
-
-
-#: ONNX metadata: ``{weight key: reason}`` of the pruned weights the graph has no node for (see
-#: :func:`record_pruned_layers`).
-ABSENT_METADATA_KEY = "qatsparse.pruned_not_in_graph"

@@ -139,8 +139,8 @@ def build_engine(
     seconds, engine bytes, per-layer precision (inspector), and the sparse layers: ``picked`` from the
     build log, ``eligible`` (log) and ``weights_qualify`` (inspector) separately.
     """
-    from qatsparse.export.onnx import atomic_path
-    from qatsparse.report import device_info
+    from qatsparse.environment import device_info
+    from qatsparse.export.atomic import atomic_path
 
     trt = import_tensorrt()
     onnx_path, plan_path = Path(onnx_path), Path(plan_path)
