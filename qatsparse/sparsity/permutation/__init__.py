@@ -23,7 +23,8 @@ import torch
 from torch import nn
 
 from qatsparse.sparsity.permutation.apply import inverse, optimizer_problem, permute_slots, reader_matrix
-from qatsparse.sparsity.permutation.graph import ChannelGroup, PermutationPlan, Reader, Slot, find_channel_groups
+from qatsparse.sparsity.permutation.graph import find_channel_groups
+from qatsparse.sparsity.permutation.plan import ChannelGroup, PermutationPlan, Reader, Slot
 from qatsparse.sparsity.permutation.search import SearchConfig, SearchStats, kept_sum, search_permutation
 
 __all__ = [

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from qatsparse.sparsity.magnitude import weight_rows
-from qatsparse.sparsity.permutation.graph import ChannelGroup, Slot
+from qatsparse.sparsity.permutation.plan import ChannelGroup, Slot
 
 
 def named_tensors(model: nn.Module) -> dict[str, torch.Tensor]:

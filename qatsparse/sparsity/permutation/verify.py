@@ -8,7 +8,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from qatsparse.sparsity.permutation.graph import _eval_no_side_effects, _flatten
+from qatsparse.sparsity.permutation.channel_ops import flatten_args
+from qatsparse.sparsity.permutation.graph import _eval_no_side_effects
 
 
 def example_slice(inputs: Sequence[Any], n: int = 2) -> tuple[Any, ...]:
@@ -37,7 +38,7 @@ def model_outputs(model: nn.Module, inputs: Sequence[Any]) -> list[torch.Tensor]
         out = model(*inputs)
     return [
         t.detach().float().clone()
-        for t in _flatten(out if isinstance(out, (list, tuple, dict)) else [out])
+        for t in flatten_args(out if isinstance(out, (list, tuple, dict)) else [out])
         if isinstance(t, torch.Tensor)
     ]
 
