@@ -46,6 +46,7 @@ from qatsparse.quantization import (
     sensitivity,
     track_overflow,
 )
+from qatsparse.quantization.fp16 import run_fp16_range_check
 from qatsparse.quantization.higher_precision import keep_most_sensitive, keep_overflowing, keep_unreached
 from qatsparse.quantization.reporting import describe_quantization, kept_fp32, summary_entries
 from qatsparse.quantization.resume import restore_quantizers
@@ -328,15 +329,7 @@ class QuantizationAwareTraining(Callback):
                     rank_zero_info(f"calibration used {n} batches: the training dataloader has no more")
                 self._keep_unreached(pl_module)
             else:
-                track_overflow(pl_module)  # the calibration batches look for FP16 overflow
-                was = pl_module.training
-                pl_module.eval()
-                try:
-                    with torch.no_grad():
-                        for b in batches():
-                            forward(b)
-                finally:
-                    pl_module.train(was)
+                run_fp16_range_check(pl_module, batches, forward)  # the calibration batches look for FP16 overflow
             if self.config.precision == "fp16":  # before any requantize drops the overflow statistics
                 self._check_fp16(trainer, pl_module, "calibration batches")
             if self.auto_exclude:

@@ -11,6 +11,9 @@ FP32 (no FP16 rounding from then on, and ``keep_fp32`` in its report for the FP1
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
+from typing import Any
+
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -88,3 +91,25 @@ def overflowing_layers(model: nn.Module, reduce: bool = True) -> dict[str, float
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
     values = t.cpu().tolist()
     return {n: v for n, v in zip(layers, values) if not v <= FP16_MAX}
+
+
+def run_fp16_range_check(model: nn.Module, batches: Callable[[], Iterable[Any]], forward: Callable[[Any], Any]) -> None:
+    """Start overflow tracking and run ``forward`` on every batch of ``batches()`` in eval mode without
+    gradients (the model's train/eval mode restored afterwards); :func:`overflowing_layers` then names the
+    layers outside the FP16 range.
+
+    Example:
+        >>> from qatsparse.quantization import QuantConfig, quantize_model
+        >>> m = nn.Sequential(nn.Linear(1, 1)); _ = quantize_model(m, QuantConfig(precision="fp16"))
+        >>> run_fp16_range_check(m, lambda: [torch.full((1, 1), 1e5)], m); overflowing_layers(m)
+        {'0': inf}
+    """
+    track_overflow(model)
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for b in batches():
+                forward(b)
+    finally:
+        model.train(was)
