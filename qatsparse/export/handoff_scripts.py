@@ -117,15 +117,20 @@ def _lines(args: Sequence[str], indent: str = "  ") -> str:
     return " \\\n".join(indent + " ".join(shlex.quote(a) for a in g) for g in groups)
 
 
-def build_script(args: Sequence[str], header: Sequence[str]) -> str:
-    """build.sh: find the TensorRT release of ``$TRTEXEC`` (default ``trtexec``), add ``--stronglyTyped`` on
-    10.x (11.x is always strongly typed; the flag is a deprecated no-op there), run it, keep the log."""
+def _script_start(header: Sequence[str]) -> str:
+    """A bash script's first lines: the shebang, ``header`` as comments, strict mode, ``cd`` to its folder."""
     comments = "\n".join(f"# {h}" if h else "#" for h in header)
     return f"""#!/usr/bin/env bash
 {comments}
 set -euo pipefail
 cd "$(dirname "$0")"
-TRTEXEC="${{TRTEXEC:-trtexec}}"
+"""
+
+
+def build_script(args: Sequence[str], header: Sequence[str]) -> str:
+    """build.sh: find the TensorRT release of ``$TRTEXEC`` (default ``trtexec``), add ``--stronglyTyped`` on
+    10.x (11.x is always strongly typed; the flag is a deprecated no-op there), run it, keep the log."""
+    body = f"""TRTEXEC="${{TRTEXEC:-trtexec}}"
 # trtexec prints "[TensorRT v<major*10000 + minor*100 + patch>]" on start.
 version=$("$TRTEXEC" --help 2>&1 | sed -n 's/.*\\[TensorRT v\\([0-9]*\\)\\].*/\\1/p' | head -n 1 || true)
 major=$(( ${{version:-0}} / 10000 ))
@@ -143,19 +148,16 @@ fi
   2>&1 | tee build.log
 echo "engine: $(pwd)/model.plan (layer information: layer_info.json, log: build.log)"
 """
+    return _script_start(header) + body
 
 
 def check_script(args: Sequence[str], header: Sequence[str]) -> str:
     """check.sh: run ``$POLYGRAPHY`` (default ``polygraphy``) with ``args``."""
-    comments = "\n".join(f"# {h}" if h else "#" for h in header)
-    return f"""#!/usr/bin/env bash
-{comments}
-set -euo pipefail
-cd "$(dirname "$0")"
-POLYGRAPHY="${{POLYGRAPHY:-polygraphy}}"
+    body = f"""POLYGRAPHY="${{POLYGRAPHY:-polygraphy}}"
 "$POLYGRAPHY" \\
 {_lines(args)}
 """
+    return _script_start(header) + body
 
 
 LOAD_INPUTS = '''"""Polygraphy data loader of check.sh: the validation batch in inputs.npz, one iteration."""
