@@ -59,7 +59,16 @@ class _Info:
 
 
 class ChannelAnalysis:
-    """One pass over a traced region: channel axis of every node, groups merged and blocked, slots."""
+    """One pass over a traced region: channel axis of every node, groups merged and blocked, slots.
+
+    Example (what :func:`~qatsparse.sparsity.permutation.graph.find_channel_groups` does per region):
+        >>> from torch.fx.passes.shape_prop import ShapeProp
+        >>> m = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 16)); gm = fx.symbolic_trace(m)
+        >>> _ = ShapeProp(gm).propagate(torch.zeros(2, 16)); plan = PermutationPlan()
+        >>> params = {id(t): n for n, t in m.named_parameters()}
+        >>> ChannelAnalysis(gm, "", dict(m.named_modules()), params, {"2"}).run(plan); [g.size for g in plan.groups]
+        [32]
+    """
 
     def __init__(
         self, gm: fx.GraphModule, prefix: str, modules: dict[str, nn.Module], params: dict[int, str], pruned: set[str]

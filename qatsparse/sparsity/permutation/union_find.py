@@ -4,7 +4,12 @@ from __future__ import annotations
 
 
 class UnionFind:
-    """Union-find over channel groups: size, the reason a group is blocked (or None), its producers."""
+    """Union-find over channel groups: size, the reason a group is blocked (or None), its producers.
+
+    Example:
+        >>> uf = UnionFind(); a, b = uf.new(8, "conv1"), uf.new(8, "conv2"); uf.find(uf.union(a, b)) == uf.find(b)
+        True
+    """
 
     def __init__(self) -> None:
         self.parent: list[int] = []
