@@ -37,6 +37,8 @@ def maybe_build_engine(
     artifacts: dict[str, str],
     progress: Progress = QUIET,
 ) -> tuple[Runner | None, dict[str, Any] | None]:
+    """Build ``d/model.plan`` from ``onnx_path`` where TensorRT is importable and ``settings.build_engine`` allows
+    it; returns its runner and build facts, or ``(None, None)`` with a note saying why no engine was built."""
     from qatsparse.export.engine_info import engine_precision_label
     from qatsparse.export.tensorrt import TensorRTRunner, build_engine, tensorrt_available
 
