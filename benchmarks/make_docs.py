@@ -450,6 +450,12 @@ def render_fsdp(results: dict[str, Any]) -> str:
             resumed = "yes" if trip["bit_identical"] else "**no**"
             if "repeatable" in trip:  # the control: the same steps twice without a checkpoint
                 resumed += f" (the same run twice: {'identical' if trip['repeatable'] else 'different'})"
+        export = d.get("export", {})
+        exported = "— (no qatsparse callbacks)" if plain else "not checked in this run"
+        if "files_equal" in export:
+            exported = "yes" if export["equal"] else "**no**: " + ", ".join(
+                f for f, same in export["files_equal"].items() if not same
+            )
         rows.append([
             f"`{name}` ({env['date'][:10]})",
             where,
@@ -457,13 +463,15 @@ def render_fsdp(results: dict[str, Any]) -> str:
             ("FP32" if not env.get("gpu") else "AMP") + (" only (FSDP baseline)" if plain else " + 2:4 + INT8 QAT"),
             same,
             resumed,
+            exported,
             f"{d['single']['median_ms']:.2f}",
             f"{multi['median_ms']:.2f}",
             f"{d['weak_scaling_efficiency']:.2f}",
         ])  # fmt: skip
     header = ["run", "devices", "ResNet-18", "step", "masks / amax identical on every rank (SHA-256)",
-              "resume bit-identical", "step, 1 device (ms)", "step, FSDP (ms)", "weak-scaling efficiency"]  # fmt: skip
-    return table(header, rows, "llllllrrr")
+              "resume bit-identical", "export equal to a single-process export", "step, 1 device (ms)",
+              "step, FSDP (ms)", "weak-scaling efficiency"]  # fmt: skip
+    return table(header, rows, "lllllllrrr")
 
 
 def render_ddp_strides(results: dict[str, Any]) -> str:

@@ -183,6 +183,32 @@ def check_strategy(trainer: Any, pl_module: nn.Module) -> None:
         )
 
 
+def contiguous_parameters(trainer: Any, pl_module: nn.Module) -> list[str]:
+    """Under FSDP, before it wraps the module: make every non-contiguous parameter (``channels_last`` conv
+    weights) contiguous; returns their names (empty without FSDP or when all are contiguous).
+
+    PyTorch's FSDP1 flattens such a parameter in storage order (``as_strided((numel,), (1,))``) but loads a
+    full optimizer state dict with ``torch.flatten`` (logical order), so a resumed run gets the momentum of
+    every ``channels_last`` 3x3 conv scrambled while its weights load right (measured on 2 H200s:
+    benchmarks/results/fsdp_2xh200.json; NVIDIA/physicsnemo#1597 describes the same asymmetry). Nothing in
+    PyTorch or Lightning repairs it, so qatsparse avoids it at the source: contiguous parameters flatten the same
+    way both times. Inputs may stay ``channels_last``: cuDNN still picks channels-last kernels for them.
+    Called from the callbacks' ``setup`` hook, which Lightning runs before the strategy wraps the model.
+
+    Example:
+        >>> contiguous_parameters(None, nn.Conv2d(3, 8, 3).to(memory_format=torch.channels_last))  # no FSDP
+        []
+    """
+    if not isinstance(getattr(trainer, "strategy", None), FSDPStrategy):
+        return []
+    changed = []
+    for name, p in pl_module.named_parameters():
+        if not p.is_contiguous():
+            p.data = p.data.contiguous()
+            changed.append(name)
+    return changed
+
+
 def check_unsharded(trainer: Any, what: str, fix: str) -> None:
     """``what`` rewrites weights, BatchNorm statistics and optimizer state in place: not under FSDP, which holds
     them in shards (a ValueError naming ``fix``)."""
@@ -247,6 +273,7 @@ __all__ = [
     "check_strategy",
     "check_unsharded",
     "clean_name",
+    "contiguous_parameters",
     "fsdp_root",
     "full_weights",
     "is_sharded",

@@ -3,7 +3,7 @@
     python tests/fsdp_worker.py OUT_DIR
 
 Fit A: 2 epochs of 3 steps under FSDPStrategy (every layer its own FSDP unit, activation checkpointing on the
-linear ones, full state dicts): 2:4 pruning at step 1, INT8 QAT
+linear ones, full state dicts, the module channels_last): 2:4 pruning at step 1, INT8 QAT
 (entropy calibration) at step 2, a checkpoint at every epoch end, TensorRTExport at fit end. Fit B: resumed from
 A's epoch-0 checkpoint to the same end. Fits C and D: the same with sparsity only, the whole module one FSDP unit
 and sharded state dicts. Fit E: an unsupported setting (TensorRTExport with sharded state dicts) must stop before
@@ -102,7 +102,10 @@ def fit(out: Path, name: str, epochs: int, qat: bool, sharded: bool = False, ckp
         callbacks=callbacks,
     )
     train, val = loaders()
-    trainer.fit(Net(), train, val, ckpt_path=ckpt)
+    net = Net()
+    if not sharded:  # a channels_last conv: FSDP restores its momentum scrambled unless made contiguous first
+        net = net.to(memory_format=torch.channels_last)
+    trainer.fit(net, train, val, ckpt_path=ckpt)
     assert trainer.global_step == 3 * epochs
     return dump.state
 

@@ -22,6 +22,23 @@ def notify_before_compression(trainer: pl.Trainer, pl_module: pl.LightningModule
             hook(trainer, pl_module)
 
 
+def before_wrapping(trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    """Every qatsparse callback's ``setup`` (before a strategy wraps the model): under FSDP, contiguous
+    parameters, so that a resumed run restores the optimizer state in the right order
+    (:func:`~qatsparse.sharding.contiguous_parameters`)."""
+    from pytorch_lightning.utilities import rank_zero_info
+
+    from qatsparse.sharding import contiguous_parameters
+
+    changed = contiguous_parameters(trainer, pl_module)
+    if changed:
+        rank_zero_info(
+            f"qatsparse: made {len(changed)} channels_last parameter(s) contiguous before FSDP wraps the model "
+            f"(e.g. {changed[0]}): FSDP restores their optimizer state in the wrong order on resume otherwise "
+            "(docs/distributed.md); inputs may stay channels_last"
+        )
+
+
 def find_callback(trainer: pl.Trainer, cls: type) -> Any | None:
     return next((cb for cb in trainer.callbacks if isinstance(cb, cls)), None)  # type: ignore[attr-defined]
 

@@ -11,7 +11,7 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 
-from qatsparse.callbacks._common import find_callback
+from qatsparse.callbacks._common import before_wrapping, find_callback
 from qatsparse.checkpointing import snapshot_state_dict, with_metadata
 from qatsparse.gate import GateFailed, enforce_gate
 from qatsparse.lightning_compat import Callback
@@ -158,6 +158,9 @@ class TensorRTExport(Callback):
         self.report: dict[str, Any] | None = None
 
     # ------------------------------------------------------------------ hooks
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        before_wrapping(trainer, pl_module)
+
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         run_preflight(trainer, pl_module, caller=self)
 

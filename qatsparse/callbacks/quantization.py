@@ -14,6 +14,7 @@ from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from qatsparse.attention import fast_paths_off
 from qatsparse.callbacks._common import (
     HealthWatch,
+    before_wrapping,
     forward_batch,
     load_checkpoint_for_setup,
     notify_before_compression,
@@ -170,6 +171,7 @@ class QuantizationAwareTraining(Callback):
         # `trainer.ckpt_path` is known here only when the user set it; with `fit(ckpt_path=...)` it is
         # known once the checkpoint is read, which is before the state_dict load: a load_state_dict
         # pre-hook on the module inserts the quantizers then.
+        before_wrapping(trainer, pl_module)
         self._restore_from(load_checkpoint_for_setup(trainer), pl_module)
         self._load_hook = pl_module.register_load_state_dict_pre_hook(partial(self._before_state_dict_load, trainer))
 

@@ -9,7 +9,7 @@ import torch
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 
 from qatsparse.batches import batch_inputs
-from qatsparse.callbacks._common import HealthWatch, find_callback, notify_before_compression
+from qatsparse.callbacks._common import HealthWatch, before_wrapping, find_callback, notify_before_compression
 from qatsparse.checkpointing import CHECKPOINT_KEY
 from qatsparse.lightning_compat import Callback
 from qatsparse.patterns import compile_patterns
@@ -127,6 +127,9 @@ class TwoFourSparsity(Callback):
         return list(self.masks.masks) if self.masks else []
 
     # ------------------------------------------------------------------ hooks
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        before_wrapping(trainer, pl_module)
+
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         run_preflight(trainer, pl_module, caller=self)
 
