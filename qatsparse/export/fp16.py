@@ -12,6 +12,9 @@ pass driven by the ONNX operator schemas:
   (e.g. Resize ``scales``, Q/DQ below opset 19) keep FP32 with a ``Cast`` in front;
 * nodes exported from modules listed in ``keep_fp32`` (e.g. layers whose activations overflow FP16)
   run in FP32 with casts around them;
+* where the model itself computes in float32 (``q.float()``: a ``Cast`` to float of an activation that is
+  already float in the FP32 graph) the nodes that follow stay FP32 until the model casts again (``.to(dtype)``,
+  which then casts to FP16) or the values reach a layer with weights (see :func:`explicit_fp32_nodes`);
 * graph inputs and outputs keep FP32 (``keep_io_types``), with a ``Cast`` after each input and before
   each output;
 * constants are converted once, at conversion time (clamped to the FP16 range, reported), so no cast
@@ -69,6 +72,8 @@ class FP16Conversion:
     flushed_only: set[str] = field(default_factory=set)
     #: the changes that alter a layer's numbers, with the module named (the export fails or warns on them)
     problems: list[str] = field(default_factory=list)
+    #: nodes kept FP32 because the model computes them in float32 explicitly (``x.float()``)
+    explicit_fp32_nodes: list[str] = field(default_factory=list)
 
 
 def _opset(model: Any) -> int:
@@ -145,6 +150,59 @@ def _harmful_changes(graph: Any, conv: FP16Conversion, renamed: dict[str, str]) 
     return out
 
 
+#: ops whose outputs carry a tensor's shape, not its values
+_SHAPE_OPS = frozenset({"Shape", "Size", "ConstantOfShape"})
+
+
+def explicit_fp32_nodes(graph: Any, elem: dict[str, int]) -> tuple[set[str], set[str], set[str]]:
+    """Where the model computes in float32 on purpose: ``(opening casts, nodes, closing casts)``.
+
+    In the FP32 graph, ``x.float()`` of an activation is a Cast to float of a tensor that is already float (the
+    exporter writes it although it changes nothing): the model asks for float32 there (timm's LiteMLA runs its
+    linear attention ``q.float() ... out.to(dtype)`` in FP32 because its sums overflow FP16). From such a cast
+    (*opening*), the nodes that consume its values stay FP32 -- PyTorch's type promotion: float32 in, float32
+    out -- until the next Cast (a same-type one *closes* the region: the model's ``.to(dtype)``, which casts to
+    FP16 in the FP16 graph), a layer with weights or a Q/DQ node (a ``_NUMERIC_USERS`` op with a constant
+    input: it runs in the graph's precision, as under autocast), or a graph output. Casts of values computed
+    from shapes only (the exporter's ``scale.to(q.dtype)`` in attention) are not the model's request and open
+    nothing. Graphs without such casts are converted exactly as before.
+
+    Args:
+        graph: the FP32 ``onnx.GraphProto`` (nodes in topological order, as ONNX requires).
+        elem: element type of every tensor (shape inference, initializers and constants).
+    """
+    from onnx import TensorProto
+
+    FLOAT = TensorProto.FLOAT
+    consts = {i.name for i in graph.initializer}
+    values = {i.name for i in graph.input if i.name not in consts}  # tensors that depend on the inputs' values
+    region: set[str] = set()  # tensors computed in an explicit float32 region
+    opening, nodes, closing = set(), set(), set()
+    for n in graph.node:
+        if n.op_type == "Constant":
+            consts.update(n.output)
+            continue
+        ins = [i for i in n.input if i]
+        if n.op_type not in _SHAPE_OPS and any(i in values for i in ins):
+            values.update(n.output)
+        if n.op_type == "Cast":
+            to = next((a.i for a in n.attribute if a.name == "to"), None)
+            if to == FLOAT and ins and elem.get(ins[0]) == FLOAT and ins[0] in values:
+                if ins[0] in region:
+                    closing.add(n.name)
+                else:
+                    opening.add(n.name)
+                    region.update(o for o in n.output if elem.get(o) == FLOAT)
+            continue
+        if not any(i in region for i in ins):
+            continue
+        if n.op_type in _NUMERIC_USERS and any(i in consts for i in ins):
+            continue  # a layer with weights (or a Q/DQ): the region ends at its input
+        nodes.add(n.name)
+        region.update(n.output)
+    return opening, nodes, closing
+
+
 def convert_to_fp16(
     model: Any, keep_fp32: Sequence[str] = (), keep_io_types: bool = True
 ) -> tuple[Any, FP16Conversion]:
@@ -173,7 +231,7 @@ def convert_to_fp16(
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
-    from qatsparse.export.onnx import nodes_of_modules
+    from qatsparse.export.onnx import module_name_of_node, nodes_of_modules
     from qatsparse.export.rewrites import raise_underflowing_bounds, sink_transposes_below_matmuls
 
     FLOAT, HALF = TensorProto.FLOAT, TensorProto.FLOAT16
@@ -215,6 +273,17 @@ def convert_to_fp16(
 
     kept, missing = nodes_of_modules(graph, list(keep_fp32))
     conv.missing_modules = missing
+    opening, explicit, closing = explicit_fp32_nodes(graph, elem)
+    opening -= kept
+    explicit -= kept
+    if explicit or opening:
+        conv.explicit_fp32_nodes = [n.name for n in graph.node if n.name in explicit or n.name in opening]
+        modules = sorted({module_name_of_node(n) or n for n in conv.explicit_fp32_nodes})
+        conv.notes.append(
+            f"{len(conv.explicit_fp32_nodes)} node(s) kept in FP32 where the model casts to float32 itself "
+            f"(x.float()): {', '.join(modules[:8])}{', ...' if len(modules) > 8 else ''}"
+        )
+    kept = kept | explicit
 
     def schema_of(n: Any) -> Any | None:
         try:
@@ -230,8 +299,8 @@ def convert_to_fp16(
     for k, n in enumerate(graph.node):
         schema = schema_of(n) if runs_fp16(n) else None
         for i, name in enumerate(n.input):
-            if not name or elem.get(name) != FLOAT:
-                continue
+            if not name or elem.get(name) != FLOAT or n.name in opening or n.name in closing:
+                continue  # the model's own casts read their input as it is
             p = _param(schema.inputs, i) if schema is not None else None
             ok = p is not None and "tensor(float16)" in _allowed_types(schema, p)
             wants[(k, i)] = HALF if ok else FLOAT
@@ -283,7 +352,7 @@ def convert_to_fp16(
 
     for k, n in enumerate(graph.node):
         fp16 = runs_fp16(n)
-        if n.name in kept:
+        if n.name in kept and n.name not in explicit:
             conv.kept_fp32_nodes.append(n.name)
         for i, name in enumerate(n.input):
             want = wants.get((k, i))
@@ -296,7 +365,10 @@ def convert_to_fp16(
                 n.input[i] = renamed_const[name]
             else:
                 n.input[i] = cast_to(name, want)
-        _retype_outputs(n, fp16, cur, elem, schema_of(n) if fp16 else None, FLOAT, HALF)
+        if n.name in opening:  # the model's x.float(): casts its (FP16) input to FP32
+            cur.update({o: FLOAT for o in n.output if elem.get(o) == FLOAT})
+        else:
+            _retype_outputs(n, fp16, cur, elem, schema_of(n) if fp16 else None, FLOAT, HALF)
         new_nodes.append(n)
 
     # 4. graph outputs
