@@ -86,6 +86,12 @@ def _machine() -> dict[str, Any]:
     return {"cpu": cpu, "cores": os.cpu_count(), "system": platform.platform(), "gpu": "none used (CPU run)"}
 
 
+def _settle_batchnorm() -> bool:
+    from coverage_run import SETTLE_BATCHNORM
+
+    return SETTLE_BATCHNORM
+
+
 def load(path: Path) -> dict[str, Any]:
     if path.exists():
         return json.loads(path.read_text())
@@ -173,7 +179,12 @@ def main(argv: list[str] | None = None) -> int:
         "command": shlex.join([Path(sys.executable).name, *sys.argv]) if argv is None else shlex.join(argv),
         "machine": _machine(),
         "versions": _versions(),
-        "settings": {"timeout_s": args.timeout, "max_rss_gb": args.max_rss_gb, "threads": args.threads},
+        "settings": {
+            "timeout_s": args.timeout,
+            "max_rss_gb": args.max_rss_gb,
+            "threads": args.threads,
+            "settle_batchnorm": _settle_batchnorm(),
+        },
         "models": len(specs),
     }
     data["runs"].append(run)
