@@ -315,6 +315,17 @@ class _FloatIsland(nn.Module):
         return self.proj(out.to(dtype))
 
 
+class _Unclosed(nn.Module):
+    """A same-type cast that nothing closes (``x.type_as(v)`` after a rotary embedding, ``logits.float()``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc, self.head = nn.Linear(8, 8), nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.fc(x)).type_as(x) * 2).float()
+
+
 def test_fp16_remainder_keeps_the_models_own_float32_region(tmp_path):
     """The model's ``x.float()`` is a same-type Cast in the FP32 graph; converting it to FP16 ran LiteMLA's
     attention in FP16 (timm efficientvit_b0: cosine 0.98 against PyTorch). Here its sums reach ~1e6, beyond
@@ -348,6 +359,11 @@ def test_fp16_remainder_keeps_the_models_own_float32_region(tmp_path):
     # ONNX's reference evaluator computes every node in its declared type, as TensorRT's strongly typed build does.
     from onnx.reference import ReferenceEvaluator
 
+    # a same-type cast that no other closes is no float32 region: converted as it always was
+    p32 = export_onnx(_Unclosed().eval(), [torch.randn(2, 8)], tmp_path / "unclosed.onnx")
+    assert any(n.op_type == "Cast" for n in onnx.load(str(p32)).graph.node)
+    _, info = convert_to_fp16(onnx.load(str(p32)))
+    assert not info.explicit_fp32_nodes and not [n for n in info.notes if "float32" in n]
     for out in (
         _ort(deploy, {"input": x.numpy()})[0],
         ReferenceEvaluator(str(deploy)).run(None, {"input": x.numpy()})[0],

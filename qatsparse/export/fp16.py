@@ -12,9 +12,9 @@ pass driven by the ONNX operator schemas:
   (e.g. Resize ``scales``, Q/DQ below opset 19) keep FP32 with a ``Cast`` in front;
 * nodes exported from modules listed in ``keep_fp32`` (e.g. layers whose activations overflow FP16)
   run in FP32 with casts around them;
-* where the model itself computes in float32 (``q.float()``: a ``Cast`` to float of an activation that is
-  already float in the FP32 graph) the nodes that follow stay FP32 until the model casts again (``.to(dtype)``,
-  which then casts to FP16) or the values reach a layer with weights (see :func:`explicit_fp32_nodes`);
+* where the model itself computes in float32 (``q.float() ... out.to(dtype)``: in the FP32 graph, Casts to
+  float of activations that are already float) the nodes in between stay FP32 and the closing cast casts to
+  FP16 (see :func:`explicit_fp32_nodes`);
 * graph inputs and outputs keep FP32 (``keep_io_types``), with a ``Cast`` after each input and before
   each output;
 * constants are converted once, at conversion time (clamped to the FP16 range, reported), so no cast
@@ -157,15 +157,16 @@ _SHAPE_OPS = frozenset({"Shape", "Size", "ConstantOfShape"})
 def explicit_fp32_nodes(graph: Any, elem: dict[str, int]) -> tuple[set[str], set[str], set[str]]:
     """Where the model computes in float32 on purpose: ``(opening casts, nodes, closing casts)``.
 
-    In the FP32 graph, ``x.float()`` of an activation is a Cast to float of a tensor that is already float (the
-    exporter writes it although it changes nothing): the model asks for float32 there (timm's LiteMLA runs its
-    linear attention ``q.float() ... out.to(dtype)`` in FP32 because its sums overflow FP16). From such a cast
-    (*opening*), the nodes that consume its values stay FP32 -- PyTorch's type promotion: float32 in, float32
-    out -- until the next Cast (a same-type one *closes* the region: the model's ``.to(dtype)``, which casts to
-    FP16 in the FP16 graph), a layer with weights or a Q/DQ node (a ``_NUMERIC_USERS`` op with a constant
-    input: it runs in the graph's precision, as under autocast), or a graph output. Casts of values computed
-    from shapes only (the exporter's ``scale.to(q.dtype)`` in attention) are not the model's request and open
-    nothing. Graphs without such casts are converted exactly as before.
+    In the FP32 graph, ``x.float()`` and ``x.to(dtype)`` of an activation are Casts to float of a tensor that is
+    already float (the exporter writes them although they change nothing). A region that such a cast opens and
+    another one closes is the model asking for float32 in between (timm's LiteMLA runs its linear attention
+    ``q.float() ... out.to(dtype)`` in FP32 because its sums overflow FP16): its nodes stay FP32 and the closing
+    cast casts to FP16. From an opening cast the region follows the values (PyTorch's type promotion: float32
+    in, float32 out) and ends at a layer with weights or a Q/DQ (a ``_NUMERIC_USERS`` op with a constant-computed
+    input), at another Cast, or at a graph output; only the nodes on a path to a closing cast count. An opening
+    cast that nothing closes (``x.type_as(v)`` after a rotary embedding, ``logits.float()``) is not a float32
+    region, and casts of values computed from shapes only (the exporter's ``scale.to(q.dtype)``) open nothing:
+    graphs without a closed region are converted exactly as before.
 
     Args:
         graph: the FP32 ``onnx.GraphProto`` (nodes in topological order, as ONNX requires).
@@ -174,33 +175,36 @@ def explicit_fp32_nodes(graph: Any, elem: dict[str, int]) -> tuple[set[str], set
     from onnx import TensorProto
 
     FLOAT = TensorProto.FLOAT
-    consts = {i.name for i in graph.initializer}
-    values = {i.name for i in graph.input if i.name not in consts}  # tensors that depend on the inputs' values
-    region: set[str] = set()  # tensors computed in an explicit float32 region
-    opening, nodes, closing = set(), set(), set()
+    values = {i.name for i in graph.input} - {i.name for i in graph.initializer}  # depend on the inputs' values
+    producer: dict[str, Any] = {}  # region tensor -> the opening cast or region node computing it
+    opening, closing = set(), set()
     for n in graph.node:
-        if n.op_type == "Constant":
-            consts.update(n.output)
-            continue
         ins = [i for i in n.input if i]
         if n.op_type not in _SHAPE_OPS and any(i in values for i in ins):
             values.update(n.output)
         if n.op_type == "Cast":
             to = next((a.i for a in n.attribute if a.name == "to"), None)
             if to == FLOAT and ins and elem.get(ins[0]) == FLOAT and ins[0] in values:
-                if ins[0] in region:
+                if ins[0] in producer:
                     closing.add(n.name)
                 else:
                     opening.add(n.name)
-                    region.update(o for o in n.output if elem.get(o) == FLOAT)
+                    producer.update({o: n for o in n.output if elem.get(o) == FLOAT})
             continue
-        if not any(i in region for i in ins):
+        if not any(i in producer for i in ins):
             continue
-        if n.op_type in _NUMERIC_USERS and any(i in consts for i in ins):
+        if n.op_type in _NUMERIC_USERS and any(elem.get(i) == FLOAT and i not in values for i in ins):
             continue  # a layer with weights (or a Q/DQ): the region ends at its input
-        nodes.add(n.name)
-        region.update(n.output)
-    return opening, nodes, closing
+        producer.update({o: n for o in n.output})
+    # keep what lies on a path from an opening cast to a closing one
+    kept: set[str] = set()
+    stack = [n.input[0] for n in graph.node if n.name in closing]
+    while stack:
+        p = producer.get(stack.pop())
+        if p is not None and p.name not in kept:
+            kept.add(p.name)
+            stack.extend(i for i in p.input if i in producer)
+    return opening & kept, kept - opening, closing
 
 
 def convert_to_fp16(
