@@ -128,7 +128,7 @@ def render(data: Mapping[str, Any], causes: list[dict[str, str]], json_name: str
         "flipped enough int8 levels of these chaotic random networks to move their logits while the same Q/DQ graph",
         "in FP32 agreed with PyTorch: that measured the random weights, not the export. Clipping the gradients (norm",
         "1.0, as fine-tuning recipes do) did not help: the drift does not come from the size of the steps.",
-        *_earlier(),
+        *_earlier(data),
         "",
         "A model **passes** when the run goes through and `model.onnx` meets issue 11's acceptance thresholds:",
         "every layer TensorRT could run 2:4 (*eligible*) is 2:4, at least 50 % of the weighted layers are fed by",
@@ -199,16 +199,20 @@ def render(data: Mapping[str, Any], causes: list[dict[str, str]], json_name: str
     return "\n".join(lines).rstrip() + "\n"
 
 
-def _earlier(path: Path = EARLIER_JSON) -> list[str]:
-    """One line on the run made before the harness set BatchNorm's statistics (when its JSON is there)."""
-    if not path.exists():
-        return []
-    results = json.loads(path.read_text())["results"]
-    n_pass = sum(r["status"] == "pass" for r in results)
-    return [
-        f"The full run made before, `{path.relative_to(ROOT)}`, passed {n_pass} of {len(results)} models "
-        f"({_pct(n_pass / len(results))})."
-    ]
+def _earlier(data: Mapping[str, Any], path: Path = EARLIER_JSON) -> list[str]:
+    """Whether this page's runs set BatchNorm's statistics, and the full run made before (when its JSON is there)."""
+    out = []
+    runs = {r.get("run") for r in data["results"]}
+    if not all(data["runs"][i]["settings"].get("settle_batchnorm") for i in runs if i is not None):
+        out.append("**The results below come from runs made before it** (their settings have no `settle_batchnorm`).")
+    if path.exists():
+        results = json.loads(path.read_text())["results"]
+        n_pass = sum(r["status"] == "pass" for r in results)
+        out.append(
+            f"The full run made before, `{path.relative_to(ROOT)}`, passed {n_pass} of {len(results)} models "
+            f"({_pct(n_pass / len(results))})."
+        )
+    return out
 
 
 def _definitions() -> list[str]:
