@@ -311,6 +311,8 @@ def run_model(spec: ModelSpec, workdir: Path, threads: int = 1) -> dict[str, Any
         ort_out = _ort_outputs(onnx_path, inputs, level, threads=threads)
         record["agreement"] = _round(agreement(ort_out, torch_out))
         record["agreement"]["ort_level"] = level
+        # 0 when every sample gives the same logits (the signal died on the way): the cosine then measures nothing
+        record["agreement"]["torch_logit_spread"] = _round(float(torch_out.std(axis=0).mean()))
         for name, other in (("cosine_ort_default", "all"), ("cosine_ort_no_optimization", "disabled")):
             out = ort_out if other == level else _ort_outputs(onnx_path, inputs, other, threads=threads)
             record["agreement"][name] = _round(agreement(out, torch_out)["cosine"])
