@@ -16,9 +16,8 @@ Some models only (results of the others are kept), models not yet in the JSON, t
     PYTHONPATH=. .venv/bin/python benchmarks/coverage.py --resume
     PYTHONPATH=. .venv/bin/python benchmarks/coverage.py --subset ci --out /tmp/ci.json --doc ''
 
-BatchNorm's running statistics are set to the training data's before step 0 (``SETTLE_BATCHNORM`` in
-``benchmarks/coverage_run.py``, recorded in each run's settings); ``QATSPARSE_COVERAGE_SETTLE_BN=0`` runs the
-matrix as it was before (``benchmarks/results/coverage_cpu_bn_unsettled.json``).
+``QATSPARSE_COVERAGE_SETTLE_BN=1`` sets BatchNorm's running statistics to the training data's before step 0
+(``SETTLE_BATCHNORM`` in ``benchmarks/coverage_run.py``; recorded in each run's settings).
 """
 
 from __future__ import annotations
