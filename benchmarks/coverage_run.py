@@ -35,7 +35,7 @@ PRUNE_STEP, QAT_STEP, CALIB_BATCHES = 1, 2, 2
 #: Set BatchNorm's running statistics to the training data's before step 0 (``QATSPARSE_COVERAGE_SETTLE_BN=1``),
 #: as a trained model has them, instead of the initial ones (mean 0, variance 1) that random weights come with.
 #: Off by default: measured (benchmarks/coverage_study.py, docs/COVERAGE.md's C1), it lifts 7 of 10 failing models
-#: above cosine 0.99 (resnet34 0.953 -> 0.994) but drops 8 of 13 passing ones below it -- 5 of those had constant
+#: above cosine 0.99 (resnet34 0.953 -> 0.994) but drops 7 of 12 passing ones below it: 6 of those had constant
 #: logits without it (the eval-mode signal died: a vacuous cosine 1.0) and show their real drift with it.
 SETTLE_BATCHNORM = os.environ.get("QATSPARSE_COVERAGE_SETTLE_BN", "0") == "1"
 BATCH = 4
