@@ -15,6 +15,9 @@ Some models only (results of the others are kept), models not yet in the JSON, t
     PYTHONPATH=. .venv/bin/python benchmarks/coverage.py --only 'torchvision:vit_*' swin_t
     PYTHONPATH=. .venv/bin/python benchmarks/coverage.py --resume
     PYTHONPATH=. .venv/bin/python benchmarks/coverage.py --subset ci --out /tmp/ci.json --doc ''
+
+``QATSPARSE_COVERAGE_SETTLE_BN=1`` sets BatchNorm's running statistics to the training data's before step 0
+(``SETTLE_BATCHNORM`` in ``benchmarks/coverage_run.py``; recorded in each run's settings).
 """
 
 from __future__ import annotations
@@ -84,6 +87,12 @@ def _machine() -> dict[str, Any]:
     with contextlib.suppress(OSError, StopIteration), open("/proc/cpuinfo") as f:
         cpu = next(ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name"))
     return {"cpu": cpu, "cores": os.cpu_count(), "system": platform.platform(), "gpu": "none used (CPU run)"}
+
+
+def _settle_batchnorm() -> bool:
+    from coverage_run import SETTLE_BATCHNORM
+
+    return SETTLE_BATCHNORM
 
 
 def load(path: Path) -> dict[str, Any]:
@@ -173,7 +182,12 @@ def main(argv: list[str] | None = None) -> int:
         "command": shlex.join([Path(sys.executable).name, *sys.argv]) if argv is None else shlex.join(argv),
         "machine": _machine(),
         "versions": _versions(),
-        "settings": {"timeout_s": args.timeout, "max_rss_gb": args.max_rss_gb, "threads": args.threads},
+        "settings": {
+            "timeout_s": args.timeout,
+            "max_rss_gb": args.max_rss_gb,
+            "threads": args.threads,
+            "settle_batchnorm": _settle_batchnorm(),
+        },
         "models": len(specs),
     }
     data["runs"].append(run)

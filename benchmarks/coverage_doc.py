@@ -25,6 +25,8 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 DEFAULT_JSON = ROOT / "benchmarks/results/coverage_cpu.json"
 DEFAULT_DOC = ROOT / "docs/COVERAGE.md"
+#: the previous full run (before the FP16 conversion kept the models' own float32 regions), kept as the record
+EARLIER_JSON = ROOT / "benchmarks/results/coverage_cpu_earlier.json"
 CAUSES = HERE / "coverage_causes.yaml"
 ZOOS = ("torchvision", "timm", "transformers")
 RERUN = "make coverage"
@@ -118,6 +120,15 @@ def render(data: Mapping[str, Any], causes: list[dict[str, str]], json_name: str
         "data, batches of 4, 10 classes. Text models take `input_ids` and an `attention_mask` with padding. Each model",
         "runs in its own process with a time limit and a memory budget, so a crash is a recorded failure.",
         "",
+        "The cosine of these random-weight networks is fragile: FP16's rounding in `model.onnx` flips int8 levels that",
+        "PyTorch's FP32 fake quantization keeps, and a random network compounds the flips layer by layer while the",
+        "same Q/DQ graph in FP32 still agrees (C1 below, `benchmarks/coverage_study.py`). Neither clipping the",
+        "gradients (norm 1.0) nor setting BatchNorm's running statistics to the training data's before step 0",
+        "(`QATSPARSE_COVERAGE_SETTLE_BN=1`; the builders' initial mean 0 and variance 1 otherwise) makes it reliable:",
+        "the latter moves some models above 0.99 and others below. Without it some networks lose their signal in eval",
+        "mode and give every sample the same logits, which agree trivially (`torch_logit_spread` 0 in the JSON).",
+        *_earlier(data),
+        "",
         "A model **passes** when the run goes through and `model.onnx` meets issue 11's acceptance thresholds:",
         "every layer TensorRT could run 2:4 (*eligible*) is 2:4, at least 50 % of the weighted layers are fed by",
         "Q/DQ, and ONNX Runtime (CPU, at the graph-optimization level qatsparse's validation chose: the default",
@@ -187,6 +198,21 @@ def render(data: Mapping[str, Any], causes: list[dict[str, str]], json_name: str
     return "\n".join(lines).rstrip() + "\n"
 
 
+def _earlier(data: Mapping[str, Any], path: Path = EARLIER_JSON) -> list[str]:
+    """Whether this page's runs set BatchNorm's statistics, and the previous full run (when its JSON is there)."""
+    runs = {r.get("run") for r in data["results"]} - {None}
+    settled = sum(bool(data["runs"][i]["settings"].get("settle_batchnorm")) for i in runs)
+    out = [f"Runs behind this page that set BatchNorm's statistics: {settled} of {len(runs)}."]
+    if path.exists():
+        results = json.loads(path.read_text())["results"]
+        n_pass = sum(r["status"] == "pass" for r in results)
+        out.append(
+            f"The previous full run, `{path.relative_to(ROOT)}`, passed {n_pass} of {len(results)} models "
+            f"({_pct(n_pass / len(results))})."
+        )
+    return out
+
+
 def _definitions() -> list[str]:
     return [
         "## What the columns mean",
@@ -206,7 +232,9 @@ def _definitions() -> list[str]:
         "- **cosine**, **top-1**: ONNX Runtime on `model.onnx` against the PyTorch QAT model (fake quantization),",
         "  flattened logits of 8 random samples; top-1 is the share of samples with the same arg-max (random-weight",
         "  models have near-tied logits, so top-1 is shown, not gated). The JSON also holds the level used",
-        "  (`ort_level`) and the cosine at the default level and with the optimizations off.",
+        "  (`ort_level`), the cosine at the default level and with the optimizations off, and `torch_logit_spread`",
+        "  (the logits' standard deviation across the samples: 0 when every sample gives the same logits -- the signal",
+        "  died in the random network -- and the cosine measures nothing).",
         "- **CPU s**: CPU time of the model's process (build, 4 steps, export, validation, measurement), one torch",
         "  thread; a crashed or killed process shows its wall time.",
         "",

@@ -108,3 +108,19 @@ def test_a_process_killed_for_memory_is_a_failure_record(tmp_path):
     """The model's process is killed once past its memory budget (here: at once) and the run goes on."""
     record = coverage_proc.run_isolated(coverage_zoo.find("transformers:bert"), tmp_path, max_rss_gb=0.05)
     assert record["status"] == "fail" and record["error"]["type"] == "MemoryBudget"
+
+
+def test_settle_batchnorm_sets_running_statistics_to_the_datas_and_keeps_the_mode():
+    import coverage_run
+    from torch.utils.data import DataLoader
+
+    torch.manual_seed(0)
+    x = torch.randn(16, 3, 4, 4) * 5 + 2
+    model = nn.Sequential(nn.BatchNorm2d(3)).eval()
+    loader = DataLoader(coverage_run._Samples((x,), torch.zeros(16, dtype=torch.long)), batch_size=4)
+    coverage_run.settle_batchnorm(model, loader)
+    bn = model[0]
+    assert not model.training and bn.momentum == 0.1  # mode and momentum restored
+    torch.testing.assert_close(bn.running_mean, x.mean((0, 2, 3)), rtol=0, atol=1e-5)
+    per_batch = torch.stack([b.var((0, 2, 3)) for b in x.split(4)]).mean(0)  # unbiased, averaged over batches
+    torch.testing.assert_close(bn.running_var, per_batch, rtol=1e-5, atol=1e-5)

@@ -294,3 +294,80 @@ def test_fp16_graph_keeps_normalize_finite_on_zero_vectors(tmp_path):
         (out,) = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})
         with torch.no_grad():
             np.testing.assert_allclose(out, model(x).numpy(), rtol=0, atol=5e-3)
+
+
+class _FloatIsland(nn.Module):
+    """timm's LiteMLA in small: linear attention computed in float32 (``q.float() ... out.to(dtype)``) because
+    its sums over the tokens exceed the FP16 range."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.qkv = nn.Linear(16, 48)
+        self.proj = nn.Linear(16, 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = torch.relu(self.qkv(x)).chunk(3, dim=-1)
+        dtype = v.dtype
+        v = torch.nn.functional.pad(v, (0, 1), value=1.0)
+        q, k, v = q.float(), k.float(), v.float()
+        out = q @ (k.transpose(-1, -2) @ v)
+        out = out[..., :-1] / (out[..., -1:] + 1e-15)
+        return self.proj(out.to(dtype))
+
+
+class _Unclosed(nn.Module):
+    """A same-type cast that nothing closes (``x.type_as(v)`` after a rotary embedding, ``logits.float()``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc, self.head = nn.Linear(8, 8), nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.fc(x)).type_as(x) * 2).float()
+
+
+def test_fp16_remainder_keeps_the_models_own_float32_region(tmp_path):
+    """The model's ``x.float()`` is a same-type Cast in the FP32 graph; converting it to FP16 ran LiteMLA's
+    attention in FP16 (timm efficientvit_b0: cosine 0.98 against PyTorch). Here its sums reach ~1e6, beyond
+    FP16: the region must stay FP32 up to the model's cast back, and the layers around it stay FP16."""
+    torch.manual_seed(0)
+    x = torch.randn(4, 64, 16) * 20
+    q = _FloatIsland()
+    quantize_model(q, QuantConfig(precision="int8"))
+    calibrate(q, [x], q)
+    q.eval()
+    notes: list[str] = []
+    deploy = export_artifacts(q, [x[:1]], ExportSettings(dirpath=tmp_path), notes=notes)["model.onnx"]
+    assert any("kept in FP32 where the model casts to float32" in n for n in notes)
+    g = onnx.shape_inference.infer_shapes(onnx.load(str(deploy))).graph
+    types = {v.name: v.type.tensor_type.elem_type for v in [*g.value_info, *g.input, *g.output]}
+    types.update({i.name: i.data_type for i in g.initializer})
+    fp = onnx.TensorProto
+    island = [
+        n for n in g.node
+        if n.op_type in ("MatMul", "Div") and not n.name.startswith(("/qkv/", "/proj/"))
+        and types[n.output[0]] != fp.INT64  # not the shape arithmetic of chunk()
+    ]  # fmt: skip
+    assert len(island) == 3 and all(types[n.output[0]] == fp.FLOAT for n in island)  # k^T v, q (k^T v), /
+    layers = [n for n in g.node if n.name.startswith(("/qkv/", "/proj/")) and n.op_type in ("MatMul", "Add")]
+    assert layers and all(types[n.output[0]] == fp.FLOAT16 for n in layers)
+    with torch.no_grad():
+        ref = q(x).numpy()
+        q_, k, v = torch.relu(q.qkv(x)).chunk(3, dim=-1)
+        assert float((q_ @ (k.transpose(-1, -2) @ v)).abs().max()) > 65504  # beyond FP16: inf, then inf / inf
+    # ONNX Runtime's CPU kernels run most FP16 nodes in FP32 (its cast insertion), so it hides an FP16 overflow;
+    # ONNX's reference evaluator computes every node in its declared type, as TensorRT's strongly typed build does.
+    from onnx.reference import ReferenceEvaluator
+
+    # a same-type cast that no other closes is no float32 region: converted as it always was
+    p32 = export_onnx(_Unclosed().eval(), [torch.randn(2, 8)], tmp_path / "unclosed.onnx")
+    assert any(n.op_type == "Cast" for n in onnx.load(str(p32)).graph.node)
+    _, info = convert_to_fp16(onnx.load(str(p32)))
+    assert not info.explicit_fp32_nodes and not [n for n in info.notes if "float32" in n]
+    for out in (
+        _ort(deploy, {"input": x.numpy()})[0],
+        ReferenceEvaluator(str(deploy)).run(None, {"input": x.numpy()})[0],
+    ):
+        assert np.isfinite(out).all()
+        cos = float(np.dot(out.ravel(), ref.ravel()) / (np.linalg.norm(out) * np.linalg.norm(ref)))
+        assert cos > 0.9999

@@ -12,6 +12,9 @@ pass driven by the ONNX operator schemas:
   (e.g. Resize ``scales``, Q/DQ below opset 19) keep FP32 with a ``Cast`` in front;
 * nodes exported from modules listed in ``keep_fp32`` (e.g. layers whose activations overflow FP16)
   run in FP32 with casts around them;
+* where the model itself computes in float32 (``q.float() ... out.to(dtype)``: in the FP32 graph, Casts to
+  float of activations that are already float) the nodes in between stay FP32 and the closing cast casts to
+  FP16 (see :func:`explicit_fp32_nodes`);
 * graph inputs and outputs keep FP32 (``keep_io_types``), with a ``Cast`` after each input and before
   each output;
 * constants are converted once, at conversion time (clamped to the FP16 range, reported), so no cast
@@ -69,6 +72,8 @@ class FP16Conversion:
     flushed_only: set[str] = field(default_factory=set)
     #: the changes that alter a layer's numbers, with the module named (the export fails or warns on them)
     problems: list[str] = field(default_factory=list)
+    #: nodes kept FP32 because the model computes them in float32 explicitly (``x.float()``)
+    explicit_fp32_nodes: list[str] = field(default_factory=list)
 
 
 def _opset(model: Any) -> int:
@@ -145,6 +150,63 @@ def _harmful_changes(graph: Any, conv: FP16Conversion, renamed: dict[str, str]) 
     return out
 
 
+#: ops whose outputs carry a tensor's shape, not its values
+_SHAPE_OPS = frozenset({"Shape", "Size", "ConstantOfShape"})
+
+
+def explicit_fp32_nodes(graph: Any, elem: dict[str, int]) -> tuple[set[str], set[str], set[str]]:
+    """Where the model computes in float32 on purpose: ``(opening casts, nodes, closing casts)``.
+
+    In the FP32 graph, ``x.float()`` and ``x.to(dtype)`` of an activation are Casts to float of a tensor that is
+    already float (the exporter writes them although they change nothing). A region that such a cast opens and
+    another one closes is the model asking for float32 in between (timm's LiteMLA runs its linear attention
+    ``q.float() ... out.to(dtype)`` in FP32 because its sums overflow FP16): its nodes stay FP32 and the closing
+    cast casts to FP16. From an opening cast the region follows the values (PyTorch's type promotion: float32
+    in, float32 out) and ends at a layer with weights or a Q/DQ (a ``_NUMERIC_USERS`` op with a constant-computed
+    input), at another Cast, or at a graph output; only the nodes on a path to a closing cast count. An opening
+    cast that nothing closes (``x.type_as(v)`` after a rotary embedding, ``logits.float()``) is not a float32
+    region, and casts of values computed from shapes only (the exporter's ``scale.to(q.dtype)``) open nothing:
+    graphs without a closed region are converted exactly as before.
+
+    Args:
+        graph: the FP32 ``onnx.GraphProto`` (nodes in topological order, as ONNX requires).
+        elem: element type of every tensor (shape inference, initializers and constants).
+    """
+    from onnx import TensorProto
+
+    FLOAT = TensorProto.FLOAT
+    values = {i.name for i in graph.input} - {i.name for i in graph.initializer}  # depend on the inputs' values
+    producer: dict[str, Any] = {}  # region tensor -> the opening cast or region node computing it
+    opening, closing = set(), set()
+    for n in graph.node:
+        ins = [i for i in n.input if i]
+        if n.op_type not in _SHAPE_OPS and any(i in values for i in ins):
+            values.update(n.output)
+        if n.op_type == "Cast":
+            to = next((a.i for a in n.attribute if a.name == "to"), None)
+            if to == FLOAT and ins and elem.get(ins[0]) == FLOAT and ins[0] in values:
+                if ins[0] in producer:
+                    closing.add(n.name)
+                else:
+                    opening.add(n.name)
+                    producer.update({o: n for o in n.output if elem.get(o) == FLOAT})
+            continue
+        if not any(i in producer for i in ins):
+            continue
+        if n.op_type in _NUMERIC_USERS and any(elem.get(i) == FLOAT and i not in values for i in ins):
+            continue  # a layer with weights (or a Q/DQ): the region ends at its input
+        producer.update({o: n for o in n.output})
+    # keep what lies on a path from an opening cast to a closing one
+    kept: set[str] = set()
+    stack = [n.input[0] for n in graph.node if n.name in closing]
+    while stack:
+        p = producer.get(stack.pop())
+        if p is not None and p.name not in kept:
+            kept.add(p.name)
+            stack.extend(i for i in p.input if i in producer)
+    return opening & kept, kept - opening, closing
+
+
 def convert_to_fp16(
     model: Any, keep_fp32: Sequence[str] = (), keep_io_types: bool = True
 ) -> tuple[Any, FP16Conversion]:
@@ -173,7 +235,7 @@ def convert_to_fp16(
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
-    from qatsparse.export.onnx import nodes_of_modules
+    from qatsparse.export.onnx import module_name_of_node, nodes_of_modules
     from qatsparse.export.rewrites import raise_underflowing_bounds, sink_transposes_below_matmuls
 
     FLOAT, HALF = TensorProto.FLOAT, TensorProto.FLOAT16
@@ -215,6 +277,17 @@ def convert_to_fp16(
 
     kept, missing = nodes_of_modules(graph, list(keep_fp32))
     conv.missing_modules = missing
+    opening, explicit, closing = explicit_fp32_nodes(graph, elem)
+    opening -= kept
+    explicit -= kept
+    if explicit or opening:
+        conv.explicit_fp32_nodes = [n.name for n in graph.node if n.name in explicit or n.name in opening]
+        modules = sorted({module_name_of_node(n) or n for n in conv.explicit_fp32_nodes})
+        conv.notes.append(
+            f"{len(conv.explicit_fp32_nodes)} node(s) kept in FP32 where the model casts to float32 itself "
+            f"(x.float()): {', '.join(modules[:8])}{', ...' if len(modules) > 8 else ''}"
+        )
+    kept = kept | explicit
 
     def schema_of(n: Any) -> Any | None:
         try:
@@ -230,8 +303,8 @@ def convert_to_fp16(
     for k, n in enumerate(graph.node):
         schema = schema_of(n) if runs_fp16(n) else None
         for i, name in enumerate(n.input):
-            if not name or elem.get(name) != FLOAT:
-                continue
+            if not name or elem.get(name) != FLOAT or n.name in opening or n.name in closing:
+                continue  # the model's own casts read their input as it is
             p = _param(schema.inputs, i) if schema is not None else None
             ok = p is not None and "tensor(float16)" in _allowed_types(schema, p)
             wants[(k, i)] = HALF if ok else FLOAT
@@ -283,7 +356,7 @@ def convert_to_fp16(
 
     for k, n in enumerate(graph.node):
         fp16 = runs_fp16(n)
-        if n.name in kept:
+        if n.name in kept and n.name not in explicit:
             conv.kept_fp32_nodes.append(n.name)
         for i, name in enumerate(n.input):
             want = wants.get((k, i))
@@ -296,7 +369,10 @@ def convert_to_fp16(
                 n.input[i] = renamed_const[name]
             else:
                 n.input[i] = cast_to(name, want)
-        _retype_outputs(n, fp16, cur, elem, schema_of(n) if fp16 else None, FLOAT, HALF)
+        if n.name in opening:  # the model's x.float(): casts its (FP16) input to FP32
+            cur.update({o: FLOAT for o in n.output if elem.get(o) == FLOAT})
+        else:
+            _retype_outputs(n, fp16, cur, elem, schema_of(n) if fp16 else None, FLOAT, HALF)
         new_nodes.append(n)
 
     # 4. graph outputs
