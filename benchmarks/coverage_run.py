@@ -9,12 +9,15 @@ wrapped in a generic LightningModule, on random data for ``STEPS`` optimizer ste
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import resource
+import shutil
 import sys
 import time
 import traceback
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -195,6 +198,27 @@ ORT_LEVELS = {
 }
 
 
+@contextlib.contextmanager
+def keeping_fp32_qdq(dst: Path) -> Iterator[None]:
+    """Keep a copy of the FP32 Q/DQ graph that the export converts to FP16 and then deletes: its cosine separates
+    what the export does from what FP16's rounding does. A benchmark-only hook on a private function (no public
+    option writes that graph; a second export of every model would double the matrix's time)."""
+    import qatsparse.artifacts as artifacts
+
+    write_fp16 = artifacts._write_fp16
+
+    def keep(src: Path, deploy: Path, *args: Any, **kwargs: Any) -> Any:
+        if Path(src).name != "model_fp32.onnx":  # the Q/DQ graph (FP16 models convert the dense graph)
+            shutil.copyfile(src, dst)
+        return write_fp16(src, deploy, *args, **kwargs)
+
+    artifacts._write_fp16 = keep
+    try:
+        yield
+    finally:
+        artifacts._write_fp16 = write_fp16
+
+
 def _ort_outputs(path: Path, inputs: tuple[torch.Tensor, ...], level: str, threads: int) -> np.ndarray:
     import onnxruntime as ort
 
@@ -282,7 +306,8 @@ def run_model(spec: ModelSpec, workdir: Path, threads: int = 1) -> dict[str, Any
             callbacks=[tracker, sparsity, qat, export],  # tracker first: it names the step before the others act,
         )
         tracker.set("fit")
-        trainer.fit(module, datamodule=data)
+        with keeping_fp32_qdq(workdir / "qdq_fp32.onnx"):
+            trainer.fit(module, datamodule=data)
         tracker.set("measure")
         record["losses"] = [_round(v, 4) for v in module.losses]
         record["grad_norms"] = [_round(v, 4) for v in module.grad_norms]
@@ -310,6 +335,10 @@ def run_model(spec: ModelSpec, workdir: Path, threads: int = 1) -> dict[str, Any
         record["agreement"]["ort_level"] = level
         # 0 when every sample gives the same logits (the signal died on the way): the cosine then measures nothing
         record["agreement"]["torch_logit_spread"] = _round(float(torch_out.std(axis=0).mean()))
+        qdq = workdir / "qdq_fp32.onnx"
+        if qdq.exists():  # the same Q/DQ graph before the FP16 conversion: the export alone, without FP16 rounding
+            out = _ort_outputs(qdq, inputs, level, threads=threads)
+            record["agreement"]["cosine_qdq_fp32"] = _round(agreement(out, torch_out)["cosine"])
         for name, other in (("cosine_ort_default", "all"), ("cosine_ort_no_optimization", "disabled")):
             out = ort_out if other == level else _ort_outputs(onnx_path, inputs, other, threads=threads)
             record["agreement"][name] = _round(agreement(out, torch_out)["cosine"])

@@ -38,11 +38,11 @@ def study(model_id: str, variant: str, seed: int = 0) -> dict[str, Any]:
     import torch
     from coverage_zoo import find
 
-    import qatsparse.pipeline as pipeline
+    import qatsparse.artifacts as artifacts
 
     work = Path(tempfile.mkdtemp(prefix="qatsparse-study-"))
     seen: dict[str, Any] = {}
-    write_fp16, ort_outputs, agree = pipeline._write_fp16, coverage_run._ort_outputs, coverage_run.agreement
+    write_fp16, ort_outputs, agree = artifacts._write_fp16, coverage_run._ort_outputs, coverage_run.agreement
     settle, seed_everything = coverage_run.SETTLE_BATCHNORM, coverage_run.pl.seed_everything
     data_cls, trainer_cls = coverage_run.RandomData, coverage_run.pl.Trainer
 
@@ -60,7 +60,7 @@ def study(model_id: str, variant: str, seed: int = 0) -> dict[str, Any]:
         seen.setdefault("torch", b)
         return agree(a, b)
 
-    pipeline._write_fp16, coverage_run._ort_outputs, coverage_run.agreement = keep_qdq, outputs, first_agreement
+    artifacts._write_fp16, coverage_run._ort_outputs, coverage_run.agreement = keep_qdq, outputs, first_agreement
     coverage_run.SETTLE_BATCHNORM = variant.startswith("settle")
     coverage_run.pl.seed_everything = lambda _s, verbose=False: seed_everything(seed, verbose=verbose)
     coverage_run.RandomData = lambda spec, n_classes: data_cls(spec, n_classes, seed=seed)  # type: ignore[assignment]
@@ -70,7 +70,7 @@ def study(model_id: str, variant: str, seed: int = 0) -> dict[str, Any]:
         torch.set_num_threads(1)
         rec = coverage_run.run_model(find(model_id), work, threads=1)
     finally:
-        pipeline._write_fp16, coverage_run._ort_outputs, coverage_run.agreement = write_fp16, ort_outputs, agree
+        artifacts._write_fp16, coverage_run._ort_outputs, coverage_run.agreement = write_fp16, ort_outputs, agree
         coverage_run.SETTLE_BATCHNORM, coverage_run.pl.seed_everything = settle, seed_everything
         coverage_run.pl.Trainer, coverage_run.RandomData = trainer_cls, data_cls
         shutil.rmtree(work, ignore_errors=True)
