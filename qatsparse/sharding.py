@@ -132,12 +132,37 @@ def full_weights(trainer: Any, writeback: bool = False, rank0_only: bool = False
         return
     with FSDP.summon_full_params(
         root, writeback=writeback, rank0_only=rank0_only, offload_to_cpu=rank0_only, recurse=True
-    ), unwrapped(trainer.lightning_module):
+    ), unwrapped(trainer.lightning_module), _buffers_like_parameters(trainer.lightning_module):
         root._qatsparse_full = True
         try:
             yield
         finally:
             root._qatsparse_full = False
+
+
+@contextlib.contextmanager
+def _buffers_like_parameters(module: nn.Module) -> Iterator[None]:
+    """Floating buffers in the dtype of the full parameters while inside, put back after.
+
+    FSDP mixed precision (``precision="16-mixed"`` without an inner unit for BatchNorm) keeps buffers in FP16 but
+    gives the full FP32 weights inside ``summon_full_params``: a forward there (preflight, calibration, export)
+    would fail on ``running_mean`` being half while ``weight`` is float. FSDP's own forward casts both."""
+    params = [p for p in module.parameters() if p.is_floating_point() and p.numel()]
+    if not params:
+        yield
+        return
+    dtype = params[0].dtype
+    changed = []
+    for m in module.modules():
+        for name, b in m.named_buffers(recurse=False):
+            if b is not None and b.is_floating_point() and b.dtype != dtype:
+                changed.append((m, name, b.dtype))
+                setattr(m, name, b.to(dtype))
+    try:
+        yield
+    finally:
+        for m, name, was in changed:
+            setattr(m, name, getattr(m, name).to(was))
 
 
 @torch.no_grad()

@@ -110,6 +110,33 @@ def fit(out: Path, name: str, epochs: int, qat: bool, sharded: bool = False, ckp
     return dump.state
 
 
+class BNNet(Net):
+    """Net with a BatchNorm: FSDP mixed precision keeps its running statistics in FP16."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bn = nn.BatchNorm2d(16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(F.relu(self.fc(F.relu(self.bn(self.conv(x))).mean((2, 3)))))
+
+
+def mixed_precision() -> dict:
+    """Fit F: 2:4 + QAT with precision="16-mixed" and the whole module one FSDP unit (its buffers in FP16, the full
+    weights FP32 inside summon_full_params): the preflight and calibration forwards must run."""
+    pl.seed_everything(0)
+    sparsity = TwoFourSparsity(start_step=1, exclude=["head"], verbose=False)
+    qat = QuantizationAwareTraining(calib_batches=2, start_step=2, exclude=["head"], verbose=False)
+    trainer = pl.Trainer(
+        accelerator="cpu", devices=2, strategy=CPUFSDPStrategy(), precision="16-mixed", max_steps=4, logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+        callbacks=[sparsity, qat],
+    )  # fmt: skip
+    trainer.fit(BNNet(), loaders()[0])
+    amax = {clean_name(n): q.amax.detach().clone() for n, q in quantizers(trainer.lightning_module).items()}
+    return {"steps": trainer.global_step, "amax": amax, "bn_dtype": str(trainer.lightning_module.bn.running_mean.dtype)}
+
+
 def unsupported() -> dict:
     """The export with sharded state dicts (model.ckpt must be one file): the preflight stops before step 0."""
     steps = []
@@ -143,6 +170,7 @@ def main(out: Path) -> None:
     result["C"] = fit(out, "C", 2, qat=False, sharded=True)
     result["D"] = fit(out, "D", 2, qat=False, sharded=True, ckpt=out / "C" / "epoch=0.ckpt")
     result["E"] = unsupported()
+    result["F"] = mixed_precision()
     rank = torch.distributed.get_rank()
     torch.save(result, out / f"rank{rank}.pt")
     if rank == 0:  # the same weights exported by one process, from the checkpoint fit A's export wrote

@@ -101,6 +101,14 @@ def test_fit_end_export_equals_a_single_process_export(fsdp):
     }
 
 
+def test_mixed_precision_with_buffers_in_fp16(fsdp):
+    _, (r0, r1) = fsdp
+    assert r0["F"]["bn_dtype"] == "torch.float16"  # FSDP keeps the buffers in FP16: the case that broke
+    assert r0["F"]["steps"] == 4 and r1["F"]["steps"] == 4
+    assert len(r0["F"]["amax"]) == 4 and all(torch.isfinite(a).all() for a in r0["F"]["amax"].values())
+    assert _equal(r0["F"]["amax"], r1["F"]["amax"])
+
+
 def test_unsupported_setting_stops_before_step_0(fsdp):
     _, ranks = fsdp
     for r in ranks:
