@@ -152,6 +152,7 @@ def export_equality(devices: int, args: argparse.Namespace) -> dict:
     reports = [json.loads((out / d / "report.json").read_text()) for d in ("fsdp", "single")]
     agree = reports[0]["agreement"] == reports[1]["agreement"]
     return {"files_equal": equal, "agreement_equal": agree, "passed": [r["passed"] for r in reports],
+            "agreement": [r["agreement"] for r in reports],
             "equal": all(equal.values()) and agree}  # fmt: skip
 
 

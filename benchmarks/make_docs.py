@@ -453,9 +453,10 @@ def render_fsdp(results: dict[str, Any]) -> str:
         export = d.get("export", {})
         exported = "— (no qatsparse callbacks)" if plain else "not checked in this run"
         if "files_equal" in export:
-            exported = "yes" if export["equal"] else "**no**: " + ", ".join(
-                f for f, same in export["files_equal"].items() if not same
-            )
+            differ = [f for f, same in export["files_equal"].items() if not same]
+            exported = "**no**: " + ", ".join(differ) if differ else "yes"
+            if not differ and not export.get("agreement_equal", True):
+                exported = "files byte-equal; **the reports' agreement blocks differ**"
         rows.append([
             f"`{name}` ({env['date'][:10]})",
             where,
