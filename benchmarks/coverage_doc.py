@@ -76,6 +76,12 @@ def _pct(x: float | None) -> str:
     return NA if x is None else f"{100 * x:.0f}%" if x in (0, 1) else f"{100 * x:.1f}%"
 
 
+def _vacuous(r: dict[str, Any]) -> bool:
+    """A pass whose PyTorch logits are the same for every sample: the cosine compares constants."""
+    spread = (r.get("agreement") or {}).get("torch_logit_spread")
+    return r["status"] == "pass" and spread is not None and spread == 0
+
+
 def _num(x: float | None, fmt: str) -> str:
     return NA if x is None else format(x, fmt)
 
@@ -137,14 +143,24 @@ def render(data: Mapping[str, Any], causes: list[dict[str, str]], json_name: str
         "",
         "## Pass rate",
         "",
-        "| zoo | models | pass | fail | pass rate |",
-        "|---|--:|--:|--:|--:|",
+        "| zoo | models | pass | of which constant logits | fail | pass rate |",
+        "|---|--:|--:|--:|--:|--:|",
     ]
     for z, rows in zoos.items():
         p = sum(r["status"] == "pass" for r in rows)
-        lines.append(f"| {z} | {len(rows)} | {p} | {len(rows) - p} | {_pct(p / len(rows) if rows else None)} |")
-    lines.append(f"| **all** | {len(results)} | {n_pass} | {len(results) - n_pass} | "
+        c = sum(_vacuous(r) for r in rows)
+        lines.append(f"| {z} | {len(rows)} | {p} | {c} | {len(rows) - p} | {_pct(p / len(rows) if rows else None)} |")
+    n_vacuous = sum(_vacuous(r) for r in results)
+    lines.append(f"| **all** | {len(results)} | {n_pass} | {n_vacuous} | {len(results) - n_pass} | "
                  f"{_pct(n_pass / len(results) if results else None)} |")  # fmt: skip
+    if n_vacuous:
+        lines += [
+            "",
+            f"*Constant logits*: {n_vacuous} passing models give every validation sample the same logits in eval",
+            "mode (`torch_logit_spread` 0 to 6 decimals: the random network's signal dies; with BatchNorm statistics",
+            "set to the data's they do not, see above), so their cosine of 1.0 says nothing about the export; their",
+            "2:4 and Q/DQ shares still hold. Their rows say *pass (constant logits)*.",
+        ]
     if not_run.get("models"):
         lines += [
             "",
@@ -182,6 +198,8 @@ def render(data: Mapping[str, Any], causes: list[dict[str, str]], json_name: str
         for r in rows:
             o, a = r.get("onnx") or {}, r.get("agreement") or {}
             result = "pass" if r["status"] == "pass" else f"fail ([C{number[id(r)]}](#failures-by-cause))"
+            if _vacuous(r):
+                result = "pass (constant logits)"
             cells = [
                 f"`{r['name']}`",
                 _md(r.get("input", "")) + (f" ({_md(r['settings'])})" if r.get("settings") else ""),
