@@ -16,7 +16,7 @@ Example:
     >>> mon.start("QAT started", step=0)
     >>> model(torch.ones(1, 4)).sum().backward(); mon.check_gradients(model, step=0) is None
     True
-    >>> model.weight.grad.fill_(float("nan")); mon.check_gradients(model, step=1).what
+    >>> _ = model.weight.grad.fill_(float("nan")); mon.check_gradients(model, step=1).what
     'non-finite gradients'
 """
 
@@ -29,6 +29,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from qatsparse.sharding import clean_name  # FSDP / activation checkpointing: the names the user wrote
 
 
 @dataclass
@@ -62,7 +64,7 @@ def _module_grad_norms(model: nn.Module) -> dict[str, float]:
     for name, m in model.named_modules():
         for p in m.parameters(recurse=False):
             if p.grad is not None:
-                owners.append(name or "<model>")
+                owners.append(clean_name(name) or "<model>")
                 grads.append(p.grad)
     if not grads:
         return {}
@@ -79,7 +81,7 @@ def _nonfinite_state(model: nn.Module) -> list[str]:
     for name, m in model.named_modules():
         tensors = [*m.parameters(recurse=False), *m.buffers(recurse=False)]
         if any(t.is_floating_point() and not bool(torch.isfinite(t).all()) for t in tensors):
-            out.append(name or "<model>")
+            out.append(clean_name(name) or "<model>")
     return out
 
 

@@ -19,6 +19,7 @@ graph where they do not, with the reason and the probe's numbers in the report
 ``"disabled"``) is used as given, still probed and reported.
 
 Example:
+    >>> import torch; from torch import nn
     >>> from qatsparse.export.onnx import export_onnx
     >>> import tempfile; p = export_onnx(nn.Linear(3, 2), [torch.zeros(1, 3)], tempfile.mkdtemp() + "/m.onnx")
     >>> choose_graph_optimization(p, (torch.randn(4, 3),)).level

@@ -125,9 +125,9 @@ def overall_kept(kept: dict[str, dict[str, float | None]]) -> dict[str, float | 
     """All pruned layers together (weighted by each layer's sum of ``|w|``).
 
     Example:
-        >>> a, b = {"plain": 0.5, "permuted": 0.6, "total": 1.0}, {"plain": 0.7, "permuted": None, "total": 3.0}
+        >>> a, b = {"plain": 0.5, "permuted": 0.6, "total": 1.0}, {"plain": 0.75, "permuted": None, "total": 3.0}
         >>> overall_kept({"a": a, "b": b})
-        {'plain': 0.65, 'permuted': None}
+        {'plain': 0.6875, 'permuted': None}
     """
     total = sum(float(v["total"] or 0.0) for v in kept.values())
     if total <= 0:

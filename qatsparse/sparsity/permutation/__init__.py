@@ -184,7 +184,7 @@ def permute_for_2to4(
     The model computes the same function afterwards (up to floating-point summation order).
 
     Example:
-        >>> torch.manual_seed(0); m = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 16))
+        >>> _ = torch.manual_seed(0); m = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 16))
         >>> x = torch.randn(4, 16); before = m(x)
         >>> r = permute_for_2to4(m, (x[:2],), ["2"])
         >>> bool((m(x) - before).abs().max() < 1e-5), r.groups[0].kept_after > r.groups[0].kept_before
