@@ -234,6 +234,23 @@ def contiguous_parameters(trainer: Any, pl_module: nn.Module) -> list[str]:
     return changed
 
 
+def summed_over_ranks(trainer: Any, counts: dict[str, list[int]]) -> dict[str, list[int]]:
+    """Integer counts per key (the same keys on every rank) summed over all ranks; as given without FSDP.
+    Every rank must call it (one all-reduce).
+
+    Example:
+        >>> summed_over_ranks(None, {"conv": [3, 8]})
+        {'conv': [3, 8]}
+    """
+    if not is_sharded(trainer) or not counts:
+        return counts
+    keys = sorted(counts)
+    device = next(trainer.lightning_module.parameters()).device
+    t = torch.tensor([counts[k] for k in keys], dtype=torch.int64, device=device)
+    t = trainer.strategy.reduce(t, reduce_op="sum")
+    return {k: [int(v) for v in row] for k, row in zip(keys, t.cpu().tolist())}
+
+
 def check_unsharded(trainer: Any, what: str, fix: str) -> None:
     """``what`` rewrites weights, BatchNorm statistics and optimizer state in place: not under FSDP, which holds
     them in shards (a ValueError naming ``fix``)."""
@@ -304,5 +321,6 @@ __all__ = [
     "is_sharded",
     "local_masks",
     "module_names",
+    "summed_over_ranks",
     "unwrapped",
 ]

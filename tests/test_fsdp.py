@@ -66,6 +66,13 @@ def test_each_rank_keeps_its_shard_2to4(fsdp):
     assert min(conv) > 0  # the conv weight is split over both ranks: each cut its own part of the mask
 
 
+def test_sparsity_metrics_from_shards_equal_those_of_the_full_weights(fsdp):
+    _, (r0, r1) = fsdp
+    for fit in "ABCD":
+        assert r0[fit]["metrics_sharded"] == r0[fit]["metrics_full"] == r1[fit]["metrics_sharded"], fit
+    assert r0["A"]["metrics_full"]["qatsparse/sparsity/layer_zero_share/conv"] == 0.5
+
+
 def test_masks_come_from_the_full_dense_weights(fsdp):
     out, (r0, _) = fsdp
     ckpt = torch.load(out / "export_A" / "model.ckpt", weights_only=False)

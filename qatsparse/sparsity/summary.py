@@ -33,11 +33,40 @@ def sparsity_metrics(model: nn.Module, pruned: list[str], prefix: str = "qatspar
         >>> sparsity_metrics(m, list(ms.masks))["qatsparse/sparsity/layer_zero_share/0"]
         0.5
     """
-    modules = prunable_weights(model)
+    zeros, sizes = weight_zero_counts(model)
+    return metrics_from_counts(zeros, sizes, pruned, prefix)
+
+
+@torch.no_grad()
+def weight_zero_counts(model: nn.Module) -> tuple[dict[str, int], dict[str, int]]:
+    """Zeros and elements of every prunable weight by key: of the whole weight, or of this rank's shard under FSDP
+    (``model`` as FSDP wraps it: keys are given without the wrapper segments, and the counts of all ranks add up
+    to the full weights').
+
+    Example:
+        >>> m = nn.Linear(4, 2); _ = m.weight.data.zero_()
+        >>> weight_zero_counts(m)
+        ({'': 8}, {'': 8})
+    """
+    from qatsparse.sharding import clean_name
+
+    modules = {clean_name(k): m for k, m in prunable_weights(model).items()}
     zeros = {n: int((m.weight == 0).sum()) for n, m in modules.items()}
     sizes = {n: m.weight.numel() for n, m in modules.items()}
+    return zeros, sizes
+
+
+def metrics_from_counts(
+    zeros: dict[str, int], sizes: dict[str, int], pruned: list[str], prefix: str = "qatsparse/sparsity/"
+) -> dict[str, float]:
+    """:func:`sparsity_metrics` from the zero and element counts of every prunable weight.
+
+    Example:
+        >>> metrics_from_counts({"a": 2, "b": 0}, {"a": 4, "b": 4}, ["a"], prefix="")["pruned_weight_share"]
+        0.25
+    """
     total = max(sum(sizes.values()), 1)
-    done = [n for n in pruned if n in modules]
+    done = [n for n in pruned if n in sizes]
     p_zero = sum(zeros[n] for n in done)
     out = {
         f"{prefix}pruned_layers": float(len(done)),
