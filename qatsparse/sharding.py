@@ -215,9 +215,9 @@ def contiguous_parameters(trainer: Any, pl_module: nn.Module) -> list[str]:
     PyTorch's FSDP1 flattens such a parameter in storage order (``as_strided((numel,), (1,))``) but loads a
     full optimizer state dict with ``torch.flatten`` (logical order), so a resumed run gets the momentum of
     every ``channels_last`` 3x3 conv scrambled while its weights load right (measured on 2 H200s:
-    benchmarks/results/fsdp_2xh200.json; NVIDIA/physicsnemo#1597 describes the same asymmetry). Nothing in
-    PyTorch or Lightning repairs it, so qatsparse avoids it at the source: contiguous parameters flatten the same
-    way both times. Inputs may stay ``channels_last``: cuDNN still picks channels-last kernels for them.
+    benchmarks/results/fsdp_resume_diagnosis_2xh200.json; NVIDIA/physicsnemo#1597 describes the same asymmetry).
+    Nothing in PyTorch or Lightning repairs it, so qatsparse avoids it at the source: contiguous parameters
+    flatten the same way both times. Inputs are not touched (they may stay ``channels_last``).
     Called from the callbacks' ``setup`` hook, which Lightning runs before the strategy wraps the model.
 
     Example:
