@@ -23,6 +23,34 @@ def check_engine_available(build_engine: Any) -> None:
             )
 
 
+#: The largest ONNX file qatsparse writes: one protobuf message (weights included) cannot exceed 2 GiB.
+ONNX_FILE_LIMIT = 2**31 - 1
+#: What the graph itself (nodes, names, metadata) may take beside the weights.
+_GRAPH_MARGIN = 2**26
+
+
+def check_onnx_size(module: Any) -> None:
+    """The FP32 ONNX graph fits in one file: ``model_fp32.onnx`` holds every weight in FP32, and qatsparse writes
+    each ONNX file as one protobuf message, whose size protobuf caps at 2 GiB. Without this check a larger model
+    would train and then fail at the export ("Failed to serialize proto", measured on a 2.0 GiB model).
+
+    Example:
+        >>> from torch import nn
+        >>> check_onnx_size(nn.Linear(16, 4))  # a few hundred bytes: fine
+    """
+    import itertools
+
+    n = sum(t.numel() for t in itertools.chain(module.parameters(), module.buffers()) if t.is_floating_point())
+    if 4 * n > ONNX_FILE_LIMIT - _GRAPH_MARGIN:
+        raise ValueError(
+            f"TensorRTExport: the model's weights take {4 * n / 2**30:.2f} GiB in FP32, and qatsparse writes each "
+            "ONNX file (model_fp32.onnx holds every weight in FP32) as one protobuf message, which cannot exceed "
+            "2 GiB: models this large cannot be exported yet (ONNX external data is not supported). Leave "
+            "TensorRTExport out: TwoFourSparsity and QuantizationAwareTraining still train the model, and the "
+            "checkpoint keeps the masks and quantizers"
+        )
+
+
 def _names(given: Sequence[str] | None, keys: list[str] | None, n: int, stem: str) -> list[str]:
     from qatsparse.export.onnx import default_io_names
 

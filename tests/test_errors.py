@@ -69,6 +69,18 @@ class OddPool(Tiny):
         return self.fc(self.pool(self.body(x).reshape(-1, 1, 4, 4)).flatten(1))
 
 
+class Huge(Tiny):
+    """2.01 GiB of FP32 weights (539 M parameters, zeros: no initialization time): over ONNX's 2 GiB file limit."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        sizes = ((16, 23200), (23200, 23200))
+        self.body = nn.Sequential(*(nn.utils.skip_init(nn.Linear, i, o, bias=False) for i, o in sizes))
+        for p in self.body.parameters():
+            p.data.zero_()
+        self.fc = nn.Linear(23200, 4)
+
+
 class Records(Dataset):
     """Dict samples ``{"image": ..., "label": ...}``."""
 
@@ -211,6 +223,7 @@ CASES = [
          "cannot take the inputs", export(), model=BadExample),
     Case("adaptive pooling the exporter refuses", "TensorRTExport: the model cannot be exported to ONNX at the size of "
          "its export input", export(), model=OddPool),
+    Case("model over ONNX's 2 GiB", "TensorRTExport: the model's weights take 2.01 GiB in FP32", export(), model=Huge),
     Case("build_engine=True without TensorRT", "TensorRTExport(build_engine=True): `import tensorrt` fails",
          export(build_engine=True), skip="TensorRT is importable here" if tensorrt_available() else None),
 ]  # fmt: skip

@@ -13,6 +13,7 @@ from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 
 from qatsparse.callbacks._common import before_wrapping, find_callback
 from qatsparse.checkpointing import snapshot_state_dict, with_metadata
+from qatsparse.export_preflight import check_onnx_size
 from qatsparse.gate import GateFailed, enforce_gate
 from qatsparse.lightning_compat import Callback
 from qatsparse.loaders import find_val_dataloader
@@ -189,6 +190,7 @@ class TensorRTExport(Callback):
         """Before step 0 (see :mod:`qatsparse.preflight`): what the export, validation and gate will need."""
         check(check_engine_available, self.settings.build_engine)
         check(check_full_state_dict, trainer, "TensorRTExport")
+        check(check_onnx_size, pl_module)
         for warning in check(check_validation, data, self.settings, self.on_fail) or []:
             rank_zero_warn(warning)
         check(
