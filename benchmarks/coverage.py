@@ -112,9 +112,17 @@ def save(data: dict[str, Any], path: Path) -> None:
     os.replace(tmp, path)
 
 
-def merge(parts: list[Path], out: Path) -> None:
+#: Why a selected model has no record after a merge (the shards are cut by a time limit, largest models last).
+NOT_RUN_WHY = (
+    "the shards' time limit ended before these models finished (the largest models run last in each shard); "
+    "`benchmarks/coverage.py --resume` adds them"
+)
+
+
+def merge(parts: list[Path], out: Path, expected: list[str] | None = None) -> None:
     """One results JSON from shards run at once (``--shard K/N``): their runs, and every model's record
-    re-pointed at its shard's run."""
+    re-pointed at its shard's run; the models of ``expected`` (the shards' whole selection) that no shard
+    recorded are listed under ``not_run``."""
     data: dict[str, Any] = {"runs": [], "results": []}
     for part in parts:
         d = load(part)
@@ -122,6 +130,10 @@ def merge(parts: list[Path], out: Path) -> None:
         data["runs"] += d["runs"]
         for r in d["results"]:
             data["results"] = [x for x in data["results"] if x["id"] != r["id"]] + [{**r, "run": r["run"] + offset}]
+    done = {r["id"] for r in data["results"]}
+    missing = [m for m in expected or [] if m not in done]
+    if missing:
+        data["not_run"] = {"models": missing, "why": NOT_RUN_WHY}
     save(data, out)
 
 
@@ -154,8 +166,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--shard", help="K/N: only every N-th model starting at the K-th (0-based), for N processes at once")
     p.add_argument("--merge", type=Path, nargs="+", help="shard JSONs: merged into --out (and the doc)")
     args = p.parse_args(argv)
-    if args.merge:
-        merge(args.merge, args.out)
+    if args.merge:  # --zoo/--only/--subset as the shards were given them: their selection
+        merge(args.merge, args.out, [s.id for s in select(all_specs(), args.zoo, args.only, args.subset)])
         if args.doc:
             from coverage_doc import write_doc
 

@@ -124,3 +124,23 @@ def test_settle_batchnorm_sets_running_statistics_to_the_datas_and_keeps_the_mod
     torch.testing.assert_close(bn.running_mean, x.mean((0, 2, 3)), rtol=0, atol=1e-5)
     per_batch = torch.stack([b.var((0, 2, 3)) for b in x.split(4)]).mean(0)  # unbiased, averaged over batches
     torch.testing.assert_close(bn.running_var, per_batch, rtol=1e-5, atol=1e-5)
+
+
+def test_merge_names_the_selected_models_that_no_shard_recorded(tmp_path):
+    import importlib.util
+    import json
+
+    spec = importlib.util.spec_from_file_location("coverage_main", ROOT / "benchmarks" / "coverage.py")
+    cov = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cov)  # by path: `import coverage` could be coverage.py, the package
+    parts = []
+    for k, name in enumerate(("resnet18", "alexnet")):
+        record = {"id": f"torchvision:{name}", "zoo": "torchvision", "name": name, "run": 0, "status": "pass"}
+        parts.append(tmp_path / f"part_{k}.json")
+        parts[-1].write_text(json.dumps({"runs": [{"models": 1}], "results": [record]}))
+    expected = ["torchvision:alexnet", "torchvision:resnet18", "torchvision:vgg11"]
+    cov.merge(parts, tmp_path / "all.json", expected)
+    merged = json.loads((tmp_path / "all.json").read_text())
+    assert [r["id"] for r in merged["results"]] == ["torchvision:alexnet", "torchvision:resnet18"]
+    assert [r["run"] for r in merged["results"]] == [1, 0]  # each record points at its own shard's run
+    assert merged["not_run"]["models"] == ["torchvision:vgg11"]
