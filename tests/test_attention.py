@@ -37,13 +37,7 @@ from qatsparse.sparsity import (
     pruned_layers_from_metadata,
 )
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 class Rows(pl.LightningModule):

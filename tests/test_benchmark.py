@@ -14,12 +14,7 @@ from qatsparse.export.onnx import export_onnx
 QUICK = {"warmup_s": 0.0, "min_time_s": 0.0, "min_iters": 3, "max_time_s": 1.0}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only behaviour")

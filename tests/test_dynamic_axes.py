@@ -13,13 +13,7 @@ from qatsparse.export.shapes import check_axes_spec, check_dim_ranges, dynamic_a
 from qatsparse.pipeline import ExportSettings, export_artifacts, plain_copy
 from qatsparse.quantization import QuantConfig, calibrate, quantize_model
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 class Tokens(nn.Module):

@@ -12,13 +12,7 @@ from qatsparse import QuantizationAwareTraining, TensorRTExport, TwoFourSparsity
 from qatsparse.validation import GateFailed
 from tests.test_export_nets import BoardNet, board_loader
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 class Diverging(BoardNet):

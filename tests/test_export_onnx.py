@@ -20,13 +20,7 @@ from qatsparse.quantization import QuantConfig, calibrate, quantize_model
 from qatsparse.sparsity import PRUNED_METADATA_KEY, check_2to4, compute_2to4_mask
 from tests.test_export_nets import BoardData, BoardNet, trained_board_net
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # 2 shared cores: intra-op threads only add contention
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _ort(path: Path, feed: dict[str, np.ndarray]) -> list[np.ndarray]:

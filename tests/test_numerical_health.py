@@ -19,13 +19,7 @@ from qatsparse.examples import DigitsDataModule, ResidualCNN
 from qatsparse.pipeline import ExportSettings, export_and_validate
 from qatsparse.quantization import QuantConfig, calibrate, quantize_model, quantizers
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _unsettled() -> nn.Sequential:

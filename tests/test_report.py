@@ -14,13 +14,7 @@ from qatsparse.pipeline import ExportSettings, export_and_validate, validate_art
 from qatsparse.quantization import QuantConfig, calibrate, quantize_model
 from tests.test_export_nets import board_loader, trained_board_net
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")
