@@ -27,9 +27,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from qatsparse import QuantizationAwareTraining, TensorRTExport, TwoFourSparsity
 from qatsparse.quantization import quantizers
-from qatsparse.sharding import CPUFSDPStrategy, clean_name, full_weights, summed_over_ranks
+from qatsparse.sharding import CPUFSDPStrategy, clean_name, full_weights
 from qatsparse.sparsity import sparsity_metrics
-from qatsparse.sparsity.summary import metrics_from_counts, weight_zero_counts
+from qatsparse.sparsity.summary import sparsity_metrics_over_ranks
 
 
 class Net(pl.LightningModule):
@@ -73,11 +73,7 @@ class Dump(pl.Callback):
         kinds = {type(m).__name__ for m in pl_module.modules()}
         self.state["wrappers"] = sorted(kinds & {"FullyShardedDataParallel", "CheckpointWrapper"})
         # the epoch-end sparsity metrics: counted on each rank's shards and summed, and on the gathered weights
-        zeros, sizes = weight_zero_counts(pl_module)
-        summed = summed_over_ranks(trainer, {k: [zeros[k], sizes[k]] for k in sizes})
-        self.state["metrics_sharded"] = metrics_from_counts(
-            {k: z for k, (z, _) in summed.items()}, {k: n for k, (_, n) in summed.items()}, sparsity.pruned_layers
-        )
+        self.state["metrics_sharded"] = sparsity_metrics_over_ranks(trainer, pl_module, sparsity.pruned_layers)
         with full_weights(trainer):
             self.state["full"] = {n: p.detach().clone() for n, p in pl_module.named_parameters()}
             self.state["metrics_full"] = sparsity_metrics(pl_module, sparsity.pruned_layers)

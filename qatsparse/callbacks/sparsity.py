@@ -14,7 +14,7 @@ from qatsparse.checkpointing import CHECKPOINT_KEY
 from qatsparse.lightning_compat import Callback
 from qatsparse.patterns import compile_patterns
 from qatsparse.preflight import Checks, FitData, check_int, check_start_step, run_preflight
-from qatsparse.sharding import check_unsharded, full_weights, local_masks, summed_over_ranks
+from qatsparse.sharding import check_unsharded, full_weights, local_masks
 from qatsparse.sparsity import MaskSet, compute_masks, find_prunable, format_summary
 from qatsparse.sparsity.magnitude import kept_magnitude
 from qatsparse.sparsity.masks import apply_masks
@@ -27,7 +27,7 @@ from qatsparse.sparsity.permutation import (
 )
 from qatsparse.sparsity.permutation.verify import example_slice, max_difference, model_outputs
 from qatsparse.sparsity.record import set_pruned_record
-from qatsparse.sparsity.summary import format_kept_magnitude, kept_report, metrics_from_counts, weight_zero_counts
+from qatsparse.sparsity.summary import format_kept_magnitude, kept_report, sparsity_metrics_over_ranks
 
 
 def _example_inputs(pl_module: pl.LightningModule, batch: Any) -> tuple[Any, ...] | None:
@@ -173,13 +173,9 @@ class TwoFourSparsity(Callback):
         self.health.after_batch(trainer, pl_module, outputs, self.start_step)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        # Under FSDP each rank counts the zeros of its own shards and the counts are summed (no full weights
-        # gathered every epoch: that is what FSDP users cannot afford); identical on every rank.
-        zeros, sizes = weight_zero_counts(pl_module)
-        summed = summed_over_ranks(trainer, {k: [zeros[k], sizes[k]] for k in sizes})
-        metrics = metrics_from_counts({k: z for k, (z, _) in summed.items()}, {k: n for k, (_, n) in summed.items()},
-                                      self.pruned_layers)  # fmt: skip
-        # sync_dist only keeps Lightning's DDP warning quiet.
+        # Counted on each rank's shards under FSDP: no full weights gathered every epoch (what FSDP users cannot
+        # afford); identical on every rank. sync_dist only keeps Lightning's DDP warning quiet.
+        metrics = sparsity_metrics_over_ranks(trainer, pl_module, self.pruned_layers)
         pl_module.log_dict(metrics, on_step=False, on_epoch=True, sync_dist=True)
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

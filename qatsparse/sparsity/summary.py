@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from collections import defaultdict
+from typing import Any
 
 import torch
 from torch import nn
@@ -35,6 +36,24 @@ def sparsity_metrics(model: nn.Module, pruned: list[str], prefix: str = "qatspar
     """
     zeros, sizes = weight_zero_counts(model)
     return metrics_from_counts(zeros, sizes, pruned, prefix)
+
+
+def sparsity_metrics_over_ranks(trainer: Any, model: nn.Module, pruned: list[str]) -> dict[str, float]:
+    """:func:`sparsity_metrics` without gathering weights: under FSDP each rank counts the zeros of its own shards
+    and the counts are summed over the ranks (identical on every rank, which must all call it); without FSDP
+    the counts of the whole weights.
+
+    Example:
+        >>> from qatsparse.sparsity import prune_2to4
+        >>> m = nn.Sequential(nn.Linear(16, 8), nn.Linear(8, 3)); ms = prune_2to4(m)
+        >>> sparsity_metrics_over_ranks(None, m, list(ms.masks)) == sparsity_metrics(m, list(ms.masks))
+        True
+    """
+    from qatsparse.sharding import summed_over_ranks
+
+    zeros, sizes = weight_zero_counts(model)
+    summed = summed_over_ranks(trainer, {k: [zeros[k], sizes[k]] for k in sizes})
+    return metrics_from_counts({k: z for k, (z, _) in summed.items()}, {k: n for k, (_, n) in summed.items()}, pruned)
 
 
 @torch.no_grad()
