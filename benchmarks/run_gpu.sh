@@ -31,7 +31,7 @@ for section in "$@"; do
              tests/test_fast_paths.py tests/test_sparsity_callback.py tests/test_tensorrt.py 2>&1 | tail -8 ;;
     train) train "$TRAIN_S" "$OUT/train_paired_resnet50.json" --models resnet50 --profile c_amp c_amp_24_qat amp amp_24_qat ;;
     train-r18) train "$R18_S" "$OUT/train_paired_resnet18.json" --models resnet18 --profile c_amp c_amp_24_qat ;;
-    train-vit) train "$VIT_S" "$OUT/train_paired_vit.json" --models vit_b_16 --groups compiled eager recompute ;;
+    train-vit) train "$VIT_S" "$OUT/train_paired_vit.json" --models vit_b_16 --groups compiled eager recompute --profile c_amp c_amp_24_qat ;;
     ddp1) timeout 120 python3 benchmarks/ddp_strides.py --out "$OUT/ddp_strides_1gpu.json" 2>&1 | quiet ;;
     inference) python3 benchmarks/inference.py --out "$OUT/inference.json" 2>&1 | quiet ;;
     ddp) NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 \

@@ -84,11 +84,23 @@ def saved_for_backward(model: torch.nn.Module, x: torch.Tensor, device: str) -> 
     return list(seen.values())
 
 
-def measure(variant: str, x: torch.Tensor, device: str) -> dict[str, Any]:
+ARCHS = {
+    "small": "ResNet(BasicBlock, [1, 1, 1, 1])",
+    "resnet18": "torchvision resnet18",
+    "resnet50": "torchvision resnet50",
+}
+
+
+def build(arch: str) -> torch.nn.Module:
+    if arch == "small":
+        return torchvision.models.resnet.ResNet(torchvision.models.resnet.BasicBlock, [1, 1, 1, 1], num_classes=10)
+    return getattr(torchvision.models, arch)(num_classes=10)
+
+
+def measure(variant: str, x: torch.Tensor, device: str, arch: str = "small") -> dict[str, Any]:
     torch._dynamo.reset()
     torch.manual_seed(0)
-    block = torchvision.models.resnet.BasicBlock
-    model = torchvision.models.resnet.ResNet(block, [1, 1, 1, 1], num_classes=10)
+    model = build(arch)
     model = model.to(device, memory_format=torch.channels_last)
     if variant != "amp":
         quantize_model(model, QuantConfig(exclude=["fc$"], recompute=variant == "qat_recompute"))
@@ -118,6 +130,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--image-size", type=int, default=64)
+    p.add_argument("--arch", default="small", choices=sorted(ARCHS), help="the model (default: a one-block ResNet)")
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     p.add_argument("--cpu", action="store_true")
     p.add_argument("--out", default=None)
@@ -129,13 +142,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "command": " ".join(["benchmarks/saved_tensors.py", *(argv if argv is not None else sys.argv[1:])]),
         "environment": environment(),
         "device": device,
-        "model": "ResNet(BasicBlock, [1, 1, 1, 1]), channels_last",
+        "model": f"{ARCHS[a.arch]}, channels_last",
         "batch": a.batch,
         "image_size": a.image_size,
         "variants": {},
     }
     for v in a.variants:
-        result["variants"][v] = measure(v, x, device)
+        result["variants"][v] = measure(v, x, device, a.arch)
         r = result["variants"][v]
         mib = r["activation_bytes"] / 2**20
         print(f"{v:14s} activations {mib:8.3f} MiB {r['activation_tensors_by_dtype']}", flush=True)
