@@ -75,13 +75,20 @@ class PerChannelFakeQuant(torch.autograd.Function):
         return out, None, None, None, None, None
 
 
+def _torch_exporting() -> bool:
+    """True under ``torch.export`` only.
+
+    Not ``torch.compiler.is_exporting()``: torch 2.11's Dynamo folds that call to True under *every*
+    ``torch.compile`` trace (measured on the H200 image: a compiled function saw True; torch 2.14 reads the
+    flag), which sent compiled QAT through the opaque ATen op. The flag behind it is what ``torch.export``
+    sets, and Dynamo reads a module global like any constant, with a guard.
+    """
+    flag = getattr(torch.compiler, "_is_exporting_flag", None)
+    return torch.compiler.is_exporting() if flag is None else bool(flag)
+
+
 def _exporting() -> bool:
-    return (
-        torch.jit.is_tracing()
-        or torch.jit.is_scripting()
-        or torch.onnx.is_in_onnx_export()
-        or torch.compiler.is_exporting()
-    )
+    return torch.jit.is_tracing() or torch.jit.is_scripting() or torch.onnx.is_in_onnx_export() or _torch_exporting()
 
 
 def fake_quantize_int8_fusable(
@@ -121,7 +128,7 @@ def fake_quantize_int8(x: torch.Tensor, amax: torch.Tensor, axis: int | None, na
         >>> fake_quantize_int8(torch.tensor([0.26, 2.0]), torch.tensor(1.27), None, False).tolist()
         [0.25999999046325684, 1.2699999809265137]
     """
-    if torch.compiler.is_compiling() and not torch.compiler.is_exporting():
+    if torch.compiler.is_compiling() and not _torch_exporting():
         return fake_quantize_int8_fusable(x, amax, axis, narrow_range)
     if axis is not None and x.requires_grad and torch.is_grad_enabled() and not _exporting():
         scale = _scale(amax)
