@@ -100,6 +100,37 @@ def test_quiet_training_reports_nothing():
     assert qat.health.monitor.events == []
 
 
+def test_both_callbacks_share_one_gradient_norm_per_step_and_see_the_same_norms(monkeypatch):
+    """The 2:4 and QAT callbacks watch the same model: one fused norm (and GPU sync) per step, not one each."""
+    from qatsparse import TwoFourSparsity
+    from qatsparse.health import _module_grad_norms
+
+    calls: list[int] = []
+    real = torch._foreach_norm
+    monkeypatch.setattr(torch, "_foreach_norm", lambda ts, *a, **k: calls.append(len(ts)) or real(ts, *a, **k))
+    pl.seed_everything(0)
+    sparsity = TwoFourSparsity(start_step=0, verbose=False)
+    qat = QuantizationAwareTraining(start_step=2, calib_batches=1, verbose=False)
+    seen: list[tuple[int, dict[str, float], dict[str, float]]] = []
+
+    class Probe(pl.Callback):  # runs after both callbacks' hooks: their norms, against a fresh computation
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            shared = _module_grad_norms(pl_module, trainer.global_step)
+            seen.append((len(calls), shared, _module_grad_norms(pl_module)))
+
+    trainer = _trainer(qat, max_steps=6)
+    trainer.callbacks[:] = [sparsity, qat, Probe()]
+    trainer.fit(ResidualCNN(widths=(16, 32)), datamodule=DigitsDataModule(batch_size=32))
+    counts = [n for n, _, _ in seen]
+    # steps 0-1: the QAT callback records its baseline, 2:4 watches; from step 2 both watch. The probe's own
+    # fresh computation is the only other norm of a step: two per step in all.
+    assert [b - a for a, b in zip([0, *counts], counts)] == [1, 2, 2, 2, 2, 2], counts
+    assert len(set(calls)) == 1  # every computation covered all the model's gradients
+    for _, shared, fresh in seen:
+        assert shared == fresh
+    assert sparsity.health.monitor.events == [] and qat.health.monitor.events == []
+
+
 class _Masked(nn.Module):
     """A float32-min fill value (an attention-mask idiom) and a BatchNorm whose scale training blew up."""
 

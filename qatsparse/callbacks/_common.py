@@ -92,12 +92,15 @@ class HealthWatch:
     def started(self, trainer: pl.Trainer, what: str) -> None:
         if "16" in str(trainer.precision) and "bf16" not in str(trainer.precision):
             self.monitor.nonfinite_patience = 3  # GradScaler skips a few non-finite steps on its own
+        from qatsparse.health import forget_parameters
+
+        forget_parameters(trainer.lightning_module)  # the compression may have changed its modules
         self.monitor.start(f"{what} at step {trainer.global_step}", trainer.global_step)
 
     def before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, event_step: int) -> None:
         step = trainer.global_step
         if self.monitor.wants_baseline(step, event_step):
-            self.monitor.record_baseline(pl_module)
+            self.monitor.record_baseline(pl_module, step)
         else:
             self._warn(self.monitor.check_gradients(pl_module, step))
 
