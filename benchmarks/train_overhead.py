@@ -328,9 +328,11 @@ def gpu_state() -> dict[str, Any] | None:
         "name,driver_version,pstate,clocks.sm,clocks.mem,clocks.max.sm,clocks.max.mem,"
         "temperature.gpu,power.draw,power.limit,clocks_throttle_reasons.active,memory.total"
     )
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",")[0].strip()
+    which = ["-i", visible] if visible.isdigit() else []  # the GPU this process uses, not the host's first
     try:
         out = subprocess.run(
-            ["nvidia-smi", f"--query-gpu={fields}", "--format=csv,noheader,nounits"],
+            ["nvidia-smi", f"--query-gpu={fields}", "--format=csv,noheader,nounits", *which],
             capture_output=True,
             text=True,
             timeout=20,

@@ -181,3 +181,33 @@ def test_generator_states_each_target_met_or_not_from_a_paired_run():
     short = _paired_run(q=21.0, a=20.0, mem_q=6.0)
     short["models"]["resnet50"]["ratios"]["c_amp_24_qat/c_amp"].update(n=3)
     assert "not measured (3 rounds, fewer than 5)" in make_docs.render("{{targets}}", {"s.json": short})
+
+
+def test_sections_show_the_newest_full_run_and_targets_fall_back_to_a_named_earlier_run():
+    import copy
+
+    def run(date: str, q: float, with_masks: bool) -> dict:
+        r = _paired_run(q=q, a=20.0, mem_q=6.0)
+        r["environment"]["date"] = date
+        rec = r["models"]["resnet50"]
+        if with_masks:
+            rec["lanes"]["c_amp_24"] = copy.deepcopy(rec["lanes"]["c_amp"])
+            rec["ratios"]["c_amp_24/c_amp"] = {**rec["ratios"]["c_amp_24_qat/c_amp"], "median": 1.01, "max": 1.02}
+        else:  # a third lane, so that the run counts as a full one
+            rec["lanes"]["amp"] = copy.deepcopy(rec["lanes"]["c_amp"])
+        return r
+
+    old = run("2026-11-01T00:00:00+00:00", q=21.0, with_masks=True)
+    new = run("2026-11-02T00:00:00+00:00", q=25.0, with_masks=False)
+    spot = _paired_run(q=30.0, a=20.0, mem_q=6.0)  # two lanes only, newest
+    spot["environment"]["date"] = "2026-11-03T00:00:00+00:00"
+    results = {"a_old.json": old, "b_new.json": new, "c_spot.json": spot}
+    assert make_docs.paired_models(results)["resnet50"][0] == "b_new.json"
+    page = make_docs.render("{{targets}}\n{{other_paired}}", results)
+    lines = page.splitlines()
+    qat = lines[lines.index("- **2:4 + INT8 QAT step, compiled vs compiled AMP ≤ 1.10×**") + 1]
+    assert "min–max 1.000–1.250" in qat and "earlier run" not in qat  # the new run's, not the spot check's
+    masks = lines[lines.index("- **2:4 masks alone, compiled vs compiled AMP ≤ 1.03×**") + 1]
+    assert masks.startswith("  - ResNet-50: **met**: median 1.010×")
+    assert masks.endswith("(from `a_old.json`, an earlier run)")
+    assert "| `c_spot.json` |" in page and "| `a_old.json` |" in page and "| `b_new.json` |" not in page
