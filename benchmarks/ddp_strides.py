@@ -2,14 +2,18 @@
 
 Under DDP, every gradient is copied into a bucket view laid out like its parameter; a gradient with other
 strides makes DDP warn once and copy through a strided view. For channels_last 1x1 conv weights under
-INT8 QAT that came from ATen's per-channel fake-quant backward (size-1 dimensions got other strides);
-``qatsparse.quantization.fakequant.PerChannelFakeQuant`` now returns gradients laid out like the weight.
+INT8 QAT, ATen's per-channel fake-quant backward writes the gradient with contiguous strides in the
+size-1 dimensions. Under DDP the qatsparse callbacks give such weights those strides before DDP wraps
+the model (``qatsparse.sharding.ddp_gradient_layout``: a view of the same bytes).
 
 This script trains ResNet-50 (channels_last, batch 128, AMP, INT8 QAT with calibrated quantizers) in
 three lanes in one process, interleaved in rounds as in ``benchmarks/train_overhead.py``: ``plain``
-(no DDP), ``ddp`` (DDP with one rank, the fixed path) and ``ddp_aten`` (DDP with ATen's per-channel
-backward, the old path). It records which parameters' gradients had other strides than the parameter
-and the warnings DDP raised, and the paired ratios ``ddp/plain``, ``ddp_aten/plain``, ``ddp_aten/ddp``.
+(no DDP), ``ddp`` (DDP with one rank, weights laid out as qatsparse does) and ``ddp_unfixed`` (DDP with
+the channels_last weights as they were: DDP's warning). It records which parameters' gradients had other
+strides than the parameter and the warnings DDP raised, and the paired ratios ``ddp/plain``,
+``ddp_unfixed/plain``, ``ddp_unfixed/ddp``. (An earlier version compared a Python ``autograd.Function``
+that wrote the gradient in the weight's layout, lanes ``ddp`` and ``ddp_aten``:
+benchmarks/results/ddp_strides_1gpu_h200.json.)
 
     python benchmarks/ddp_strides.py --out ddp_strides.json     # one GPU (NCCL, world size 1)
     python benchmarks/ddp_strides.py --quick                    # CPU smoke run (gloo, ResNet-18, 32x32)
@@ -18,7 +22,6 @@ and the warnings DDP raised, and the paired ratios ``ddp/plain``, ``ddp_aten/pla
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import json
 import os
@@ -38,26 +41,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from lanes import paired_ratios, round_order
 from train_overhead import environment, gpu_state
 
-import qatsparse.quantization.fakequant as fakequant
 from qatsparse.quantization import QuantConfig, calibrate, quantize_model
-
-
-@contextlib.contextmanager
-def aten_per_channel_backward():
-    """The old path: ATen's own per-channel fake quantization (and its backward) in training."""
-    apply = fakequant.PerChannelFakeQuant.apply
-    fakequant.PerChannelFakeQuant.apply = staticmethod(torch.fake_quantize_per_channel_affine)  # type: ignore
-    try:
-        yield
-    finally:
-        fakequant.PerChannelFakeQuant.apply = apply  # type: ignore
+from qatsparse.sharding import contiguous_size1_strides
 
 
 class Lane:
     """One model, optimizer and scaler; ``step()`` is one AMP training step."""
 
-    def __init__(self, name: str, model: torch.nn.Module, ddp: bool, old_path: bool, device: str) -> None:
-        self.name, self.device, self.old_path = name, device, old_path
+    def __init__(self, name: str, model: torch.nn.Module, ddp: bool, layout: bool, device: str) -> None:
+        self.name, self.device = name, device
+        if layout:
+            contiguous_size1_strides(model)  # what the callbacks do under DDP
         self.module = model
         self.model = torch.nn.parallel.DistributedDataParallel(model) if ddp else model
         self.opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
@@ -67,9 +61,8 @@ class Lane:
         self.warnings: list[str] = []
 
     def step(self, x: torch.Tensor, y: torch.Tensor, probe: bool = False) -> None:
-        ctx = aten_per_channel_backward() if self.old_path else contextlib.nullcontext()
         dtype = torch.float16 if self.device == "cuda" else torch.bfloat16
-        with ctx, warnings.catch_warnings(record=True) as caught:
+        with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             with torch.autocast(self.device, dtype=dtype, enabled=self.device == "cuda"):
                 loss = F.cross_entropy(self.model(x), y)
@@ -133,9 +126,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         calibrate(base, [x], base)
         base.train()
         lanes = {
-            "ddp": Lane("ddp", copy.deepcopy(base), ddp=True, old_path=False, device=device),
-            "ddp_aten": Lane("ddp_aten", copy.deepcopy(base), ddp=True, old_path=True, device=device),
-            "plain": Lane("plain", copy.deepcopy(base), ddp=False, old_path=False, device=device),
+            "ddp": Lane("ddp", copy.deepcopy(base), ddp=True, layout=True, device=device),
+            "ddp_unfixed": Lane("ddp_unfixed", copy.deepcopy(base), ddp=True, layout=False, device=device),
+            "plain": Lane("plain", copy.deepcopy(base), ddp=False, layout=False, device=device),
         }
         for lane in lanes.values():  # DDP warns once per process: the fixed lane goes first
             lane.step(x, y, probe=True)
@@ -144,7 +137,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for r in range(a.rounds):
             for n in round_order(list(lanes), r):
                 blocks[n].append(lanes[n].block(x, y, a.block_steps))
-        pairs = [("ddp", "plain"), ("ddp_aten", "plain"), ("ddp_aten", "ddp")]
+        pairs = [("ddp", "plain"), ("ddp_unfixed", "plain"), ("ddp_unfixed", "ddp")]
         result = {
             "command": " ".join(["benchmarks/ddp_strides.py", *(argv if argv is not None else sys.argv[1:])]),
             "environment": environment(),

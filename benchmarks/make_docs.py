@@ -563,8 +563,9 @@ def render_ddp_strides(results: dict[str, Any]) -> str:
         out.append(
             f"`benchmarks/results/{name}` ({r['environment']['date']}, {r['environment'].get('gpu', 'CPU')}): "
             f"{s['model']}, batch {s['batch']}, {s['rounds']} rounds of {s['block_steps']} steps. Gradients laid "
-            f"out unlike their weight: {len(lanes['ddp_aten']['mismatched_grads'])} with ATen's backward, "
-            f"{len(lanes['ddp']['mismatched_grads'])} with `PerChannelFakeQuant`."
+            "out unlike their weight, per lane: "
+            + ", ".join(f"`{n}` {len(lane['mismatched_grads'])}" for n, lane in lanes.items())
+            + "."
         )
         rows = [
             [k, f"**{x(v['median'])}**", spread(v), iqr(v), str(v["n"])] for k, v in r["ratios"].items() if v.get("n")

@@ -34,7 +34,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
-from pytorch_lightning.strategies import FSDPStrategy
+from pytorch_lightning.strategies import DDPStrategy, FSDPStrategy
 from torch import nn
 
 #: The state_dict prefix of the module inside FSDP's wrapper (``torch.distributed.fsdp`` names it so).
@@ -130,9 +130,13 @@ def full_weights(trainer: Any, writeback: bool = False, rank0_only: bool = False
     if getattr(root, "_qatsparse_full", False):  # already inside: FSDP does not nest summon_full_params
         yield
         return
-    with FSDP.summon_full_params(
-        root, writeback=writeback, rank0_only=rank0_only, offload_to_cpu=rank0_only, recurse=True
-    ), unwrapped(trainer.lightning_module), _buffers_like_parameters(trainer.lightning_module):
+    with (
+        FSDP.summon_full_params(
+            root, writeback=writeback, rank0_only=rank0_only, offload_to_cpu=rank0_only, recurse=True
+        ),
+        unwrapped(trainer.lightning_module),
+        _buffers_like_parameters(trainer.lightning_module),
+    ):
         root._qatsparse_full = True
         try:
             yield
@@ -230,6 +234,54 @@ def contiguous_parameters(trainer: Any, pl_module: nn.Module) -> list[str]:
     for name, p in pl_module.named_parameters():
         if not p.is_contiguous():
             p.data = p.data.contiguous()
+            changed.append(name)
+    return changed
+
+
+def _contiguous_strides(shape: torch.Size) -> tuple[int, ...]:
+    strides, step = [], 1
+    for n in reversed(shape):
+        strides.append(step)
+        step *= max(n, 1)
+    return tuple(reversed(strides))
+
+
+def ddp_gradient_layout(trainer: Any, pl_module: nn.Module) -> list[str]:
+    """Under DDP, before it wraps the module: give every parameter that is contiguous but carries other
+    strides in its size-1 dimensions (``channels_last`` 1x1 conv weights ``(O, C, 1, 1)``) the strides of a
+    contiguous tensor -- a view of the same bytes, nothing moves; returns their names.
+
+    ATen's kernels, the per-channel fake quantization's backward among them, write such a weight's gradient
+    with contiguous strides in the size-1 dimensions, and DDP compares a gradient's strides with its bucket
+    view's (laid out like the parameter) exactly: it warned "Grad strides do not match bucket view strides"
+    once per rank. On one H200 (benchmarks/results/ddp_strides_1gpu_h200.json) that mismatch cost nothing
+    measurable, while the Python ``autograd.Function`` that used to write the gradient in the weight's own
+    layout made the eager DDP step about 10 % slower; so the parameter's layout is fixed instead, once.
+
+    Example:
+        >>> conv = nn.Conv2d(3, 8, 1).to(memory_format=torch.channels_last); conv.weight.stride()
+        (3, 1, 3, 3)
+        >>> ddp_gradient_layout(None, conv), conv.weight.stride()  # without DDP: left alone
+        ([], (3, 1, 3, 3))
+    """
+    if not isinstance(getattr(trainer, "strategy", None), DDPStrategy):
+        return []
+    return contiguous_size1_strides(pl_module)
+
+
+def contiguous_size1_strides(module: nn.Module) -> list[str]:
+    """The layout change of :func:`ddp_gradient_layout`, whatever the strategy; returns the names changed.
+
+    Example:
+        >>> conv = nn.Conv2d(3, 8, 1).to(memory_format=torch.channels_last)
+        >>> contiguous_size1_strides(conv), conv.weight.stride()
+        (['weight'], (3, 1, 1, 1))
+    """
+    changed = []
+    for name, p in module.named_parameters():
+        want = _contiguous_strides(p.shape)
+        if p.is_contiguous() and p.stride() != want:
+            p.data = p.data.as_strided(p.shape, want)
             changed.append(name)
     return changed
 

@@ -25,11 +25,13 @@ def notify_before_compression(trainer: pl.Trainer, pl_module: pl.LightningModule
 def before_wrapping(trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
     """Every qatsparse callback's ``setup`` (before a strategy wraps the model): under FSDP, contiguous
     parameters, so that a resumed run restores the optimizer state in the right order
-    (:func:`~qatsparse.sharding.contiguous_parameters`)."""
+    (:func:`~qatsparse.sharding.contiguous_parameters`); under DDP, size-1 dimensions strided like the
+    gradients ATen writes (:func:`~qatsparse.sharding.ddp_gradient_layout`)."""
     from pytorch_lightning.utilities import rank_zero_info
 
-    from qatsparse.sharding import contiguous_parameters
+    from qatsparse.sharding import contiguous_parameters, ddp_gradient_layout
 
+    ddp_gradient_layout(trainer, pl_module)  # same bytes, no notice needed
     changed = contiguous_parameters(trainer, pl_module)
     if changed:
         rank_zero_info(

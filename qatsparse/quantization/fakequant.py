@@ -5,9 +5,9 @@ Both compute exactly the same numbers (tests compare them bit for bit, forward a
 ``scale = amax / 127``, and a straight-through gradient where ``qmin <= q <= qmax``.
 
 - Eager: ``torch.fake_quantize_per_{tensor,channel}_affine`` -- one ATen kernel, and the op the
-  TorchScript ONNX exporter turns into QuantizeLinear/DequantizeLinear. In training, per-channel
-  (weight) quantization runs the same kernel through :class:`PerChannelFakeQuant`, whose gradient has
-  exactly its input's layout (so DDP finds weight gradients laid out like its buckets).
+  TorchScript ONNX exporter turns into QuantizeLinear/DequantizeLinear. (Under DDP the callbacks give
+  ``channels_last`` 1x1 conv weights the strides of the gradients this op writes:
+  :func:`qatsparse.sharding.ddp_gradient_layout`.)
 - Under ``torch.compile`` the ATen op is an opaque call that saves a boolean mask for the backward and
   cannot fuse with the BatchNorm/ReLU kernels around it. The same arithmetic written with elementwise
   ops lets Inductor fuse it into its neighbours and recompute the mask in the backward (hand-written
@@ -43,38 +43,6 @@ def fake_quantize_int8_aten(x: torch.Tensor, amax: torch.Tensor, axis: int | Non
     return torch.fake_quantize_per_channel_affine(x, scale, zp, axis, qmin, INT8_MAX)
 
 
-class PerChannelFakeQuant(torch.autograd.Function):
-    """ATen's per-channel fake quantization whose gradient is laid out exactly like its input.
-
-    ATen's own backward multiplies the gradient by the saved mask with TensorIterator, which may give
-    size-1 dimensions other strides: the gradient of a channels_last 1x1 conv weight ``(O, C, 1, 1)``
-    comes back as ``(C, 1, 1, 1)`` instead of ``(C, 1, C, C)``. AccumulateGrad accepts that (only the
-    strides of dimensions larger than 1 count for it), and DDP then warns "Grad strides do not match
-    bucket view strides" for each such weight. Same kernel, same saved boolean mask, same numbers
-    (``tests/test_fast_paths.py``); the product is written into a tensor with the input's strides.
-
-    Example:
-        >>> w = torch.randn(4, 2, 1, 1).to(memory_format=torch.channels_last).requires_grad_()
-        >>> y = PerChannelFakeQuant.apply(w, torch.full((4,), 0.1), torch.zeros(4, dtype=torch.int32), 0, -127, 127)
-        >>> y.sum().backward(); w.grad.stride() == w.stride()
-        True
-    """
-
-    @staticmethod
-    def forward(ctx, x, scale, zero_point, axis, qmin, qmax):  # type: ignore[override]
-        y, mask = torch.ops.aten.fake_quantize_per_channel_affine_cachemask(x, scale, zero_point, axis, qmin, qmax)
-        ctx.save_for_backward(mask)
-        ctx.layout = (x.shape, x.stride())
-        return y
-
-    @staticmethod
-    def backward(ctx, grad):  # type: ignore[override]
-        (mask,) = ctx.saved_tensors
-        out = grad.new_empty_strided(*ctx.layout)
-        torch.mul(grad, mask, out=out)  # what aten.fake_quantize_per_channel_affine_cachemask_backward computes
-        return out, None, None, None, None, None
-
-
 def _torch_exporting() -> bool:
     """True under ``torch.export`` only.
 
@@ -85,10 +53,6 @@ def _torch_exporting() -> bool:
     """
     flag = getattr(torch.compiler, "_is_exporting_flag", None)
     return torch.compiler.is_exporting() if flag is None else bool(flag)
-
-
-def _exporting() -> bool:
-    return torch.jit.is_tracing() or torch.jit.is_scripting() or torch.onnx.is_in_onnx_export() or _torch_exporting()
 
 
 def fake_quantize_int8_fusable(
@@ -120,9 +84,8 @@ def fake_quantize_int8(x: torch.Tensor, amax: torch.Tensor, axis: int | None, na
     """Symmetric INT8 fake quantization, scale = amax / 127, zero-point 0, round half to even.
 
     ``narrow_range`` clamps to [-127, 127] (TensorRT's weight range) instead of [-128, 127]. Picks the
-    ATen kernel in eager mode (through :class:`PerChannelFakeQuant` when a per-channel input needs a
-    gradient) and under ``torch.export`` (which exporters map to Q/DQ), the fusable formulation while
-    ``torch.compile`` traces.
+    ATen kernel in eager mode and under ``torch.export`` (which exporters map to Q/DQ), the fusable
+    formulation while ``torch.compile`` traces.
 
     Example:
         >>> fake_quantize_int8(torch.tensor([0.26, 2.0]), torch.tensor(1.27), None, False).tolist()
@@ -130,9 +93,5 @@ def fake_quantize_int8(x: torch.Tensor, amax: torch.Tensor, axis: int | None, na
     """
     if torch.compiler.is_compiling() and not _torch_exporting():
         return fake_quantize_int8_fusable(x, amax, axis, narrow_range)
-    if axis is not None and x.requires_grad and torch.is_grad_enabled() and not _exporting():
-        scale = _scale(amax)
-        zp = torch.zeros(scale.shape, dtype=torch.int32, device=x.device)
-        return PerChannelFakeQuant.apply(x, scale, zp, axis, -INT8_MAX if narrow_range else -INT8_MAX - 1, INT8_MAX)
     # eager, and torch.export (the dynamo ONNX exporter): the ATen op, which exporters map to Q/DQ
     return fake_quantize_int8_aten(x, amax, axis, narrow_range)
