@@ -2,6 +2,8 @@
 # The GPU runs behind docs/BENCHMARKS.md, in sections (several fit in one device call):
 #   bash benchmarks/run_gpu.sh env train tests          # call A: paired benchmark of ResNet-50; GPU tests
 #   bash benchmarks/run_gpu.sh train-r18 train-vit ddp1 # call B: ResNet-18, ViT-B/16; DDP strides on 1 GPU
+#   bash benchmarks/run_gpu.sh train-rc train-vit-rc    # lanes the full sections leave out within their budget:
+#                                                       # masks alone and recompute=True, each with its baseline
 #   bash benchmarks/run_gpu.sh inference ddp            # inference; DDP on 2 GPUs
 #   bash benchmarks/run_gpu.sh fsdp                     # FSDP on 2 GPUs (copy fsdp.json to results/fsdp_2xh200.json)
 #   bash benchmarks/run_gpu.sh permutation search       # channel permutation: accuracy study; search (GPU and CPU)
@@ -32,6 +34,8 @@ for section in "$@"; do
     train) train "$TRAIN_S" "$OUT/train_paired_resnet50.json" --models resnet50 --profile c_amp c_amp_24_qat amp amp_24_qat ;;
     train-r18) train "$R18_S" "$OUT/train_paired_resnet18.json" --models resnet18 --profile c_amp c_amp_24_qat ;;
     train-vit) train "$VIT_S" "$OUT/train_paired_vit.json" --models vit_b_16 --groups compiled eager recompute --profile c_amp c_amp_24_qat ;;
+    train-rc) train "${RC_S:-400}" "$OUT/train_paired_resnet50_rc.json" --models resnet50 --lanes c_amp c_amp_24 c_amp_24_qat_rc ;;
+    train-vit-rc) train "${RC_S:-400}" "$OUT/train_paired_vit_rc.json" --models vit_b_16 --lanes c_amp c_amp_24_qat_rc ;;
     ddp1) timeout 120 python3 benchmarks/ddp_strides.py --out "$OUT/ddp_strides_1gpu.json" 2>&1 | quiet ;;
     inference) python3 benchmarks/inference.py --out "$OUT/inference.json" 2>&1 | quiet ;;
     ddp) NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 \
