@@ -100,15 +100,16 @@ def _timed_lanes(rec: dict[str, Any]) -> int:
 
 def paired_models(results: dict[str, Any]) -> dict[str, tuple[str, dict[str, Any], dict[str, Any]]]:
     """model -> (file, run, model record) of the newest paired run of that model (by its date; the later
-    file name on a tie) among those that timed at least 3 lanes, the full benchmark of the code then
-    (any run of the model where none did). Other runs: :func:`render_other_paired`."""
+    file name on a tie) among those that timed the compiled QAT lane and at least 3 lanes, the full
+    benchmark of the code then (any run of the model where none did). Other runs: :func:`render_other_paired`."""
     best: dict[str, tuple[tuple[bool, str, str], tuple[str, dict[str, Any], dict[str, Any]]]] = {}
     for name, run in paired_runs(results):
         date = run.get("environment", {}).get("date", "")
         for arch, rec in run.get("models", {}).items():
             if not rec.get("rounds"):
                 continue
-            key = (_timed_lanes(rec) >= 3, date, name)
+            full = _timed_lanes(rec) >= 3 and rec.get("lanes", {}).get("c_amp_24_qat", {}).get("median_ms") is not None
+            key = (full, date, name)
             if arch not in best or key >= best[arch][0]:
                 best[arch] = (key, (name, run, rec))
     return {arch: chosen for arch, (_, chosen) in best.items()}
