@@ -4,6 +4,8 @@
 #   bash benchmarks/run_gpu.sh train-r18 train-vit ddp1 # call B: ResNet-18, ViT-B/16; DDP strides on 1 GPU
 #   bash benchmarks/run_gpu.sh train-rc train-vit-rc    # lanes the full sections leave out within their budget:
 #                                                       # masks alone and recompute=True, each with its baseline
+# On a 2-GPU machine two lists run at once, one per GPU (each process reads its own GPU's clocks):
+#   CUDA_VISIBLE_DEVICES=0 bash benchmarks/run_gpu.sh train train-r18 & CUDA_VISIBLE_DEVICES=1 bash benchmarks/run_gpu.sh train-vit ddp1 train-vit-rc; wait
 #   bash benchmarks/run_gpu.sh inference ddp            # inference; DDP on 2 GPUs
 #   bash benchmarks/run_gpu.sh fsdp                     # FSDP on 2 GPUs (copy fsdp.json to results/fsdp_2xh200.json)
 #   bash benchmarks/run_gpu.sh permutation search       # channel permutation: accuracy study; search (GPU and CPU)
@@ -29,11 +31,11 @@ for section in "$@"; do
     env) nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm,clocks.mem,temperature.gpu,power.draw --format=csv
          python3 -c "import torch, pytorch_lightning as pl, torchvision, onnxruntime as o; print('torch', torch.__version__, 'lightning', pl.__version__, 'torchvision', torchvision.__version__, 'onnxruntime', o.__version__)"
          python3 -c "import modelopt; print('modelopt', modelopt.__version__)" 2>&1 | tail -1 ;;
-    tests) timeout 240 python3 -m pytest -q -p no:cacheprovider -m gpu --junitxml="$OUT/gpu_tests.xml" \
+    tests) timeout 240 python3 -m pytest -q -p no:cacheprovider -m "gpu or torch_sensitive" --junitxml="$OUT/gpu_tests.xml" \
              tests/test_fast_paths.py tests/test_sparsity_callback.py tests/test_tensorrt.py 2>&1 | tail -8 ;;
     train) train "$TRAIN_S" "$OUT/train_paired_resnet50.json" --models resnet50 --profile c_amp c_amp_24_qat amp amp_24_qat ;;
     train-r18) train "$R18_S" "$OUT/train_paired_resnet18.json" --models resnet18 --profile c_amp c_amp_24_qat ;;
-    train-vit) train "$VIT_S" "$OUT/train_paired_vit.json" --models vit_b_16 --groups compiled eager recompute --profile c_amp c_amp_24_qat ;;
+    train-vit) train "$VIT_S" "$OUT/train_paired_vit.json" --models vit_b_16 --groups compiled eager modelopt --profile c_amp c_amp_24_qat ;;
     train-rc) train "${RC_S:-400}" "$OUT/train_paired_resnet50_rc.json" --models resnet50 --lanes c_amp c_amp_24 c_amp_24_qat_rc ;;
     train-vit-rc) train "${RC_S:-400}" "$OUT/train_paired_vit_rc.json" --models vit_b_16 --lanes c_amp c_amp_24_qat_rc ;;
     ddp1) timeout 120 python3 benchmarks/ddp_strides.py --out "$OUT/ddp_strides_1gpu.json" 2>&1 | quiet ;;

@@ -206,6 +206,7 @@ def test_in_place_masks_equal_weight_times_mask(device):
         assert torch.equal(w, e)
 
 
+@pytest.mark.torch_sensitive
 def test_compiled_qat_hands_the_compiler_no_aten_fake_quant_op():
     """Under torch.compile every quantizer must reach Inductor as elementwise ops, not the opaque ATen op.
 
@@ -226,6 +227,7 @@ def test_compiled_qat_hands_the_compiler_no_aten_fake_quant_op():
     assert not [t for t in targets if "fake_quantize" in t or "FakeQuant" in t], targets
 
 
+@pytest.mark.torch_sensitive
 def test_torch_export_traces_the_aten_fake_quant_op_that_exporters_map_to_qdq():
     """torch.export counts as compiling, but must keep the ATen op (the ONNX exporters' Q/DQ) not the fusable form."""
     model = torch.nn.Sequential(torch.nn.Linear(8, 4))
