@@ -592,6 +592,7 @@ def render_saved_tensors(results: dict[str, Any]) -> str:
             ]
             for k, d in v.items()
         ]
+        out += [""] if out else []
         out += [
             f"`benchmarks/results/{name}` ({r['environment']['date']}, {r['device']}, {r['model']}, batch "
             f"{r['batch']}, {r['image_size']}×{r['image_size']}; `{r['command']}`):",
