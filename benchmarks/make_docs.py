@@ -583,6 +583,14 @@ def render_saved_tensors(results: dict[str, Any]) -> str:
     for name, r in runs:
         v = r["variants"]
         amp = v.get("amp", {}).get("activation_bytes")
+        extra = any("extra_vs_amp" in d for d in v.values())
+
+        def beyond(d: dict[str, Any]) -> str:  # "bfloat16 +15, bool +17": tensors kept beyond AMP's, by dtype
+            by: dict[str, int] = {}
+            for kind, n in d.get("extra_vs_amp", {}).items():
+                by[kind.split()[0]] = by.get(kind.split()[0], 0) + n
+            return ", ".join(f"{t} +{n}" for t, n in sorted(by.items())) or "–"
+
         rows = [
             [
                 f"`{k}`",
@@ -590,6 +598,7 @@ def render_saved_tensors(results: dict[str, Any]) -> str:
                 x(d["activation_bytes"] / amp) if amp else "–",
                 ", ".join(f"{n} {t}" for t, n in d["activation_tensors_by_dtype"].items()),
             ]
+            + ([beyond(d)] if extra else [])
             for k, d in v.items()
         ]
         out += [""] if out else []
@@ -597,7 +606,11 @@ def render_saved_tensors(results: dict[str, Any]) -> str:
             f"`benchmarks/results/{name}` ({r['environment']['date']}, {r['device']}, {r['model']}, batch "
             f"{r['batch']}, {r['image_size']}×{r['image_size']}; `{r['command']}`):",
             "",
-            table(["variant", "activations kept, KiB", "vs AMP", "tensors kept"], rows, "lrrl"),
+            table(
+                ["variant", "activations kept, KiB", "vs AMP", "tensors kept"] + (["beyond AMP's"] if extra else []),
+                rows,
+                "lrrl" + ("l" if extra else ""),
+            ),
         ]
     return "\n".join(out)
 

@@ -9,7 +9,11 @@ forward saves for the backward (storage-deduplicated), grouped by dtype. Activat
 - ``qat``: ``QuantConfig()`` (the default fusable fake quantization);
 - ``qat_clamp_eq``: the in-range mask written as ``clamp(q) == q`` (ops the partitioner may recompute)
   instead of ``(q >= qmin) & (q <= qmax)`` (``bitwise_and`` is not on its recompute list); not adopted;
-- ``qat_recompute``: ``QuantConfig(recompute=True)``.
+- ``qat_recompute``: ``QuantConfig(recompute=True)``;
+- ``qat_no_residual``: ``QuantConfig(residual=False)`` (no quantizer on the residual inputs of adds).
+
+Each variant also lists which activation tensors (dtype and shape without the batch) it keeps beyond
+AMP's (``extra_vs_amp``), when ``amp`` ran first.
 
     python benchmarks/saved_tensors.py --out saved.json          # CPU (bf16 autocast) or CUDA (fp16)
 """
@@ -34,7 +38,7 @@ from train_overhead import environment
 import qatsparse.quantization.fakequant as fakequant
 from qatsparse.quantization import QuantConfig, calibrate, quantize_model
 
-VARIANTS = ("amp", "qat", "qat_clamp_eq", "qat_recompute")
+VARIANTS = ("amp", "qat", "qat_clamp_eq", "qat_recompute", "qat_no_residual")
 
 
 def fusable_clamp_eq(x: torch.Tensor, amax: torch.Tensor, axis: int | None, narrow_range: bool) -> torch.Tensor:
@@ -103,7 +107,10 @@ def measure(variant: str, x: torch.Tensor, device: str, arch: str = "small") -> 
     model = build(arch)
     model = model.to(device, memory_format=torch.channels_last)
     if variant != "amp":
-        quantize_model(model, QuantConfig(exclude=["fc$"], recompute=variant == "qat_recompute"))
+        config = QuantConfig(
+            exclude=["fc$"], recompute=variant == "qat_recompute", residual=variant != "qat_no_residual"
+        )
+        quantize_model(model, config)
         calibrate(model, [x], model)
         model.train()
     model.compile()
@@ -124,6 +131,11 @@ def measure(variant: str, x: torch.Tensor, device: str, arch: str = "small") -> 
         "other_bytes": sum(t["bytes"] for t in tensors if t not in acts),
         "tensors": tensors,
     }
+
+
+def kinds(tensors: list[dict[str, Any]], batch: int) -> Counter:
+    """Activation tensors (batch first) by dtype and shape without the batch."""
+    return Counter(f"{t['dtype']} {'x'.join(map(str, t['shape'][1:]))}" for t in tensors if t["shape"][:1] == [batch])
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -150,6 +162,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for v in a.variants:
         result["variants"][v] = measure(v, x, device, a.arch)
         r = result["variants"][v]
+        if v != "amp" and "amp" in result["variants"]:
+            base = kinds(result["variants"]["amp"]["tensors"], a.batch)
+            r["extra_vs_amp"] = dict(sorted((kinds(r["tensors"], a.batch) - base).items()))
         mib = r["activation_bytes"] / 2**20
         print(f"{v:14s} activations {mib:8.3f} MiB {r['activation_tensors_by_dtype']}", flush=True)
         if a.out:
