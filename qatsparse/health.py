@@ -9,8 +9,9 @@ compression step. It compares the gradient norm with its median over the few ste
 the first step after it, when the event is at step 0) and, at the first step that is non-finite or more
 than ``factor`` times larger, names the layers whose gradients grew most relative to the last step
 before the event (non-finite ones first; layers whose weights or BatchNorm statistics are non-finite
-are named too). Inside the window, one gradient-norm kernel and one GPU sync per step, shared by the
-callbacks that watch the same model; outside it, nothing.
+are named too). Inside the window, one gradient-norm kernel per step, shared by the callbacks that watch
+the same model, whose result the callbacks read a step later (:class:`PendingValues`): no GPU sync;
+outside it, nothing.
 
 Example:
     >>> model = nn.Linear(4, 2); mon = HealthMonitor(window=10, factor=100.0)
@@ -63,9 +64,9 @@ class HealthEvent:
 #: Walking the module tree with names costs Python time every step otherwise (0.8 ms per call on a quantized
 #: ResNet-50 or ViT-B/16: benchmarks/results/health_overhead_cpu.json), time a GPU waiting at the sync idles.
 _OWNERS: weakref.WeakKeyDictionary[nn.Module, tuple[list[str], list[nn.Parameter]]] = weakref.WeakKeyDictionary()
-#: The last norms computed, with what they were computed for: both compression callbacks check the same
+#: The last norms launched, with what they were launched for: both compression callbacks check the same
 #: gradients before the same optimizer step, and the second one reuses the first one's norms.
-_LAST: dict[str, Any] = {"key": None, "norms": {}}
+_LAST: dict[str, Any] = {"key": None, "norms": None}
 
 
 def _parameter_owners(model: nn.Module, refresh: bool = False) -> tuple[list[str], list[nn.Parameter]]:
@@ -86,25 +87,74 @@ def forget_parameters(model: nn.Module) -> None:
     _LAST["key"] = None
 
 
-def _module_grad_norms(model: nn.Module, step: int | None = None) -> dict[str, float]:
-    """Gradient norm of each module's own parameters (inf when non-finite): one fused norm kernel and one
-    device-to-host copy for the whole model; computed once per ``step`` when a step is given."""
+class PendingValues:
+    """Numbers computed on the device and on their way to the host without making the host wait: a
+    non-blocking copy into pinned memory and an event behind it. :meth:`get` waits for that event, which a
+    step later has long passed (hand-written: Lightning and torch have no deferred read of a value).
+
+    Example:
+        >>> PendingValues(torch.tensor([1.0, 4.0])).get()
+        [1.0, 4.0]
+    """
+
+    def __init__(self, values: torch.Tensor) -> None:
+        values = values.detach().float().reshape(-1)
+        self._event = None
+        if values.is_cuda:
+            self._host = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
+            self._host.copy_(values, non_blocking=True)
+            self._event = torch.cuda.Event()
+            self._event.record()
+        else:
+            self._host = values
+        self._list: list[float] | None = None
+
+    def get(self) -> list[float]:
+        if self._list is None:
+            if self._event is not None:
+                self._event.synchronize()
+            self._list = self._host.tolist()
+        return self._list
+
+
+class PendingNorms:
+    """Gradient norm of each module's own parameters (inf when non-finite) of one step, read when needed."""
+
+    def __init__(self, owners: list[str], norms: PendingValues) -> None:
+        self._owners, self._norms = owners, norms
+        self._layers: dict[str, float] | None = None
+
+    def layers(self) -> dict[str, float]:
+        if self._layers is None:
+            out: dict[str, float] = {}
+            for owner, n in zip(self._owners, self._norms.get()):
+                out[owner] = out.get(owner, 0.0) + n * n
+            self._layers = {k: math.sqrt(v) if math.isfinite(v) else math.inf for k, v in out.items()}
+        return dict(self._layers)
+
+
+def launch_grad_norms(model: nn.Module, step: int | None = None) -> PendingNorms | None:
+    """Start computing the gradient norms of ``model``'s modules: one fused norm kernel and a non-blocking
+    copy; shared by every caller with the same ``step`` (and the same gradient tensors). None without
+    gradients."""
     owners, params = _parameter_owners(model)
-    grads = [p.grad for p in params]
-    present = [(o, g) for o, g in zip(owners, grads) if g is not None]
+    present = [(o, p.grad) for o, p in zip(owners, params) if p.grad is not None]
     if not present:
-        return {}
+        return None
     # The same step, model and gradient tensors (and no in-place change since): the same norms.
     key = None if step is None else (id(model), step, len(present), id(present[0][1]), present[-1][1]._version)
     if key is not None and key == _LAST["key"]:
-        return dict(_LAST["norms"])
-    norms = torch.stack([n.float() for n in torch._foreach_norm([g for _, g in present])]).cpu().tolist()
-    out: dict[str, float] = {}
-    for (owner, _), n in zip(present, norms):
-        out[owner] = out.get(owner, 0.0) + n * n
-    result = {k: math.sqrt(v) if math.isfinite(v) else math.inf for k, v in out.items()}
-    _LAST["key"], _LAST["norms"] = key, result
-    return dict(result)
+        return _LAST["norms"]
+    norms = torch.stack([n.float() for n in torch._foreach_norm([g for _, g in present])])
+    pending = PendingNorms([o for o, _ in present], PendingValues(norms))
+    _LAST["key"], _LAST["norms"] = key, pending
+    return pending
+
+
+def _module_grad_norms(model: nn.Module, step: int | None = None) -> dict[str, float]:
+    """Gradient norm of each module's own parameters, now (waits for the device)."""
+    pending = launch_grad_norms(model, step)
+    return {} if pending is None else pending.layers()
 
 
 def _nonfinite_state(model: nn.Module) -> list[str]:
@@ -173,11 +223,14 @@ class HealthMonitor:
     def watching(self, step: int) -> bool:
         return self.start_step is not None and not self.events and step < self.start_step + self.window
 
-    def check_gradients(self, model: nn.Module, step: int) -> HealthEvent | None:
-        """Check this step's gradients (call before the optimizer step); the event, the first time only."""
+    def check_gradients(
+        self, model: nn.Module, step: int, layers: dict[str, float] | None = None
+    ) -> HealthEvent | None:
+        """Check step ``step``'s gradients: their per-layer norms ``layers`` (else the model's gradients now,
+        before the optimizer step); the event, the first time only."""
         if not self.watching(step):
             return None
-        layers = _module_grad_norms(model, step)
+        layers = _module_grad_norms(model, step) if layers is None else layers
         if not layers:
             return None
         total = math.sqrt(sum(v * v for v in layers.values()))
@@ -196,8 +249,11 @@ class HealthMonitor:
             what = "non-finite gradients"
         return self._report(step, what, layers, model)
 
-    def check_loss(self, loss: float, model: nn.Module, step: int) -> HealthEvent | None:
-        """Check this step's loss (e.g. from ``on_train_batch_end``); the event, the first time only."""
+    def check_loss(
+        self, loss: float, model: nn.Module, step: int, layers: dict[str, float] | None = None
+    ) -> HealthEvent | None:
+        """Check step ``step``'s loss (e.g. from ``on_train_batch_end``), naming layers by that step's gradient
+        norms ``layers`` (else the model's gradients now); the event, the first time only."""
         if not self.watching(step):
             return None
         if math.isfinite(loss):
@@ -207,7 +263,7 @@ class HealthMonitor:
             what = f"loss {loss:.3g} (x{abs(loss) / max(abs(ref), 1e-12):.3g} its value before)"
         else:
             what = "non-finite loss"
-        return self._report(step, what, _module_grad_norms(model), model)
+        return self._report(step, what, _module_grad_norms(model) if layers is None else layers, model)
 
     def _report(self, step: int, what: str, layers: dict[str, float], model: nn.Module) -> HealthEvent:
         named = [f"{n} (weights or running statistics non-finite)" for n in _nonfinite_state(model)]

@@ -92,6 +92,22 @@ def test_a_blow_up_after_qat_starts_is_reported_at_once_with_the_step_and_layers
     assert qat.report(model)["health"] == [event.to_dict()]
 
 
+def test_a_blow_up_at_the_last_step_is_still_reported_with_its_step():
+    """The checks read a step's numbers one step later (no GPU sync in the window); the last step's are read
+    at train end, before anything reports."""
+    pl.seed_everything(0)
+    qat = QuantizationAwareTraining(start_step=10, calib_batches=2, verbose=False)
+    trainer = _trainer(qat, max_steps=12)
+    model = _LrJump(widths=(16, 32))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(model, datamodule=DigitsDataModule(batch_size=32))
+    [event] = qat.health.monitor.events
+    assert event.step == trainer.global_step - 1 == 11  # the last optimizer step
+    assert [w for w in caught if f"at step {event.step}" in str(w.message) and "most likely" in str(w.message)]
+    assert qat.report(model)["health"] == [event.to_dict()]
+
+
 def test_quiet_training_reports_nothing():
     pl.seed_everything(0)
     qat = QuantizationAwareTraining(start_step=4, calib_batches=2, verbose=False)

@@ -84,12 +84,20 @@ def load_checkpoint_for_setup(trainer: pl.Trainer) -> dict[str, Any] | None:
 class HealthWatch:
     """The compression callbacks' glue to :class:`qatsparse.health.HealthMonitor`: baseline gradient norms in
     the steps before ``event_step``, then a check of every step's gradients and loss in the window after it,
-    with a warning naming the step and the layers at the first problem."""
+    with a warning naming the step and the layers at the first problem.
+
+    Inside the window nothing waits for the GPU: a step's gradient norms and loss are copied to the host
+    without blocking and checked at the next step (or at train end, or before a report or checkpoint), still
+    under their own step number. A host sync there would stall the GPU every step of the window (the
+    CPU can no longer queue the next work ahead), which the paired benchmark times.
+    """
 
     def __init__(self) -> None:
         from qatsparse.health import HealthMonitor
 
         self.monitor = HealthMonitor()
+        #: (step, 0 for gradients / 1 for the loss, pending value, model) not checked yet, oldest first
+        self._pending: list[tuple[int, int, Any, Any]] = []
 
     def started(self, trainer: pl.Trainer, what: str) -> None:
         if "16" in str(trainer.precision) and "bf16" not in str(trainer.precision):
@@ -100,13 +108,20 @@ class HealthWatch:
         self.monitor.start(f"{what} at step {trainer.global_step}", trainer.global_step)
 
     def before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, event_step: int) -> None:
+        from qatsparse.health import launch_grad_norms
+
+        self.drain()  # the steps before: their numbers are on the host by now
         step = trainer.global_step
         if self.monitor.wants_baseline(step, event_step):
-            self.monitor.record_baseline(pl_module, step)
-        else:
-            self._warn(self.monitor.check_gradients(pl_module, step))
+            self.monitor.record_baseline(pl_module, step)  # a few steps before the event: read at once
+        elif self.monitor.watching(step):
+            pending = launch_grad_norms(pl_module, step)
+            if pending is not None:
+                self._pending.append((step, 0, pending, pl_module))
 
     def after_batch(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, event_step: int) -> None:
+        from qatsparse.health import PendingValues
+
         loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
         step = trainer.global_step - 1  # the step this batch's optimizer step was
         if not isinstance(loss, torch.Tensor):
@@ -114,7 +129,18 @@ class HealthWatch:
         if self.monitor.wants_baseline(step, event_step):
             self.monitor.record_loss(float(loss.detach()))
         elif self.monitor.watching(step):
-            self._warn(self.monitor.check_loss(float(loss.detach()), pl_module, step))
+            self._pending.append((step, 1, PendingValues(loss), pl_module))
+
+    def drain(self) -> None:
+        """Check what is pending, in step order (a step's gradients before its loss); warn at the first event."""
+        pending, self._pending = sorted(self._pending, key=lambda p: (p[0], p[1])), []
+        layers_of: dict[int, dict[str, float]] = {}
+        for step, kind, value, model in pending:
+            if kind == 0:
+                layers_of[step] = value.layers()
+                self._warn(self.monitor.check_gradients(model, step, layers=layers_of[step]))
+            else:
+                self._warn(self.monitor.check_loss(value.get()[0], model, step, layers=layers_of.get(step)))
 
     @staticmethod
     def _warn(event: Any) -> None:

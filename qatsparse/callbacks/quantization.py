@@ -262,6 +262,9 @@ class QuantizationAwareTraining(Callback):
     ) -> None:
         self.health.after_batch(trainer, pl_module, outputs, self.start_step)
 
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.health.drain()  # the last step's checks, before anything reports
+
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.applied and self.config.precision == "fp16":
             self._check_fp16(trainer, pl_module, "training")
@@ -392,6 +395,7 @@ class QuantizationAwareTraining(Callback):
         (module names to keep in FP32 in the FP16/INT8 ONNX), ``fp16_overflow``, ``sensitivity`` and ``health``
         (non-finite or exploding loss/gradients after QAT started, with the step and the layers named).
         """
+        self.health.drain()
         out: dict[str, Any] = {
             **self.config.to_dict(),
             "applied": self.applied,
@@ -409,6 +413,7 @@ class QuantizationAwareTraining(Callback):
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
+        self.health.drain()  # a checkpoint holds every event up to its step
         return {
             "applied": self.applied,
             "config": self.config.to_dict(),

@@ -178,6 +178,9 @@ class TwoFourSparsity(Callback):
         metrics = sparsity_metrics_over_ranks(trainer, pl_module, self.pruned_layers)
         pl_module.log_dict(metrics, on_step=False, on_epoch=True, sync_dist=True)
 
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.health.drain()  # the last step's checks, before anything reports
+
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.masks is not None and self.make_permanent:
             if self._bound is not None:
@@ -340,6 +343,7 @@ class TwoFourSparsity(Callback):
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
+        self.health.drain()  # a checkpoint holds every event up to its step
         return {
             "start_step": self.start_step,
             "pruned_at_step": self.pruned_at_step,
