@@ -13,7 +13,7 @@ _NO_FOLD = {"DequantizeLinear", "RandomNormal", "RandomNormalLike", "RandomUnifo
 _MAX_FOLDED_ELEMENTS = 1 << 24
 
 
-def fold_constants(proto: Any) -> Any:
+def fold_constants(proto: Any, in_place: bool = False) -> Any:
     """Replace every node whose inputs are all constants by an initializer holding its output.
 
     The TorchScript exporter leaves ``Clip(amax / 127, tiny)`` feeding each Q/DQ scale and a
@@ -37,9 +37,19 @@ def fold_constants(proto: Any) -> Any:
     from onnx import helper, numpy_helper
     from onnx.reference import ReferenceEvaluator
 
-    proto = copy.deepcopy(proto)
+    if not in_place:  # in place: no second copy of every weight (the exporter's own proto is not kept)
+        proto = copy.deepcopy(proto)
     graph = proto.graph
-    values: dict[str, np.ndarray] = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    # Initializers become arrays only when a node that could be folded reads them: a weight read by a Conv
+    # stays in its proto instead of being copied once more.
+    initializers = {i.name: i for i in graph.initializer}
+    values: dict[str, np.ndarray] = {}
+
+    def constant(name: str) -> bool:
+        if name not in values and name in initializers:
+            values[name] = numpy_helper.to_array(initializers[name])
+        return name in values
+
     graph_outputs = {o.name for o in graph.output}
     opsets = list(proto.opset_import)
     kept, new_inits = [], []
@@ -48,8 +58,9 @@ def fold_constants(proto: Any) -> Any:
             node.domain in ("", "ai.onnx")
             and node.op_type not in _NO_FOLD
             and not any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute)
-            and all(i == "" or i in values for i in node.input)
             and not any(o in graph_outputs for o in node.output)
+            and all(i == "" or i in values or i in initializers for i in node.input)
+            and all(i == "" or constant(i) for i in node.input)
         )
         if foldable:
             ins = [i for i in node.input if i]

@@ -216,12 +216,13 @@ def _export(
         )
         proto = onnx.load(str(tmp))
         if fold:
-            proto = fold_constants(proto)
+            fold_constants(proto, in_place=True)
             slice_dequantized_weights(proto)
         for k, v in (metadata or {}).items():
             entry = proto.metadata_props.add()
             entry.key, entry.value = k, v
-        onnx.checker.check_model(proto, full_check=True)
-        proto = onnx.shape_inference.infer_shapes(proto, check_type=True, strict_mode=True)
         onnx.save(proto, str(tmp))
+        del proto  # checked and shape-inferred from the file: no more copies of the weights in Python
+        onnx.checker.check_model(str(tmp), full_check=True)
+        onnx.shape_inference.infer_shapes_path(str(tmp), str(tmp), check_type=True, strict_mode=True)
     return path
