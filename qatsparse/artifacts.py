@@ -164,6 +164,9 @@ def export_artifacts(
     )
     fp32_path = d / "model_fp32.onnx"
     axes = _dynamic_axes(fp32, inputs, in_names, settings, fp32_path, notes)
+    if pruned_layers:
+        record_pruned_layers(fp32_path, list(pruned_layers), model=fp32, inputs=inputs)
+    del fp32  # one copy of the weights fewer while model.onnx is exported (large models: host memory)
     names = {"input_names": in_names, "output_names": settings.output_names, "dynamic_axes": axes}
     deploy = d / "model.onnx"
     if precision == "int8":
@@ -175,12 +178,13 @@ def export_artifacts(
         if settings.fp16_remainder:
             tmp_qdq = d / ".model_qdq_fp32.onnx"
             try:
-                export_onnx(qdq, inputs, tmp_qdq, opset=opset, **names)
+                export_onnx(qdq, inputs, tmp_qdq, opset=opset, copy_model=False, **names)
+                del qdq
                 _write_fp16(tmp_qdq, deploy, keep_fp32, notes, problems)
             finally:
                 tmp_qdq.unlink(missing_ok=True)
         else:
-            export_onnx(qdq, inputs, deploy, opset=opset, **names)
+            export_onnx(qdq, inputs, deploy, opset=opset, copy_model=False, **names)
     elif precision == "fp16":
         _write_fp16(fp32_path, deploy, keep_fp32, notes, problems)
     else:
@@ -188,7 +192,6 @@ def export_artifacts(
             shutil.copyfile(fp32_path, tmp)
         notes.append("no quantization callback ran: model.onnx is the FP32 graph")
     if pruned_layers:
-        record_pruned_layers(fp32_path, list(pruned_layers), model=fp32, inputs=inputs)
         record_pruned_layers(deploy, list(pruned_layers), model=final, inputs=inputs)
         absent = json.loads(get_metadata(deploy).get(ABSENT_METADATA_KEY, "{}"))
         if absent:

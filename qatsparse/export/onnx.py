@@ -124,6 +124,7 @@ def export_onnx(
     metadata: Mapping[str, str] | None = None,
     fold: bool = True,
     dynamic_axes: Mapping[str, Mapping[int, str]] | None = None,
+    copy_model: bool = True,
 ) -> Path:
     """Export ``model`` to ONNX at ``path`` (atomically) and check the result.
 
@@ -142,7 +143,8 @@ def export_onnx(
     buffers, quantization of constant weights) are folded (see :func:`fold_constants`), so every
     Q/DQ scale is a constant as TensorRT requires, and an INT8 weight used in parts gets one INT8
     initializer per part (:func:`qatsparse.export.rewrites.slice_dequantized_weights`). ``onnx.checker``
-    and shape inference must pass.
+    and shape inference must pass. ``copy_model=False`` exports ``model`` itself (moved to the CPU, eval
+    mode, plain attention): for a copy made only for this export, one copy of the weights fewer in memory.
 
     Example:
         >>> import tempfile
@@ -155,7 +157,7 @@ def export_onnx(
     from qatsparse.attention import explicit_attention, fast_paths_off
 
     path = Path(path)
-    model = copy.deepcopy(model).cpu().eval()
+    model = (copy.deepcopy(model) if copy_model else model).cpu().eval()
     explicit_attention(model)  # plain ops with symbolic shapes instead of PyTorch's fused attention
     if isinstance(inputs, Mapping):
         keywords = [str(k) for k in inputs]
