@@ -172,6 +172,7 @@ class TensorRTExport(Callback):
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         checkpoint = save_checkpoint(trainer, self.settings.dirpath)  # the trained model is safe from here on
+        pl_module.zero_grad(set_to_none=True)  # the last step's gradients: a copy of the weights fewer in the export
         # Under FSDP rank 0 gathers the full model (on the CPU) and exports it; the other ranks wait and write nothing.
         with full_weights(trainer, rank0_only=True):
             if trainer.is_global_zero:
