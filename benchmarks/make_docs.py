@@ -299,7 +299,9 @@ def render_targets(results: dict[str, Any]) -> str:
     """Per target and model: the verdict of the run shown above, or, where that run did not measure the
     ratio, of the newest other paired run that did (named)."""
     models = paired_models(results)
-    newest_first = sorted(paired_runs(results), key=lambda nr: (nr[1].get("environment", {}).get("date", ""), nr[0]))
+    newest_first = sorted(
+        paired_runs(results), key=lambda nr: (nr[1].get("environment", {}).get("date", ""), nr[0]), reverse=True
+    )
     out = []
     for t in TARGETS:
         out.append(f"- **{t.what} ≤ {t.limit:.2f}×**")
@@ -307,7 +309,7 @@ def render_targets(results: dict[str, Any]) -> str:
             rec = models[arch][2] if arch in models else None
             where = ""
             if rec is None or not _measured(t, rec):
-                for name, run in reversed(newest_first):
+                for name, run in newest_first:
                     other = run.get("models", {}).get(arch)
                     if other and _measured(t, other):
                         rec, where = other, f" (from `{name}`, an earlier run)"
@@ -588,7 +590,8 @@ def render_saved_tensors(results: dict[str, Any]) -> str:
         def beyond(d: dict[str, Any]) -> str:  # "bfloat16 +15, bool +17": tensors kept beyond AMP's, by dtype
             by: dict[str, int] = {}
             for kind, n in d.get("extra_vs_amp", {}).items():
-                by[kind.split()[0]] = by.get(kind.split()[0], 0) + n
+                dtype = kind.split()[0]
+                by[dtype] = by.get(dtype, 0) + n
             return ", ".join(f"{t} +{n}" for t, n in sorted(by.items())) or "–"
 
         rows = [

@@ -238,14 +238,6 @@ def contiguous_parameters(trainer: Any, pl_module: nn.Module) -> list[str]:
     return changed
 
 
-def _contiguous_strides(shape: torch.Size) -> tuple[int, ...]:
-    strides, step = [], 1
-    for n in reversed(shape):
-        strides.append(step)
-        step *= max(n, 1)
-    return tuple(reversed(strides))
-
-
 def ddp_gradient_layout(trainer: Any, pl_module: nn.Module) -> list[str]:
     """Under DDP, before it wraps the module: give every parameter that is contiguous but carries other
     strides in its size-1 dimensions (``channels_last`` 1x1 conv weights ``(O, C, 1, 1)``) the strides of a
@@ -279,7 +271,7 @@ def contiguous_size1_strides(module: nn.Module) -> list[str]:
     """
     changed = []
     for name, p in module.named_parameters():
-        want = _contiguous_strides(p.shape)
+        want = torch.empty(p.shape, device="meta").stride()  # a contiguous tensor's strides, nothing allocated
         if p.is_contiguous() and p.stride() != want:
             p.data = p.data.as_strided(p.shape, want)
             changed.append(name)

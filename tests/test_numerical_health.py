@@ -76,14 +76,20 @@ def _trainer(qat: QuantizationAwareTraining, max_steps: int) -> pl.Trainer:
     )
 
 
-def test_a_blow_up_after_qat_starts_is_reported_at_once_with_the_step_and_layers():
+def _blow_up_fit(max_steps: int) -> tuple[QuantizationAwareTraining, pl.Trainer, _LrJump, list]:
+    """QAT from step 10 on a model whose learning rate jumps at step 10; the warnings the fit raised."""
     pl.seed_everything(0)
     qat = QuantizationAwareTraining(start_step=10, calib_batches=2, verbose=False)
-    trainer = _trainer(qat, max_steps=16)
+    trainer = _trainer(qat, max_steps=max_steps)
     model = _LrJump(widths=(16, 32))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         trainer.fit(model, datamodule=DigitsDataModule(batch_size=32))
+    return qat, trainer, model, caught
+
+
+def test_a_blow_up_after_qat_starts_is_reported_at_once_with_the_step_and_layers():
+    qat, _, model, caught = _blow_up_fit(max_steps=16)
     [event] = qat.health.monitor.events
     assert 10 <= event.step <= 12 and event.after == "INT8 QAT started at step 10"
     assert event.layers and all("gradient norm" in x or "non-finite" in x for x in event.layers)
@@ -95,13 +101,7 @@ def test_a_blow_up_after_qat_starts_is_reported_at_once_with_the_step_and_layers
 def test_a_blow_up_at_the_last_step_is_still_reported_with_its_step():
     """The checks read a step's numbers one step later (no GPU sync in the window); the last step's are read
     at train end, before anything reports."""
-    pl.seed_everything(0)
-    qat = QuantizationAwareTraining(start_step=10, calib_batches=2, verbose=False)
-    trainer = _trainer(qat, max_steps=12)
-    model = _LrJump(widths=(16, 32))
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        trainer.fit(model, datamodule=DigitsDataModule(batch_size=32))
+    qat, trainer, model, caught = _blow_up_fit(max_steps=12)
     [event] = qat.health.monitor.events
     assert event.step == trainer.global_step - 1 == 11  # the last optimizer step
     assert [w for w in caught if f"at step {event.step}" in str(w.message) and "most likely" in str(w.message)]

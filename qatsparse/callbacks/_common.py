@@ -133,7 +133,7 @@ class HealthWatch:
 
     def drain(self) -> None:
         """Check what is pending, in step order (a step's gradients before its loss); warn at the first event."""
-        pending, self._pending = sorted(self._pending, key=lambda p: (p[0], p[1])), []
+        pending, self._pending = self._pending, []  # appended in step order: a step's gradients, then its loss
         layers_of: dict[int, dict[str, float]] = {}
         for step, kind, value, model in pending:
             if kind == 0:
