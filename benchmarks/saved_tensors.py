@@ -70,8 +70,18 @@ def formulation(variant: str):
         fakequant.fake_quantize_int8_fusable = saved
 
 
-def saved_for_backward(model: torch.nn.Module, x: torch.Tensor, device: str) -> list[dict[str, Any]]:
+def saved_for_backward(
+    model: torch.nn.Module, x: torch.Tensor, device: str, phases: dict[str, float] | None = None
+) -> list[dict[str, Any]]:
+    """The tensors the forward saves for the backward; on CUDA, fills ``phases`` with the memory (MiB) above
+    what was allocated before the forward: live after the forward (saved tensors and the output), peak in
+    the forward, peak in the backward (saved tensors plus the backward's own buffers and the gradients)."""
     seen: dict[int, dict[str, Any]] = {}
+    cuda = device == "cuda" and phases is not None
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
 
     def pack(t: torch.Tensor) -> torch.Tensor:
         seen[t.untyped_storage().data_ptr()] = {
@@ -84,7 +94,14 @@ def saved_for_backward(model: torch.nn.Module, x: torch.Tensor, device: str) -> 
     dtype = torch.float16 if device == "cuda" else torch.bfloat16
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.autocast(device, dtype=dtype):
         out = model(x)
+    if cuda:
+        torch.cuda.synchronize()
+        phases["after_forward_mib"] = (torch.cuda.memory_allocated() - base) / 2**20
+        phases["peak_forward_mib"] = (torch.cuda.max_memory_allocated() - base) / 2**20
     out.float().sum().backward()
+    if cuda:
+        torch.cuda.synchronize()
+        phases["peak_backward_mib"] = (torch.cuda.max_memory_allocated() - base) / 2**20
     return list(seen.values())
 
 
@@ -120,6 +137,9 @@ def measure(variant: str, x: torch.Tensor, device: str, arch: str = "small") -> 
         compile_s = time.perf_counter() - t0
         model.zero_grad(set_to_none=True)
         tensors = saved_for_backward(model, x, device)
+        model.zero_grad(set_to_none=True)
+        phases: dict[str, float] = {}
+        saved_for_backward(model, x, device, phases)
     acts = [t for t in tensors if t["shape"][:1] == [x.shape[0]]]
     return {
         "compile_s": compile_s,
@@ -129,6 +149,7 @@ def measure(variant: str, x: torch.Tensor, device: str, arch: str = "small") -> 
             d: sum(t["bytes"] for t in acts if t["dtype"] == d) for d in sorted({t["dtype"] for t in acts})
         },
         "other_bytes": sum(t["bytes"] for t in tensors if t not in acts),
+        "memory_phases": phases,  # CUDA only: MiB above what was allocated before the forward
         "tensors": tensors,
     }
 
@@ -166,7 +187,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             base = kinds(result["variants"]["amp"]["tensors"], a.batch)
             r["extra_vs_amp"] = dict(sorted((kinds(r["tensors"], a.batch) - base).items()))
         mib = r["activation_bytes"] / 2**20
-        print(f"{v:14s} activations {mib:8.3f} MiB {r['activation_tensors_by_dtype']}", flush=True)
+        print(f"{v:14s} activations {mib:8.3f} MiB {r['activation_tensors_by_dtype']} {r['memory_phases']}", flush=True)
         if a.out:
             Path(a.out).write_text(json.dumps(result, indent=1))
     return result
