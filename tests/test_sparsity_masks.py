@@ -149,6 +149,24 @@ def test_maskset_state_roundtrip_and_shape_check():
         again.apply(nn.Sequential(nn.Linear(16, 8)))
 
 
+def test_bound_masks_take_the_strides_of_channels_last_weights():
+    """The post-step re-masking is one fused multi-tensor multiply only when each mask has its weight's
+    strides; a mask computed on a contiguous copy of a channels_last weight is restrided when bound."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(16, 32, 3), nn.Conv2d(32, 32, 1)).to(memory_format=torch.channels_last)
+    masks = compute_masks(model)
+    assert masks.masks["0"].stride() != model[0].weight.stride()  # the case being fixed: a 3x3 conv
+    weights, bound = masks.bind(model)
+    assert [m.stride() for m in bound] == [w.stride() for w in weights]
+    for w, m, name in zip(weights, bound, masks.masks):
+        assert torch.equal(m, compute_masks(model).masks[name].to(m.dtype))  # the same values
+    with torch.no_grad():
+        for w in weights:
+            w.add_(1.0)
+    masks.apply(model)
+    assert check_2to4(model, layers="all") == []
+
+
 def test_summary_and_metrics():
     model = _Zoo()
     masks = prune_2to4(model, exclude=["head"])

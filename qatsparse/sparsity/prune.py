@@ -54,8 +54,11 @@ class MaskSet:
             w = found[name].weight
             if mask.shape != w.shape:
                 raise ValueError(f"mask of {name!r} has shape {tuple(mask.shape)}, its weight {tuple(w.shape)}")
-            if mask.device != w.device or mask.dtype != w.dtype:
-                mask = self.masks[name] = mask.to(device=w.device, dtype=w.dtype)
+            if mask.device != w.device or mask.dtype != w.dtype or mask.stride() != w.stride():
+                # The weight's strides too (channels_last conv weights): torch._foreach_mul_ takes its fused
+                # multi-tensor kernel only when every pair has the same strides, else one strided kernel per
+                # weight after every optimizer step.
+                mask = self.masks[name] = torch.empty_like(w).copy_(mask)
             weights.append(w)
             masks.append(mask)
         return weights, masks
