@@ -9,7 +9,9 @@ forward saves for the backward (storage-deduplicated), grouped by dtype. Activat
 - ``qat``: ``QuantConfig()`` (the default fusable fake quantization);
 - ``qat_clamp_eq``: the in-range mask written as ``clamp(q) == q`` (ops the partitioner may recompute)
   instead of ``(q >= qmin) & (q <= qmax)`` (``bitwise_and`` is not on its recompute list); not adopted;
-- ``qat_recompute``: ``QuantConfig(recompute=True)``;
+- ``qat_int8_code``: the value made from an int8 code (which the partitioner might keep); not adopted;
+- ``qat_recompute``: compiled with ``compile_module(recompute=True)`` (the partitioner may recompute
+  fake-quantized conv inputs in the backward);
 - ``qat_no_residual``: ``QuantConfig(residual=False)`` (no quantizer on the residual inputs of adds).
 
 Each variant also lists which activation tensors (dtype and shape without the batch) it keeps beyond
@@ -36,9 +38,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from train_overhead import environment
 
 import qatsparse.quantization.fakequant as fakequant
+from qatsparse.compiling import compile_module
 from qatsparse.quantization import QuantConfig, calibrate, quantize_model
 
-VARIANTS = ("amp", "qat", "qat_clamp_eq", "qat_recompute", "qat_no_residual")
+VARIANTS = ("amp", "qat", "qat_clamp_eq", "qat_int8_code", "qat_recompute", "qat_no_residual")
 
 
 def fusable_clamp_eq(x: torch.Tensor, amax: torch.Tensor, axis: int | None, narrow_range: bool) -> torch.Tensor:
@@ -57,13 +60,32 @@ def fusable_clamp_eq(x: torch.Tensor, amax: torch.Tensor, axis: int | None, narr
     return ste + (y - ste).detach()
 
 
+def fusable_int8_code(x: torch.Tensor, amax: torch.Tensor, axis: int | None, narrow_range: bool) -> torch.Tensor:
+    """``fake_quantize_int8_fusable`` with the value made from an int8 code (same numbers)."""
+    scale = fakequant._scale(amax)
+    if axis is not None:
+        shape = [1] * x.dim()
+        shape[axis] = -1
+        scale = scale.reshape(shape)
+    qmin = float(-fakequant.INT8_MAX if narrow_range else -fakequant.INT8_MAX - 1)
+    q = torch.round(x.float() * (1.0 / scale))
+    inside = (q >= qmin) & (q <= fakequant.INT8_MAX)
+    code = torch.clamp(q, qmin, fakequant.INT8_MAX).to(torch.int8)
+    y = (code.float() * scale).to(x.dtype)
+    ste = x * inside.to(x.dtype)
+    return ste + (y - ste).detach()
+
+
+FORMULATIONS = {"qat_clamp_eq": fusable_clamp_eq, "qat_int8_code": fusable_int8_code}
+
+
 @contextlib.contextmanager
 def formulation(variant: str):
-    if variant != "qat_clamp_eq":
+    if variant not in FORMULATIONS:
         yield
         return
     saved = fakequant.fake_quantize_int8_fusable
-    fakequant.fake_quantize_int8_fusable = fusable_clamp_eq
+    fakequant.fake_quantize_int8_fusable = FORMULATIONS[variant]
     try:
         yield
     finally:
@@ -124,13 +146,11 @@ def measure(variant: str, x: torch.Tensor, device: str, arch: str = "small") -> 
     model = build(arch)
     model = model.to(device, memory_format=torch.channels_last)
     if variant != "amp":
-        config = QuantConfig(
-            exclude=["fc$"], recompute=variant == "qat_recompute", residual=variant != "qat_no_residual"
-        )
+        config = QuantConfig(exclude=["fc$"], residual=variant != "qat_no_residual")
         quantize_model(model, config)
         calibrate(model, [x], model)
         model.train()
-    model.compile()
+    compile_module(model, True, recompute=variant == "qat_recompute")
     with formulation(variant):
         t0 = time.perf_counter()
         saved_for_backward(model, x, device)  # compiles
@@ -166,9 +186,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--arch", default="small", choices=sorted(ARCHS), help="the model (default: a one-block ResNet)")
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     p.add_argument("--cpu", action="store_true")
+    p.add_argument(
+        "--functorch", nargs="*", default=[], metavar="KEY=VALUE", help="torch._functorch.config settings, e.g. "
+        "activation_memory_budget=0.7 ban_recompute_reductions=False (for every variant)"
+    )
     p.add_argument("--out", default=None)
     a = p.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() and not a.cpu else "cpu"
+    import torch._functorch.config as functorch_config
+
+    for item in a.functorch:
+        key, value = item.split("=", 1)
+        setattr(functorch_config, key, json.loads(value.lower()))
     g = torch.Generator().manual_seed(0)
     x = torch.randn(a.batch, 3, a.image_size, a.image_size, generator=g).to(device, memory_format=torch.channels_last)
     result: dict[str, Any] = {

@@ -7,6 +7,7 @@ import copy
 import pytest
 import torch
 
+from qatsparse.compiling import compile_module, recompute_backend
 from qatsparse.examples import ResidualCNN
 from qatsparse.export.onnx import export_onnx
 from qatsparse.pipeline import plain_copy
@@ -113,12 +114,12 @@ def test_compiled_fake_quant_matches_eager_forward_and_backward(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_recomputed_compiled_fake_quant_matches_eager_forward_and_backward(device):
-    """QuantConfig(recompute=True): under compile the activation quantizer runs inside a checkpoint."""
+def test_recompute_backend_fake_quant_matches_eager_forward_and_backward(device):
+    """compile_module(recompute=True)'s backend: the activation quantizer computes what the eager op does."""
     torch._dynamo.reset()
-    q = TensorQuantizer(recompute=True).to(device)
+    q = TensorQuantizer().to(device)
     q.load_amax(torch.tensor(4.0))
-    compiled = torch.compile(q)
+    compiled = torch.compile(q, backend=recompute_backend)
     x, _, grad = _case(torch.float16, None, device, seed=11)  # AMP's dtype; FP32 in the model test below
     y_ref = fake_quantize_int8_aten(x, q.amax, None, False)
     (g_ref,) = torch.autograd.grad(y_ref, x, grad)
@@ -142,8 +143,8 @@ def _saved_bytes(model: torch.nn.Module, x: torch.Tensor) -> int:
 
 
 def test_recompute_keeps_less_for_the_backward_and_computes_the_same():
-    """The memory-saving variant: the compiled backward recomputes the quantized activation and its mask
-    instead of keeping them, and the model computes the same outputs and gradients."""
+    """The memory-saving variant (compile_module(recompute=True)): the compiled backward recomputes the
+    quantized activation instead of keeping it, and the model computes the same outputs and gradients."""
     x = torch.randn(4, 8, 12, 12)
     results = {}
     for recompute in (False, True):
@@ -152,9 +153,9 @@ def test_recompute_keeps_less_for_the_backward_and_computes_the_same():
         model = torch.nn.Sequential(
             torch.nn.Conv2d(8, 16, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(16, 8, 3, padding=1)
         )
-        quantize_model(model, QuantConfig(recompute=recompute))
+        quantize_model(model, QuantConfig())
         calibrate(model, [x], model)
-        model.compile()
+        compile_module(model, True, recompute=recompute)
         _saved_bytes(model, x)  # compiles
         model.zero_grad()
         saved = _saved_bytes(model, x)

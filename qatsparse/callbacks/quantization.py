@@ -246,7 +246,7 @@ class QuantizationAwareTraining(Callback):
     def _compile(self, pl_module: pl.LightningModule) -> None:
         from qatsparse.compiling import compile_module
 
-        compile_module(pl_module, self.compile)
+        compile_module(pl_module, self.compile, recompute=self.config.recompute)
 
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int

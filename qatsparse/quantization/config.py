@@ -29,10 +29,11 @@ class QuantConfig:
         attention_matmuls: INT8 only: also quantize both operands of the two attention matmuls
             (Q·Kᵀ and softmax·V) of ``nn.MultiheadAttention`` (TensorRT's INT8 attention kernels); the
             input and output projections are quantized either way (docs/quantization.md).
-        recompute: INT8 only, for a compiled model: recompute the fake quantization of conv/linear
-            inputs in the backward pass (``torch.utils.checkpoint`` around each input quantizer, which
-            Inductor honours) instead of keeping its output and mask; less memory, some more work in
-            the backward, the same numbers. No effect in eager mode.
+        recompute: for a compiled model: let the backward recompute fake-quantized conv/linear inputs
+            (cheap pointwise ops) instead of keeping them beside the tensors they come from; less memory,
+            some more work in the backward, the same numbers. The QAT callback's ``compile`` reads it; for
+            your own compile call, :func:`qatsparse.compiling.compile_module` with ``recompute=True``.
+            No effect in eager mode.
 
     Example:
         >>> QuantConfig(precision="int8", exclude=["fc"]).precision

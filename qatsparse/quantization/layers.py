@@ -28,17 +28,11 @@ def weight_quantizer(config: QuantConfig, weight: torch.Tensor, axis: int) -> Te
     return TensorQuantizer("int8", axis=axis, num_channels=weight.shape[axis], narrow_range=True)
 
 
-def activation_quantizer(config: QuantConfig, recompute: bool = True) -> TensorQuantizer:
-    """Per-tensor symmetric INT8 with the configured calibrator, or FP16 rounding. ``recompute=False`` never
-    recomputes it in the backward, whatever ``config.recompute`` says (residual quantizers keep only a mask)."""
+def activation_quantizer(config: QuantConfig) -> TensorQuantizer:
+    """Per-tensor symmetric INT8 with the configured calibrator, or FP16 rounding."""
     if config.precision == "fp16":
         return TensorQuantizer("fp16")
-    return TensorQuantizer(
-        "int8",
-        calibrator=config.calibrator,
-        calibrator_kwargs=config.calibrator_kwargs(),
-        recompute=config.recompute and recompute,
-    )
+    return TensorQuantizer("int8", calibrator=config.calibrator, calibrator_kwargs=config.calibrator_kwargs())
 
 
 class QuantLayer:

@@ -80,10 +80,7 @@ def quantize_model(model: nn.Module, config: QuantConfig) -> QuantSummary:
     for name, why in not_compressed(model, "quantization").items():
         summary.skipped.setdefault(name, why)
     if config.precision == "int8" and config.residual:
-        # A residual quantizer's output goes into an add, whose backward keeps nothing: only its mask is
-        # kept, and recomputing it would keep its (wider) input instead.
-        residual = lambda: activation_quantizer(config, recompute=False)  # noqa: E731
-        summary.residual, summary.notes = insert_residual_quantizers(model, residual)
+        summary.residual, summary.notes = insert_residual_quantizers(model, lambda: activation_quantizer(config))
     summary.notes.update(intercept_functional_linears(model))
     model._qatsparse_quant = config.to_dict()  # type: ignore[assignment]
     return summary

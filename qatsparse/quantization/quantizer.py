@@ -6,7 +6,6 @@ from typing import Literal
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from qatsparse.quantization.calibrators import CALIBRATORS, make_calibrator
 from qatsparse.quantization.fakequant import fake_quantize_int8
@@ -39,9 +38,6 @@ class TensorQuantizer(nn.Module):
         narrow_range: clamp to [-127, 127] (TensorRT's weight range).
         calibrator: calibrator name (see :mod:`qatsparse.quantization.calibrators`).
         calibrator_kwargs: extra arguments of the calibrator (e.g. ``percentile``).
-        recompute: per-tensor INT8 only: while ``torch.compile`` traces, wrap the fake quantization
-            in ``torch.utils.checkpoint`` so that the backward recomputes it from the input instead of
-            keeping its output (see ``QuantConfig.recompute``).
 
     Example:
         >>> q = TensorQuantizer(); q.start_calibration(); _ = q(torch.tensor([0.5, -2.0])); q.finish_calibration()
@@ -57,7 +53,6 @@ class TensorQuantizer(nn.Module):
         narrow_range: bool = False,
         calibrator: str = "max",
         calibrator_kwargs: dict | None = None,
-        recompute: bool = False,
     ) -> None:
         super().__init__()
         if precision not in ("int8", "fp16"):
@@ -69,7 +64,6 @@ class TensorQuantizer(nn.Module):
         self.precision = precision
         self.axis = axis
         self.narrow_range = narrow_range
-        self.recompute = bool(recompute) and axis is None
         self.calibrator_name = "max" if axis is not None else calibrator
         self.calibrator_kwargs = dict(calibrator_kwargs or {}) if axis is None else {}
         self.enabled = True
@@ -125,11 +119,8 @@ class TensorQuantizer(nn.Module):
             return fake_cast_fp16(x)
         if not self._has_amax:
             return x
-        if self.recompute and torch.compiler.is_compiling() and torch.is_grad_enabled():
-            return checkpoint(fake_quantize_int8, x, self.amax, self.axis, self.narrow_range, use_reentrant=False)
         return fake_quantize_int8(x, self.amax, self.axis, self.narrow_range)
 
     def extra_repr(self) -> str:
         kind = "per-tensor" if self.axis is None else f"per-channel(axis={self.axis})"
-        extra = ", recompute" if self.recompute else ""
-        return f"{self.precision}, {kind}, calibrator={self.calibrator_name}, enabled={self.enabled}{extra}"
+        return f"{self.precision}, {kind}, calibrator={self.calibrator_name}, enabled={self.enabled}"
