@@ -312,7 +312,10 @@ def render_targets(results: dict[str, Any]) -> str:
                 for name, run in newest_first:
                     other = run.get("models", {}).get(arch)
                     if other and _measured(t, other):
-                        rec, where = other, f" (from `{name}`, an earlier run)"
+                        when = run.get("environment", {}).get("date", "")
+                        shown = models[arch][1].get("environment", {}).get("date", "") if arch in models else ""
+                        rel = "a later run" if when > shown else "an earlier run"
+                        rec, where = other, f" (from `{name}`, {rel})"
                         break
             out.append(f"  - {MODEL_NAMES[arch]}: {verdict(t, rec)}{where}")
     return "\n".join(out)
