@@ -170,13 +170,13 @@ def test_generator_states_each_target_met_or_not_from_a_paired_run():
     results = {"x.json": _paired_run(q=21.0, a=20.0, mem_q=6.0)}
     page = make_docs.render("{{targets}}\n{{paired}}", results)
     lines = page.splitlines()
-    qat = lines[lines.index("- **2:4 + INT8 QAT step, compiled vs compiled AMP ≤ 1.10×**") + 1]
+    qat = lines[lines.index("- **2:4 + INT8 QAT step with recompute=False, compiled vs compiled AMP ≤ 1.10×**") + 1]
     assert qat.startswith("  - ResNet-50: **met**: median 1.050× (min–max 1.000–1.200")
     assert "slowest round was above the target" in qat
-    mem = lines[lines.index("- **peak memory of that step vs compiled AMP ≤ 1.15×**") + 1]
+    mem = lines[lines.index("- **peak memory of that step (recompute=False) vs compiled AMP ≤ 1.15×**") + 1]
     assert mem.startswith("  - ResNet-50: **not met**: 1.200× (6.00 vs 5.00 GiB")
     assert "  - ResNet-18: not measured (no paired run of this model)" in lines
-    assert "| AMP + 2:4 + INT8 QAT, compiled / AMP, compiled | **1.050×** | 1.000–1.200 |" in page
+    assert "| AMP + 2:4 + INT8 QAT, compiled, recompute=False / AMP, compiled | **1.050×** | 1.000–1.200 |" in page
     # a run with fewer than 5 rounds gives no verdict
     short = _paired_run(q=21.0, a=20.0, mem_q=6.0)
     short["models"]["resnet50"]["ratios"]["c_amp_24_qat/c_amp"].update(n=3)
@@ -201,13 +201,19 @@ def test_sections_show_the_newest_full_run_and_targets_fall_back_to_a_named_earl
     new = run("2026-11-02T00:00:00+00:00", q=25.0, with_masks=False)
     spot = _paired_run(q=30.0, a=20.0, mem_q=6.0)  # two lanes only, newest
     spot["environment"]["date"] = "2026-11-03T00:00:00+00:00"
+    spot_rec = spot["models"]["resnet50"]  # the spot check's QAT lane is the recompute=True one
+    spot_rec["lanes"]["c_amp_24_qat_rc"] = spot_rec["lanes"].pop("c_amp_24_qat")
+    spot_rec["ratios"] = {"c_amp_24_qat_rc/c_amp": spot_rec["ratios"].pop("c_amp_24_qat/c_amp")}
     results = {"a_old.json": old, "b_new.json": new, "c_spot.json": spot}
     assert make_docs.paired_models(results)["resnet50"][0] == "b_new.json"
     page = make_docs.render("{{targets}}\n{{other_paired}}", results)
     lines = page.splitlines()
-    qat = lines[lines.index("- **2:4 + INT8 QAT step, compiled vs compiled AMP ≤ 1.10×**") + 1]
+    qat = lines[lines.index("- **2:4 + INT8 QAT step with recompute=False, compiled vs compiled AMP ≤ 1.10×**") + 1]
     assert "min–max 1.000–1.250" in qat and "earlier run" not in qat  # the new run's, not the spot check's
     masks = lines[lines.index("- **2:4 masks alone, compiled vs compiled AMP ≤ 1.03×**") + 1]
     assert masks.startswith("  - ResNet-50: **met**: median 1.010×")
     assert masks.endswith("(from `a_old.json`, an earlier run)")
+    rc_target = "- **2:4 + INT8 QAT step (the default, recompute=True), compiled vs compiled AMP ≤ 1.10×**"
+    rc = lines[lines.index(rc_target) + 1]
+    assert rc.startswith("  - ResNet-50: **met**: median 1.080×") and rc.endswith("(from `c_spot.json`, a later run)")
     assert "| `c_spot.json` |" in page and "| `a_old.json` |" in page and "| `b_new.json` |" not in page

@@ -158,7 +158,7 @@ def test_bound_masks_take_the_strides_of_channels_last_weights():
     assert masks.masks["0"].stride() != model[0].weight.stride()  # the case being fixed: a 3x3 conv
     weights, bound = masks.bind(model)
     assert [m.stride() for m in bound] == [w.stride() for w in weights]
-    for w, m, name in zip(weights, bound, masks.masks):
+    for m, name in zip(bound, masks.masks):
         assert torch.equal(m, compute_masks(model).masks[name].to(m.dtype))  # the same values
     with torch.no_grad():
         for w in weights:

@@ -89,9 +89,10 @@ class QuantizationAwareTraining(Callback):
         attention_matmuls: INT8: also quantize the two matmuls inside ``nn.MultiheadAttention`` (Q·Kᵀ and
             softmax·V); their projections are quantized either way (default and measurement in
             docs/quantization.md).
-        recompute: with ``compile``, recompute the INT8 fake quantization of conv/linear inputs in the
-            backward pass instead of keeping its output: less memory for some more work, the same
-            numbers (``QuantConfig.recompute``; measured in docs/BENCHMARKS.md).
+        recompute: with ``compile``, let the backward recompute fake-quantized conv/linear inputs instead
+            of keeping them: about AMP's memory for some more backward work, the same numbers
+            (``QuantConfig.recompute``; both settings measured in docs/BENCHMARKS.md). ``False`` keeps
+            them: faster on some models (ResNet-50), at more memory.
         auto_exclude: keep the ``k`` layers most sensitive to quantization in higher precision
             (ranked by :func:`~qatsparse.quantization.sensitivity` on the calibration batches).
         sensitivity_metric: metric of that ranking: ``"mse"`` (to the FP32 outputs), ``"top1"``,
@@ -112,7 +113,7 @@ class QuantizationAwareTraining(Callback):
         percentile: float = 99.99,
         exclude: list[str] | str | None = None,
         compile: bool | str = False,
-        recompute: bool = False,
+        recompute: bool = True,
         auto_exclude: int = 0,
         sensitivity_metric: str | Metric = "mse",
         attention_matmuls: bool = False,

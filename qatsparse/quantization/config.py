@@ -47,7 +47,7 @@ class QuantConfig:
     higher_precision: dict[str, str] = field(default_factory=dict)
     residual: bool = True
     attention_matmuls: bool = False
-    recompute: bool = False
+    recompute: bool = True
 
     def __post_init__(self) -> None:
         from qatsparse.quantization.calibrators import CALIBRATORS
