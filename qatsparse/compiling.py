@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 from torch import nn
@@ -22,6 +23,12 @@ def compile_kwargs(setting: bool | str) -> dict[str, Any]:
     if setting is True:
         return {"options": dict(DEFAULT_COMPILE_OPTIONS)} if DEFAULT_COMPILE_OPTIONS else {}
     if isinstance(setting, str):
+        from torch._inductor import list_mode_options
+
+        try:
+            list_mode_options(setting)  # the modes torch.compile knows, checked before any training
+        except RuntimeError as e:
+            raise ValueError(f"compile={setting!r} is not a torch.compile mode: {e}") from None
         return {"mode": setting}
     raise ValueError(f"compile must be True or a torch.compile mode name, got {setting!r}")
 
@@ -30,15 +37,16 @@ def compile_kwargs(setting: bool | str) -> dict[str, Any]:
 #: the backward a value the backward must materialize (a conv or GEMM input), so a compiled QAT step keeps
 #: both a conv's fake-quantized input and the tensor it was computed from (for the ReLU before it and the
 #: quantizer's mask): about 1.4x the activation memory of compiled AMP on ResNet-50
-#: (benchmarks/results/saved_tensors_resnet50_h200.json). Lifting that ban lets it recompute the
+#: (benchmarks/results/saved_tensors_resnet50_h200_checkpoint.json). Lifting that ban lets it recompute the
 #: fake-quantized input from the kept tensor with cheap pointwise ops instead.
 RECOMPUTE_PARTITIONER: dict[str, Any] = {"ban_recompute_materialized_backward": False}
 
 
-def recompute_backend(gm: Any, example_inputs: Any) -> Any:
+def recompute_backend(gm: Any, example_inputs: Any, options: dict[str, Any] | None = None) -> Any:
     """Inductor, with :data:`RECOMPUTE_PARTITIONER` applied to this compilation only (a ``torch.compile``
     backend: the partitioner runs inside the call, so a scoped config patch reaches it and no other
-    compiled model in the process is affected).
+    compiled model in the process is affected). ``options``: Inductor settings, as ``torch.compile``'s
+    ``options`` (a ``mode``'s are ``torch._inductor.list_mode_options(mode)``).
 
     Example:
         >>> fn = torch.compile(lambda x: x.relu() * 2, backend=recompute_backend)  # doctest: +SKIP
@@ -47,15 +55,15 @@ def recompute_backend(gm: Any, example_inputs: Any) -> Any:
     from torch._inductor.compile_fx import compile_fx
 
     with functorch_config.patch(**RECOMPUTE_PARTITIONER):
-        return compile_fx(gm, example_inputs)
+        return compile_fx(gm, example_inputs, config_patches=dict(options or {}))
 
 
 def compile_module(module: nn.Module, setting: bool | str, recompute: bool = False) -> None:
     """Compile ``module``'s forward in place (``nn.Module.compile``): parameters, buffers and
     state_dict keys are unchanged, so callbacks, checkpoints and export keep working.
 
-    ``recompute=True`` (with ``setting=True``) compiles with :func:`recompute_backend`: less activation
-    memory, some more pointwise work in the backward, the same numbers.
+    ``recompute=True`` compiles with :func:`recompute_backend` (with the options of ``setting``'s mode, if
+    one is named): less activation memory, some more pointwise work in the backward, the same numbers.
 
     With ``setting=True`` and the module on a CUDA device this also switches on Inductor's C++ kernel
     launcher for the process (``torch._inductor.config.cpp_wrapper``, the same switch as the environment
@@ -70,7 +78,11 @@ def compile_module(module: nn.Module, setting: bool | str, recompute: bool = Fal
         import torch._inductor.config as inductor_config
 
         inductor_config.cpp_wrapper = True
-    if recompute and setting is True:
-        module.compile(backend=recompute_backend)
+    if recompute:
+        from torch._inductor import list_mode_options
+
+        kwargs = compile_kwargs(setting)  # checks the setting
+        options = list_mode_options(kwargs["mode"]) if "mode" in kwargs else kwargs.get("options")
+        module.compile(backend=partial(recompute_backend, options=options))
     else:
         module.compile(**compile_kwargs(setting))

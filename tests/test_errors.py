@@ -160,6 +160,8 @@ CASES = [
          lambda d: [QuantizationAwareTraining(calibrator="kl")]),
     Case("QAT calib_batches", "calib_batches must be an integer >= 1, got 0",
          lambda d: [QuantizationAwareTraining(calib_batches=0)]),
+    Case("QAT compile mode", "QuantizationAwareTraining: compile='fastest' is not a torch.compile mode",
+         lambda d: [QuantizationAwareTraining(compile="fastest")]),
     Case("opset", "TensorRTExport(opset=13): opset must be an integer >= 17", export(opset=13)),
     Case("max_metric_drop negative", "TensorRTExport(max_metric_drop=-0.1): a drop bound must be a finite number >= 0",
          export(max_metric_drop=-0.1)),

@@ -165,6 +165,21 @@ def test_recompute_keeps_less_for_the_backward_and_computes_the_same():
     assert torch.equal(out, out_rc) and all(torch.equal(a, b) for a, b in zip(grads, grads_rc))
 
 
+def test_recompute_keeps_a_named_compile_mode_and_rejects_an_unknown_one():
+    """compile="<mode>" with recompute=True: the mode's Inductor options go to the recompute backend."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+    reference = copy.deepcopy(model)
+    compile_module(model, "max-autotune-no-cudagraphs", recompute=True)
+    x = torch.randn(4, 8)
+    model(x).sum().backward()
+    reference(x).sum().backward()
+    assert all(torch.allclose(a.grad, b.grad) for a, b in zip(model.parameters(), reference.parameters()))
+    with pytest.raises(ValueError, match=r"compile='fastest' is not a torch\.compile mode: Unrecognized mode"):
+        compile_module(torch.nn.Linear(2, 2), "fastest", recompute=True)
+
+
 def _quantized_model() -> tuple[ResidualCNN, torch.Tensor]:
     torch.manual_seed(0)
     model = ResidualCNN(widths=(16, 32))

@@ -150,6 +150,13 @@ class QuantizationAwareTraining(Callback):
             )
         self.calib_batches = int(calib_batches)
         self.start_step = int(start_step)
+        if compile is not False:
+            from qatsparse.compiling import compile_kwargs
+
+            try:
+                compile_kwargs(compile)
+            except ValueError as e:
+                raise ValueError(f"QuantizationAwareTraining: {e}") from None
         self.compile = compile
         self.auto_exclude = int(auto_exclude)
         self.sensitivity_metric: str | Callable = sensitivity_metric
