@@ -44,7 +44,7 @@ LANE_TEXT = {
     "mo_qat": "ModelOpt INT8 QAT, eager",
     "mo_24_qat": "ModelOpt 2:4 + INT8 QAT, eager",
     "c_amp_24_qat_rc": "AMP + 2:4 + INT8 QAT, compiled, recompute=True",
-    "amp_24_qat_sel": "AMP + 2:4 + INT8 QAT, eager, select backward",
+    "amp_24_qat_sel": "AMP + 2:4 + INT8 QAT, eager, select backward (tried, removed)",
 }
 
 

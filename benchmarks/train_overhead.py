@@ -54,7 +54,6 @@ from torch.utils.data import DataLoader, IterableDataset
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from lanes import Lane, paired_ratios, round_order
 
-import qatsparse.quantization.fakequant as fakequant
 from qatsparse import QuantizationAwareTraining, TwoFourSparsity
 from qatsparse.compiling import compile_module
 
@@ -74,18 +73,6 @@ class Config:
     compiled: bool = False
     modelopt: bool = False
     qat_kwargs: dict[str, Any] = field(default_factory=dict)
-    #: qatsparse.quantization.fakequant.EAGER_ACTIVATION_BACKWARD while this lane runs
-    eager_backward: str = "aten"
-
-
-class EagerBackward(pl.Callback):
-    """Sets the eager activation fake-quant backward of its lane at every step (lanes never run at once)."""
-
-    def __init__(self, kind: str) -> None:
-        self.kind = kind
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        fakequant.EAGER_ACTIVATION_BACKWARD = self.kind
 
 
 CONFIGS: dict[str, Config] = {
@@ -100,7 +87,6 @@ CONFIGS: dict[str, Config] = {
     "mo_qat": Config(qat=True, modelopt=True),
     "mo_24_qat": Config(sparsity=True, qat=True, modelopt=True),
     "c_amp_24_qat_rc": Config(sparsity=True, qat=True, compiled=True, qat_kwargs={"recompute": True}),
-    "amp_24_qat_sel": Config(sparsity=True, qat=True, eager_backward="select"),
 }
 GROUPS = {
     "compiled": ["c_amp", "c_amp_24_qat_rc", "c_amp_24_qat", "c_amp_24"],
@@ -135,8 +121,6 @@ PAIRS = [
     ("c_amp_24_qat", "mo_24_qat"),
     ("c_amp_24_qat_rc", "c_amp"),
     ("c_amp_24_qat_rc", "c_amp_24_qat"),
-    ("amp_24_qat_sel", "amp"),
-    ("amp_24_qat_sel", "amp_24_qat"),
 ]
 #: Set-up time assumed for a lane before one of its kind has been timed in this run (seconds).
 SETUP_GUESS_S = {"compiled": 150.0, "modelopt": 60.0, "eager": 20.0}
@@ -272,7 +256,7 @@ def fit_lane(
     torch.manual_seed(0)
     device = x.device
     model = Classifier(arch, image_size, channels_last=channels_last)
-    callbacks: list[pl.Callback] = [lane.clock, EagerBackward(cfg.eager_backward)]
+    callbacks: list[pl.Callback] = [lane.clock]
     if cfg.modelopt:
         model.to(device)
         model.net = modelopt_prepare(model.net, x.contiguous(), cfg, calib_batches=2)

@@ -16,8 +16,6 @@ Both compute exactly the same numbers (tests compare them bit for bit, forward a
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 
 INT8_MAX = 127
@@ -40,34 +38,9 @@ def fake_quantize_int8_aten(x: torch.Tensor, amax: torch.Tensor, axis: int | Non
     qmin = -INT8_MAX if narrow_range else -INT8_MAX - 1
     if axis is None:
         zp = torch.zeros((), dtype=torch.int32, device=x.device)
-        if EAGER_ACTIVATION_BACKWARD == "select" and x.requires_grad and torch.is_grad_enabled():
-            return _SelectSTE.apply(x, scale, zp, qmin, INT8_MAX)
         return torch.fake_quantize_per_tensor_affine(x, scale, zp, qmin, INT8_MAX)
     zp = torch.zeros(scale.shape, dtype=torch.int32, device=x.device)
     return torch.fake_quantize_per_channel_affine(x, scale, zp, axis, qmin, INT8_MAX)
-
-
-#: Eager backward of per-tensor (activation) fake quantization: ``"aten"`` is ATen's own (``grad * mask``,
-#: which CUDA runs as an unvectorized kernel casting the boolean mask), ``"select"`` keeps ATen's forward
-#: and selects with the mask instead (:class:`_SelectSTE`). Being measured (benchmarks/train_overhead.py).
-EAGER_ACTIVATION_BACKWARD = "aten"
-
-
-class _SelectSTE(torch.autograd.Function):
-    """ATen's per-tensor fake quantization and mask; the straight-through gradient as
-    ``where(mask, grad, 0)`` (the same values as ATen's ``grad * mask`` for finite gradients)."""
-
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:
-        enabled = torch.ones(1, dtype=torch.long, device=x.device)
-        y, mask = torch._fake_quantize_per_tensor_affine_cachemask_tensor_qparams(x, scale, zp, enabled, qmin, qmax)
-        ctx.save_for_backward(mask)
-        return y
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        (mask,) = ctx.saved_tensors
-        return torch.where(mask, grad, 0), None, None, None, None
 
 
 def _torch_exporting() -> bool:
