@@ -190,7 +190,8 @@ def render(data: Mapping[str, Any], causes: list[dict[str, str]], json_name: str
         lines += [
             "",
             f"Not run ({len(not_run['models'])} models, not counted above): {not_run['why']}: "
-            + ", ".join(f"`{m}`" for m in not_run["models"]) + ".",
+            + ", ".join(f"`{m}`" for m in not_run["models"])
+            + ".",
         ]
     lines += ["", "## Failures by cause", ""]
     if not ranked:

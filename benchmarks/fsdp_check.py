@@ -275,9 +275,11 @@ def main() -> None:
         trip = round_trip(a.devices, a)
         if not dist.is_initialized() or dist.get_rank() == 0:
             shutil.rmtree(a.workdir, ignore_errors=True)
-            print(f"precision {a.precision}: resume bit-identical {trip['bit_identical']}, repeatable "
-                  f"{trip['repeatable']}, differing {trip['resumed']['digests'][0].get('params_differing', [])[:6]}; "
-                  f"at step 2: {trip['resumed']['digests'][0].get('probe_differing', [])[:8]}")
+            print(
+                f"precision {a.precision}: resume bit-identical {trip['bit_identical']}, repeatable "
+                f"{trip['repeatable']}, differing {trip['resumed']['digests'][0].get('params_differing', [])[:6]}; "
+                f"at step 2: {trip['resumed']['digests'][0].get('probe_differing', [])[:8]}"
+            )
             if a.out:
                 Path(a.out).write_text(json.dumps({"environment": environment(), "args": vars(a), "resume": trip}))
         return

@@ -187,8 +187,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     p.add_argument("--cpu", action="store_true")
     p.add_argument(
-        "--functorch", nargs="*", default=[], metavar="KEY=VALUE", help="torch._functorch.config settings, e.g. "
-        "activation_memory_budget=0.7 ban_recompute_reductions=False (for every variant)"
+        "--functorch",
+        nargs="*",
+        default=[],
+        metavar="KEY=VALUE",
+        help="torch._functorch.config settings, e.g. "
+        "activation_memory_budget=0.7 ban_recompute_reductions=False (for every variant)",
     )
     p.add_argument("--out", default=None)
     a = p.parse_args(argv)

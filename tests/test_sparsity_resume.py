@@ -29,9 +29,7 @@ class _AfterRestore(Callback):
             self.violations = check_2to4(pl_module)
 
 
-def _fit(
-    package: str, ckpt_dir: Path, max_epochs: int, ckpt_path: Path | None = None, permute: bool = False
-) -> tuple:
+def _fit(package: str, ckpt_dir: Path, max_epochs: int, ckpt_path: Path | None = None, permute: bool = False) -> tuple:
     pl, ResidualCNN, Digits = classes(package)
     pl.seed_everything(0)
     model = ResidualCNN(widths=(16, 32), lr=0.05)
