@@ -44,15 +44,22 @@ from qatsparse.quantization import QuantConfig, calibrate, quantize_model
 VARIANTS = ("amp", "qat", "qat_clamp_eq", "qat_int8_code", "qat_recompute", "qat_no_residual")
 
 
-def fusable_clamp_eq(x: torch.Tensor, amax: torch.Tensor, axis: int | None, narrow_range: bool) -> torch.Tensor:
-    """``fake_quantize_int8_fusable`` with the in-range mask as ``clamp(q) == q`` (same numbers)."""
+def _rounded(
+    x: torch.Tensor, amax: torch.Tensor, axis: int | None, narrow_range: bool
+) -> tuple[torch.Tensor, float, torch.Tensor]:
+    """The scale (shaped for ``axis``), qmin and ``round(x / scale)``, as ``fake_quantize_int8_fusable``."""
     scale = fakequant._scale(amax)
     if axis is not None:
         shape = [1] * x.dim()
         shape[axis] = -1
         scale = scale.reshape(shape)
     qmin = float(-fakequant.INT8_MAX if narrow_range else -fakequant.INT8_MAX - 1)
-    q = torch.round(x.float() * (1.0 / scale))
+    return scale, qmin, torch.round(x.float() * (1.0 / scale))
+
+
+def fusable_clamp_eq(x: torch.Tensor, amax: torch.Tensor, axis: int | None, narrow_range: bool) -> torch.Tensor:
+    """``fake_quantize_int8_fusable`` with the in-range mask as ``clamp(q) == q`` (same numbers)."""
+    scale, qmin, q = _rounded(x, amax, axis, narrow_range)
     qc = torch.clamp(q, qmin, fakequant.INT8_MAX)
     inside = qc == q
     y = (qc * scale).to(x.dtype)
@@ -62,13 +69,7 @@ def fusable_clamp_eq(x: torch.Tensor, amax: torch.Tensor, axis: int | None, narr
 
 def fusable_int8_code(x: torch.Tensor, amax: torch.Tensor, axis: int | None, narrow_range: bool) -> torch.Tensor:
     """``fake_quantize_int8_fusable`` with the value made from an int8 code (same numbers)."""
-    scale = fakequant._scale(amax)
-    if axis is not None:
-        shape = [1] * x.dim()
-        shape[axis] = -1
-        scale = scale.reshape(shape)
-    qmin = float(-fakequant.INT8_MAX if narrow_range else -fakequant.INT8_MAX - 1)
-    q = torch.round(x.float() * (1.0 / scale))
+    scale, qmin, q = _rounded(x, amax, axis, narrow_range)
     inside = (q >= qmin) & (q <= fakequant.INT8_MAX)
     code = torch.clamp(q, qmin, fakequant.INT8_MAX).to(torch.int8)
     y = (code.float() * scale).to(x.dtype)

@@ -78,11 +78,11 @@ def compile_module(module: nn.Module, setting: bool | str, recompute: bool = Fal
         import torch._inductor.config as inductor_config
 
         inductor_config.cpp_wrapper = True
+    kwargs = compile_kwargs(setting)
     if recompute:
         from torch._inductor import list_mode_options
 
-        kwargs = compile_kwargs(setting)  # checks the setting
         options = list_mode_options(kwargs["mode"]) if "mode" in kwargs else kwargs.get("options")
         module.compile(backend=partial(recompute_backend, options=options))
     else:
-        module.compile(**compile_kwargs(setting))
+        module.compile(**kwargs)
